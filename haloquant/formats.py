@@ -1,0 +1,187 @@
+"""Weight storage formats: one interface for every llama.cpp tensor type haloquant writes.
+
+A `QuantFormat` knows its real storage cost (scales and mins included), its block shape, and how
+to encode a float matrix into llama.cpp's exact block bytes and decode them back. The allocation's
+candidate set is just a list of format names; the bytes the quantize stage stores are the bytes
+the GGUF holds, so what validation measures is what llama.cpp runs.
+
+Encoding of the classic block types goes through the `gguf` package's reference quantizers
+(ports of ggml's `quantize_row_*_ref`); decoding always goes through `gguf.quants.dequantize`,
+the reference decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gq
+
+from haloquant import HaloquantError
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """A llama.cpp tensor type, seen as a codec for 2-D weight matrices (rows × cols)."""
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    encoder: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes of one block."""
+        return GGML_QUANT_SIZES[self.ggml_type][1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    @property
+    def is_float(self) -> bool:
+        return self.ggml_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+
+    def supports(self, shape: tuple[int, ...]) -> bool:
+        return shape[-1] % self.block_size == 0
+
+    def storage_bytes(self, shape: tuple[int, ...]) -> int:
+        if not self.supports(shape):
+            raise HaloquantError(
+                f"format {self.name} needs rows whose length is a multiple of {self.block_size}; "
+                f"got shape {tuple(shape)}"
+            )
+        n = int(np.prod(shape))
+        return n // self.block_size * self.type_size
+
+    def encode(self, weight: np.ndarray) -> np.ndarray:
+        """Float matrix → uint8 array (rows, bytes per row) holding llama.cpp's block bytes."""
+        w = np.ascontiguousarray(weight, dtype=np.float32)
+        self.storage_bytes(w.shape)  # validates the row length
+        if self.ggml_type == GGMLQuantizationType.F32:
+            out = w
+        elif self.ggml_type == GGMLQuantizationType.F16:
+            out = w.astype(np.float16)
+        elif self.encoder is not None:
+            out = self.encoder(w)
+        else:
+            out = gq.quantize(w, self.ggml_type)
+        return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
+
+    def decode(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Block bytes → float32 matrix of `shape`, through gguf's reference decoder."""
+        data = np.ascontiguousarray(data, dtype=np.uint8).reshape(shape[0], -1)
+        if self.ggml_type == GGMLQuantizationType.F32:
+            return data.view(np.float32).reshape(shape).copy()
+        if self.ggml_type == GGMLQuantizationType.F16:
+            return data.view(np.float16).astype(np.float32).reshape(shape)
+        return gq.dequantize(data, self.ggml_type).astype(np.float32).reshape(shape)
+
+    def affine_blocks(self, data: np.ndarray, shape: tuple[int, ...]) -> "AffineBlocks | None":
+        """The format's bytes as integer codes with a scale and zero point per group, such that
+        (q − zero) · scale = decode(data); None where the format is not of that form (floats)."""
+        parse = _AFFINE_PARSERS.get(self.ggml_type)
+        if parse is None:
+            return None
+        rows = shape[0]
+        blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1, self.type_size)
+        return parse(blocks)
+
+    def roundtrip(self, weight: np.ndarray) -> np.ndarray:
+        """decode(encode(weight)): the weight as the runtime will see it."""
+        return self.decode(self.encode(weight), weight.shape)
+
+
+@dataclass(frozen=True)
+class AffineBlocks:
+    """Integer codes q (rows, groups, group_size) in [0, 2**bits), with per-group float32 scale and
+    zero point: weight = (q − zero) · scale. `zero_is_integer` when zero is an exact integer."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    bits: int
+    zero_is_integer: bool
+
+    def dequantize(self) -> np.ndarray:
+        w = (self.q.astype(np.float32) - self.zero[..., None]) * self.scale[..., None]
+        return w.reshape(self.q.shape[0], -1)
+
+
+def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
+    return blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """ggml legacy layout: element j in the low nibble of byte j, element j+16 in the high nibble."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(blocks: np.ndarray, offset: int) -> np.ndarray:
+    qh = blocks[..., offset : offset + 4].copy().view(np.uint32)
+    return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _with_min(d: np.ndarray, m: np.ndarray):
+    """d·q + m  →  (q − zero)·scale; a block with d = 0 holds only m (its codes are all 0)."""
+    safe = d != 0
+    scale = np.where(safe, d, 1.0).astype(np.float32)
+    zero = np.where(safe, -m / np.where(safe, d, 1.0), -m).astype(np.float32)
+    return scale, zero
+
+
+def _affine_q4_0(b):
+    d = _f16(b, 0)
+    return AffineBlocks(_nibbles(b[..., 2:18]), d, np.full_like(d, 8.0), 4, True)
+
+
+def _affine_q4_1(b):
+    scale, zero = _with_min(_f16(b, 0), _f16(b, 2))
+    return AffineBlocks(_nibbles(b[..., 4:20]), scale, zero, 4, False)
+
+
+def _affine_q5_0(b):
+    d = _f16(b, 0)
+    q = _nibbles(b[..., 6:22]) | (_high_bits(b, 2) << 4)
+    return AffineBlocks(q, d, np.full_like(d, 16.0), 8, True)
+
+
+def _affine_q5_1(b):
+    scale, zero = _with_min(_f16(b, 0), _f16(b, 2))
+    q = _nibbles(b[..., 8:24]) | (_high_bits(b, 4) << 4)
+    return AffineBlocks(q, scale, zero, 8, False)
+
+
+def _affine_q8_0(b):
+    d = _f16(b, 0)
+    q = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return AffineBlocks(q, d, np.full_like(d, 128.0), 8, True)
+
+
+_T = GGMLQuantizationType
+_AFFINE_PARSERS = {_T.Q4_0: _affine_q4_0, _T.Q4_1: _affine_q4_1, _T.Q5_0: _affine_q5_0,
+                   _T.Q5_1: _affine_q5_1, _T.Q8_0: _affine_q8_0}
+FORMATS: dict[str, QuantFormat] = {
+    f.name: f
+    for f in (
+        QuantFormat("Q4_0", _T.Q4_0),
+        QuantFormat("Q4_1", _T.Q4_1),
+        QuantFormat("Q5_0", _T.Q5_0),
+        QuantFormat("Q5_1", _T.Q5_1),
+        QuantFormat("Q8_0", _T.Q8_0),
+        QuantFormat("F16", _T.F16),
+        QuantFormat("F32", _T.F32),
+    )
+}
+
+
+def get_format(name: str) -> QuantFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise HaloquantError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}") from None

@@ -1,0 +1,12 @@
+"""Pydantic models of every spec (params.yaml) and every artifact a stage writes."""
+
+from schemas.artifacts import (  # noqa: F401
+    AllocationResult,
+    CalibrationReport,
+    ExportReport,
+    FoldResult,
+    QuantizedManifest,
+    SensitivityTable,
+    ValidationReport,
+)
+from schemas.params import Params, load_params  # noqa: F401

@@ -1,0 +1,121 @@
+"""Schemas of the artifacts stages write under artifacts/<stage>/ (JSON side of each)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Artifact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationReport(Artifact):
+    model_path: str
+    text: str
+    text_sha256: str
+    n_sequences: int
+    seq_len: int
+    seed: int
+    n_tokens: int
+    stats_file: str
+    # HF linear module name → key of its input statistics in the stats file (q/k/v share one)
+    input_of: dict[str, str]
+    device: str
+    seconds: float
+
+
+class FormatCost(Artifact):
+    bytes: int
+    error: float  # estimated cost of storing this tensor in this format (lower is better)
+
+
+class TensorSensitivity(Artifact):
+    name: str
+    gguf_name: str
+    kind: str
+    layer: int
+    shape: tuple[int, int]
+    n_weights: int
+    candidates: dict[str, FormatCost]  # format name → cost; only formats the shape supports
+
+
+class SensitivityTable(Artifact):
+    metric: str
+    formats: list[str]
+    fixed_bytes: int  # tensors kept float32 (norms, biases), counted in every budget
+    tensors: list[TensorSensitivity]
+    seconds: float
+
+
+class TensorChoice(Artifact):
+    name: str
+    gguf_name: str
+    format: str
+    bytes: int
+    bits_per_weight: float
+    error: float
+
+
+class AllocationResult(Artifact):
+    solver: str
+    budget_bytes: int  # for the quantizable tensors
+    budget_spec: dict
+    used_bytes: int
+    total_bytes: int  # used_bytes + fixed_bytes: all tensor data in the GGUF
+    bits_per_weight: float
+    objective: float
+    min_feasible_bits_per_weight: float
+    tensors: list[TensorChoice]
+    seconds: float
+
+
+class FoldResult(Artifact):
+    method: str
+    scales_file: str | None
+    groups: list[dict]
+
+
+class QuantizedTensor(Artifact):
+    name: str
+    gguf_name: str
+    format: str
+    shape: tuple[int, int]
+    bytes: int
+
+
+class QuantizedManifest(Artifact):
+    method: str
+    model_path: str
+    tensors_file: str
+    quantized: list[QuantizedTensor]
+    float_tensors: list[str]
+    total_bytes: int
+    n_weights: int
+    bits_per_weight: float
+    seconds: float
+
+
+class ExportReport(Artifact):
+    format: str
+    file: str
+    bytes: int
+    sha256: str
+    tensor_types: dict[str, int]  # format → number of tensors
+    seconds: float
+
+
+class ValidationReport(Artifact):
+    eval_text: str
+    ctx: int
+    n_chunks: int
+    n_tokens_scored: int
+    ppl_float: float
+    ppl_quant: float
+    ppl_ratio: float
+    kl_mean: float
+    gguf_bytes: int | None
+    bits_per_weight: float
+    runtimes: dict[str, dict]
+    gate: dict
+    passed: bool
+    seconds: float

@@ -1,0 +1,173 @@
+"""The spec: one pydantic model per section of params.yaml.
+
+`load_params` turns any problem into a `HaloquantError` naming the key path (e.g.
+`allocation.budget.bits_per_weight`) and what was expected, before any stage touches an artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from haloquant import HaloquantError
+from schemas.base import Strict
+
+
+class ModelSpec(Strict):
+    path: Path = Field(description="Hugging Face causal-LM folder (config.json, tokenizer.json, weights)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return v
+
+
+class CalibrationSpec(Strict):
+    text: Path = Field(description="plain-text calibration file; never the evaluation text")
+    n_sequences: PositiveInt = 64
+    seq_len: int = Field(256, ge=8, le=32768)
+    seed: int = 0
+
+
+class SensitivitySpec(Strict):
+    formats: list[str] = Field(min_length=1, description="candidate storage formats")
+    metric: Literal["output_error"] = "output_error"
+
+    @field_validator("formats")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from haloquant.formats import FORMATS
+
+        bad = [f for f in v if f not in FORMATS]
+        if bad:
+            raise ValueError(f"unknown format(s) {bad}; known: {list(FORMATS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("formats are listed twice")
+        return v
+
+
+class Budget(Strict):
+    """Exactly one of: bits per quantizable weight, or total bytes of all tensor data."""
+
+    bits_per_weight: float | None = Field(None, gt=0, le=32)
+    total_bytes: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "Budget":
+        if (self.bits_per_weight is None) == (self.total_bytes is None):
+            raise ValueError("give exactly one of bits_per_weight or total_bytes")
+        return self
+
+
+class AllocationSpec(Strict):
+    budget: Budget
+    solver: Literal["milp"] = "milp"
+    time_limit_s: float = Field(60.0, gt=0)
+
+
+class FoldSpec(Strict):
+    method: Literal["identity"] = "identity"
+
+
+class QuantizeSpec(Strict):
+    method: Literal["rtn"] = "rtn"
+
+
+class GateSpec(Strict):
+    max_ppl_ratio: float | None = Field(None, gt=1.0, description="fail if quantized/float perplexity exceeds this")
+    max_kl: float | None = Field(None, gt=0, description="fail if mean per-token KL (nats) exceeds this")
+    max_runtime_ppl_gap: float | None = Field(
+        None, gt=0, description="fail if llama.cpp's perplexity differs from torch's by more than this fraction"
+    )
+
+
+class ValidateSpec(Strict):
+    text: Path = Field(description="held-out evaluation text (e.g. WikiText-2 test)")
+    ctx: int = Field(512, ge=16)
+    max_chunks: PositiveInt | None = Field(40, description="chunks of ctx tokens scored; null = all")
+    batch_size: PositiveInt = 4
+    runtimes: list[Literal["llama_cpp", "onnxruntime"]] = ["llama_cpp", "onnxruntime"]
+    gate: GateSpec = GateSpec()
+
+
+class GGUFSpec(Strict):
+    name: str | None = Field(None, description="general.name written into the GGUF (default: folder name)")
+
+
+class ONNXSpec(Strict):
+    opset: int = Field(18, ge=14, le=21)
+
+
+class ExportSpec(Strict):
+    gguf: GGUFSpec = GGUFSpec()
+    onnx: ONNXSpec = ONNXSpec()
+
+
+class Params(Strict):
+    model: ModelSpec
+    calibration: CalibrationSpec
+    sensitivity: SensitivitySpec
+    allocation: AllocationSpec
+    fold: FoldSpec = FoldSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
+    validate_: ValidateSpec = Field(alias="validate")
+    export: ExportSpec = ExportSpec()
+
+    model_config = Strict.model_config | {"populate_by_name": True}
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid spec"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the spec)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict, source: str = "params.yaml", base_dir: Path | None = None) -> Params:
+    """Validate a params mapping; relative paths are resolved against `base_dir`."""
+    if not isinstance(data, dict):
+        raise HaloquantError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as e:
+        raise HaloquantError(_format_errors(e, source)) from None
+    if base_dir is not None:
+        params = _resolve_paths(params, base_dir)
+    return params
+
+
+def _resolve_paths(p: Params, base: Path) -> Params:
+    def r(path: Path) -> Path:
+        return path if path.is_absolute() else (base / path)
+
+    return p.model_copy(
+        update={
+            "model": p.model.model_copy(update={"path": r(p.model.path)}),
+            "calibration": p.calibration.model_copy(update={"text": r(p.calibration.text)}),
+            "validate_": p.validate_.model_copy(update={"text": r(p.validate_.text)}),
+        }
+    )
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise HaloquantError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HaloquantError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(data, source=str(path), base_dir=path.resolve().parent)

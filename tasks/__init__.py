@@ -1,0 +1,96 @@
+"""The pipeline's stages: one module per stage, one registry that both DVC and Prefect read.
+
+Each `Stage` names the params keys it reads, the files it depends on and the files it writes;
+`dvc.yaml` is generated from this registry (`haloquant dvc-yaml`), and the Prefect flow caches on
+the same declarations, so the two never drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from schemas.params import Params
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    params: tuple[str, ...]  # params.yaml keys this stage reads
+    inputs: tuple[str, ...]  # files/folders read: "${key}" refers to a path in params.yaml
+    outs: tuple[str, ...]  # files/folders written, relative to the artifacts root
+    run: Callable[[Params, Path], object] = field(repr=False, compare=False)
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()
+
+    @property
+    def code(self) -> tuple[str, ...]:
+        return (f"tasks/{self.name}.py", "haloquant", "schemas")
+
+    def all_outs(self) -> tuple[str, ...]:
+        return self.outs + self.metrics + self.plots
+
+
+def _calibrate(p: Params, root: Path):
+    from tasks.calibrate import calibrate
+    return calibrate(p.model, p.calibration, root / "calibrate")
+
+
+def _sensitivity(p: Params, root: Path):
+    from tasks.sensitivity import score_sensitivity
+    return score_sensitivity(p.model, p.sensitivity, root / "calibrate", root / "sensitivity")
+
+
+def _allocate(p: Params, root: Path):
+    from tasks.allocate import allocate
+    return allocate(p.allocation, root / "sensitivity", root / "allocate")
+
+
+def _scale_fold(p: Params, root: Path):
+    from tasks.scale_fold import scale_fold
+    return scale_fold(p.model, p.fold, root / "calibrate", root / "allocate", root / "scale_fold")
+
+
+def _quantize(p: Params, root: Path):
+    from tasks.quantize import quantize
+    return quantize(p.model, p.quantize, root / "allocate", root / "scale_fold", root / "quantize")
+
+
+def _export_gguf(p: Params, root: Path):
+    from tasks.export_gguf import export_gguf
+    return export_gguf(p.model, p.export.gguf, root / "quantize", root / "export_gguf")
+
+
+def _export_onnx(p: Params, root: Path):
+    from tasks.export_onnx import export_onnx
+    return export_onnx(p.model, p.export.onnx, root / "quantize", root / "export_onnx")
+
+
+def _validate(p: Params, root: Path):
+    from tasks.validate import validate
+    return validate(p.model, p.validate_, root / "calibrate", root / "quantize", root / "export_gguf",
+                    root / "export_onnx", root / "validate")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"),
+          ("calibrate/stats.safetensors", "calibrate/calibration.json"), _calibrate),
+    Stage("sensitivity", ("model", "sensitivity"), ("${model.path}", "calibrate/stats.safetensors",
+          "calibrate/calibration.json"), ("sensitivity/sensitivity.json",), _sensitivity),
+    Stage("allocate", ("allocation",), ("sensitivity/sensitivity.json",), ("allocate/allocation.json",),
+          _allocate, plots=("allocate/bits_per_layer.json",)),
+    Stage("scale_fold", ("model", "fold"), ("${model.path}", "calibrate/stats.safetensors",
+          "allocate/allocation.json"), ("scale_fold/fold.json",), _scale_fold),
+    Stage("quantize", ("model", "quantize"), ("${model.path}", "allocate/allocation.json", "scale_fold/fold.json"),
+          ("quantize/tensors.safetensors", "quantize/quantized.json"), _quantize),
+    Stage("export_gguf", ("model", "export.gguf"), ("${model.path}", "quantize/tensors.safetensors",
+          "quantize/quantized.json"), ("export_gguf/model.gguf", "export_gguf/export.json"), _export_gguf),
+    Stage("export_onnx", ("model", "export.onnx"), ("${model.path}", "quantize/tensors.safetensors",
+          "quantize/quantized.json"), ("export_onnx",), _export_onnx),
+    Stage("validate", ("model", "validate"), ("${model.path}", "${validate.text}", "calibrate/calibration.json",
+          "quantize/tensors.safetensors", "quantize/quantized.json", "export_gguf/model.gguf", "export_onnx"),
+          ("validate/report.json",), _validate, metrics=("validate/metrics.json",),
+          plots=("validate/size_ppl.json",)),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}

@@ -1,0 +1,104 @@
+"""calibrate: run calibration text through the float model and keep, for every linear layer's
+input, per-channel mean |x|, max |x| and the Gram matrix XᵀX (plus token counts for embeddings).
+
+These statistics are all later stages need from activations: the sensitivity stage's output
+error ‖(W−Q)X‖² = tr(ΔW XᵀX ΔWᵀ), Scale-Fold's outlier scales and GPTQ's Hessian.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from haloquant.artifacts import atomic_path, sha256_file, write_json
+from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
+from haloquant.textdata import calibration_batch, read_text, tokenize
+from schemas.artifacts import CalibrationReport
+from schemas.params import CalibrationSpec, ModelSpec
+
+STATS_FILE = "stats.safetensors"
+REPORT_FILE = "calibration.json"
+MICRO_BATCH = 8
+
+
+class _InputStats:
+    """Accumulates per-channel statistics of one linear input, deduplicated across modules."""
+
+    def __init__(self, dim: int, device: torch.device):
+        self.sum_abs = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.max_abs = torch.zeros(dim, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        xa = x.abs()
+        self.sum_abs += xa.sum(0, dtype=torch.float64)
+        self.max_abs = torch.maximum(self.max_abs, xa.amax(0).float())
+        xd = x.double()
+        self.gram += xd.T @ xd
+        self.count += x.shape[0]
+
+
+@torch.no_grad()
+def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> CalibrationReport:
+    t0 = time.perf_counter()
+    text = read_text(spec.text, "calibration.text")
+    model = load_model(model_spec.path, model_spec.device)
+    tokenizer = load_tokenizer(model_spec.path)
+    device = next(model.parameters()).device
+    ids = tokenize(tokenizer, text)
+    batch = calibration_batch(ids, spec.n_sequences, spec.seq_len, spec.seed, tokenizer.bos_token_id)
+
+    # every linear whose weight is quantized (the tied output head shares the embedding's weight)
+    weight_ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+                  if n in {t.name for t in quantizable_tensors(model)}}
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and id(m.weight) in weight_ids}
+
+    stats: dict[str, _InputStats] = {}
+    input_of: dict[str, str] = {}
+    seen_this_batch: dict[tuple, str] = {}
+
+    def hook(name):
+        def fn(_module, args):
+            x = args[0]
+            sig = (x.data_ptr(), tuple(x.shape))
+            key = seen_this_batch.get(sig)
+            if key is None:  # first module to see this tensor owns its statistics
+                key = input_of.setdefault(name, name)
+                seen_this_batch[sig] = key
+                stats.setdefault(key, _InputStats(x.shape[-1], device)).add(x)
+            input_of.setdefault(name, key)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    token_counts = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    try:
+        for i in range(0, batch.shape[0], MICRO_BATCH):
+            mb = batch[i : i + MICRO_BATCH]
+            seen_this_batch.clear()
+            model(mb.to(device))
+            token_counts += torch.bincount(mb.flatten(), minlength=token_counts.numel()).double()
+    finally:
+        for h in handles:
+            h.remove()
+
+    tensors: dict[str, torch.Tensor] = {"token_counts": token_counts}
+    for key, s in stats.items():
+        tensors[f"{key}.mean_abs"] = (s.sum_abs / s.count).float().cpu()
+        tensors[f"{key}.max_abs"] = s.max_abs.cpu()
+        tensors[f"{key}.gram"] = (s.gram / s.count).float().cpu()  # E[x xᵀ] per token
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / STATS_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    report = CalibrationReport(
+        model_path=str(model_spec.path), text=str(spec.text), text_sha256=sha256_file(spec.text),
+        n_sequences=spec.n_sequences, seq_len=spec.seq_len, seed=spec.seed, n_tokens=int(batch.numel()),
+        stats_file=STATS_FILE, input_of=input_of, device=str(device), seconds=time.perf_counter() - t0,
+    )
+    write_json(out_dir / REPORT_FILE, report.model_dump())
+    return report

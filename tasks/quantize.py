@@ -1,0 +1,56 @@
+"""quantize: encode every weight into the format the allocation chose (after Scale-Fold).
+
+Method `rtn`: each format's reference round-to-nearest encoder. The artifact holds the exact
+block bytes that export_gguf writes and validate decodes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from haloquant.artifacts import atomic_path, read_json, write_json
+from haloquant.formats import get_format
+from haloquant.modelio import float_tensors, load_model, quantizable_tensors
+from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
+from schemas.artifacts import AllocationResult, FoldResult, QuantizedManifest, QuantizedTensor
+from schemas.params import ModelSpec, QuantizeSpec
+
+
+def quantize(model_spec: ModelSpec, spec: QuantizeSpec, allocation_dir: Path, fold_dir: Path,
+             out_dir: Path) -> QuantizedManifest:
+    t0 = time.perf_counter()
+    allocation = AllocationResult.model_validate(read_json(allocation_dir / "allocation.json"))
+    fold = FoldResult.model_validate(read_json(fold_dir / "fold.json"))
+    assert fold.method == "identity", "folding methods are applied here once implemented"
+    model = load_model(model_spec.path, "cpu")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    chosen = {c.name: c.format for c in allocation.tensors}
+    infos = quantizable_tensors(model)
+    missing = [t.name for t in infos if t.name not in chosen]
+    if missing:
+        raise ValueError(f"allocation has no format for {missing[:3]}…; re-run allocate for this model")
+
+    arrays: dict[str, np.ndarray] = {}
+    quantized = []
+    for t in infos:
+        fmt = get_format(chosen[t.name])
+        arrays[t.name] = fmt.encode(params[t.name].detach().float().numpy())
+        quantized.append(QuantizedTensor(name=t.name, gguf_name=t.gguf_name, format=fmt.name, shape=t.shape,
+                                         bytes=int(arrays[t.name].nbytes)))
+    floats = float_tensors(model)
+    arrays.update({n: v.float().numpy() for n, v in floats.items()})
+    with atomic_path(out_dir / TENSORS_FILE) as tmp:
+        save_file(arrays, str(tmp))
+    n_weights = sum(t.n_weights for t in infos)
+    qbytes = sum(q.bytes for q in quantized)
+    manifest = QuantizedManifest(
+        method=spec.method, model_path=str(model_spec.path), tensors_file=TENSORS_FILE, quantized=quantized,
+        float_tensors=sorted(floats), total_bytes=qbytes + sum(v.numel() * 4 for v in floats.values()),
+        n_weights=n_weights, bits_per_weight=8 * qbytes / n_weights, seconds=time.perf_counter() - t0,
+    )
+    write_json(out_dir / MANIFEST_FILE, manifest.model_dump())
+    return manifest
