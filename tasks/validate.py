@@ -50,7 +50,8 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
     if calib.text_sha256 == sha256_file(spec.text):
         raise HaloquantError(f"validate.text: {spec.text} is the calibration text; evaluate on held-out text")
     tokenizer = load_tokenizer(model_spec.path)
-    chunks = eval_chunks(tokenize(tokenizer, text), spec.ctx, spec.max_chunks, tokenizer.bos_token_id)
+    ids = tokenize(tokenizer, text)
+    chunks = eval_chunks(ids, spec.ctx, spec.max_chunks, tokenizer.bos_token_id)
     float_model = load_model(model_spec.path, model_spec.device)
     quant_model = load_quantized_model(model_spec.path, quant_dir, model_spec.device)
     torch_scores = score(quant_model, chunks, ref_model=float_model, batch_size=spec.batch_size)
@@ -61,9 +62,10 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
     runtimes: dict[str, dict] = {}
     if "llama_cpp" in spec.runtimes:
         lc = llama_cpp_perplexity(gguf_path, text, spec.ctx, spec.max_chunks)
-        same_tokens = lc.pop("tokens")[: chunks.numel()][1:] == chunks.flatten().tolist()[1:] or None
+        n = chunks.numel()  # llama.cpp's own tokenization of the scored text must equal torch's
+        same_tokens = lc.pop("tokens")[:n] == ([tokenizer.bos_token_id] + ids)[:n]
         runtimes["llama_cpp"] = {**lc, "ppl_gap_vs_torch": abs(lc["ppl"] / torch_scores["ppl"] - 1),
-                                 "same_tokens_as_torch": bool(same_tokens)}
+                                 "same_tokens_as_torch": same_tokens}
     if "onnxruntime" in spec.runtimes:
         runtimes["onnxruntime"] = onnx_check(onnx_dir / "model.onnx", chunks, quant_model)
 

@@ -1,0 +1,28 @@
+"""A scheduled deployment of the pipeline, served by this process against a Prefect server.
+
+    prefect server start                      # terminal 1 (SQLite database under ~/.prefect)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    haloquant serve --cron "0 3 * * *"        # terminal 2: registers and runs the deployment
+    prefect deployment run haloquant/haloquant-scheduled   # optional: run now
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.pipeline import haloquant_pipeline
+
+DEPLOYMENT_NAME = "haloquant-scheduled"
+
+
+def build_deployment(params_file: str, cron: str):
+    return haloquant_pipeline.to_deployment(
+        name=DEPLOYMENT_NAME, cron=cron, parameters={"params_file": str(Path(params_file).resolve())},
+        description="Re-quantize and re-validate the model in params.yaml on a schedule (cached per stage).",
+    )
+
+
+def serve(params_file: str, cron: str) -> None:
+    from prefect import serve as prefect_serve
+
+    prefect_serve(build_deployment(params_file, cron))

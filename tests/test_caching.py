@@ -1,0 +1,81 @@
+"""Caching: `dvc repro` and the Prefect flow re-run exactly the stages whose inputs changed."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_project, small_params, write_params
+
+STAGES = ["calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf", "export_onnx", "validate"]
+
+
+def sh(cmd, cwd):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.mark.slow
+def test_dvc_repro_caching(tmp_path):
+    proj = copy_project(tmp_path / "proj")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["calibration"]["n_sequences"] = 8
+    params["validate"].update(max_chunks=2, ctx=256)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init && dvc init -q", proj)
+
+    first = sh("dvc repro", proj)
+    assert ran(first) == STAGES
+    second = sh("dvc repro", proj)
+    assert ran(second) == [] and "up to date" in second
+
+    params["allocation"]["budget"]["bits_per_weight"] = 4.75
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = sh("dvc repro", proj)
+    assert ran(third) == STAGES[2:]
+    assert "Stage 'calibrate' didn't change" in third and "Stage 'sensitivity' didn't change" in third
+
+    metrics = sh("dvc metrics show --json", proj)
+    assert "ppl_quant" in metrics and "llama_cpp_ppl_gap" in metrics
+    plots = sh("dvc plots show --json", proj)
+    assert "bits_per_layer.json" in plots and "size_ppl.json" in plots
+
+
+@pytest.mark.slow
+def test_prefect_flow_caching(tmp_path):
+    from flows.pipeline import haloquant_pipeline
+
+    params_file = write_params(tmp_path, small_params())
+    states = lambda: {k: v["state"] for k, v in haloquant_pipeline(str(params_file)).items()}  # noqa: E731
+    assert set(states().values()) == {"Completed"}
+    assert set(states().values()) == {"Cached"}
+
+    write_params(tmp_path, small_params(**{"allocation.budget": {"bits_per_weight": 4.75}}))
+    after_edit = states()
+    assert [s for s in STAGES if after_edit[s] == "Cached"] == ["calibrate", "sensitivity"]
+
+    # outputs deleted behind the flow's back are recomputed, not served stale from the cache
+    (tmp_path / "artifacts" / "export_gguf" / "model.gguf").unlink()
+    after_delete = states()
+    assert after_delete["export_gguf"] == "Completed" and after_delete["quantize"] == "Cached"
+    assert (tmp_path / "artifacts" / "export_gguf" / "model.gguf").is_file()
+
+
+def test_deployment_has_cron_schedule(tmp_path):
+    from flows.deploy import DEPLOYMENT_NAME, build_deployment
+
+    params_file = write_params(tmp_path, small_params())
+    dep = build_deployment(str(params_file), "0 3 * * *")
+    assert dep.name == DEPLOYMENT_NAME
+    assert dep.parameters == {"params_file": str(params_file.resolve())}
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]

@@ -1,0 +1,115 @@
+"""The whole pipeline on the real tiny model: artifacts, runtime agreement, failure safety."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from safetensors.torch import load_file
+
+from haloquant.artifacts import read_json, sha256_tree
+from haloquant.formats import get_format
+from haloquant.modelio import load_model
+from tests.conftest import REPO, small_params, write_params
+
+
+def test_pipeline_outputs(pipeline_run):
+    folder, _, results = pipeline_run
+    art = folder / "artifacts"
+    alloc = results["allocate"]
+    assert alloc.bits_per_weight <= 5.0 and alloc.used_bytes <= alloc.budget_bytes
+    assert len({c.format for c in alloc.tensors}) > 1, "a 5.0 bpw budget mixes formats"
+    manifest = results["quantize"]
+    assert manifest.bits_per_weight == pytest.approx(alloc.bits_per_weight)
+    # the GGUF holds exactly the allocated types
+    reader = GGUFReader(art / "export_gguf" / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    for c in alloc.tensors:
+        assert types[c.gguf_name] == c.format
+    assert all(types[n] == "F32" for n in types if n.endswith("norm.weight"))
+    metrics = read_json(art / "validate" / "metrics.json")
+    assert 0.9 < metrics["ppl_ratio"] < 1.5 and 0 < metrics["kl_mean"] < 0.2
+    assert metrics["gate_passed"] is True
+
+
+def test_llama_cpp_agrees_with_torch(pipeline_run):
+    """The GGUF loads in llama.cpp, tokenizes identically, and its perplexity is torch's within 1 %."""
+    _, _, results = pipeline_run
+    lc = results["validate"].runtimes["llama_cpp"]
+    assert lc["same_tokens_as_torch"] is True
+    assert lc["n_tokens"] == results["validate"].n_tokens_scored
+    assert abs(lc["ppl"] / results["validate"].ppl_quant - 1) < 0.01
+
+
+def test_onnx_agrees_with_torch(pipeline_run):
+    folder, _, results = pipeline_run
+    ort = results["validate"].runtimes["onnxruntime"]
+    assert ort["max_abs_logit_error"] < 1e-3
+    assert ort["ppl"] == pytest.approx(results["validate"].ppl_quant, rel=1e-4)
+    report = read_json(folder / "artifacts" / "export_onnx" / "export.json")
+    assert any("MatMulNBits bits=4" in v for v in report["linears"].values())
+
+
+def test_gram_statistics_match_activations(pipeline_run):
+    """stats.safetensors holds E[xxᵀ] of the real inputs; the output error uses it correctly."""
+    folder, params_file, results = pipeline_run
+    from haloquant.modelio import load_tokenizer
+    from haloquant.textdata import calibration_batch, read_text, tokenize
+
+    cal = results["calibrate"]
+    stats = load_file(str(folder / "artifacts" / "calibrate" / "stats.safetensors"))
+    model = load_model(cal.model_path, "cpu")
+    tok = load_tokenizer(cal.model_path)
+    batch = calibration_batch(tokenize(tok, read_text(cal.text, "t")), cal.n_sequences, cal.seq_len, cal.seed,
+                              tok.bos_token_id)
+    captured = []
+    layer = model.model.layers[2].mlp.down_proj
+    h = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(batch)
+    h.remove()
+    x = torch.cat(captured).double()
+    key = cal.input_of["model.layers.2.mlp.down_proj"]
+    torch.testing.assert_close(stats[f"{key}.gram"].double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    # sensitivity error == mean squared output error of quantizing that weight alone
+    sens = read_json(folder / "artifacts" / "sensitivity" / "sensitivity.json")
+    row = next(t for t in sens["tensors"] if t["name"] == "model.layers.2.mlp.down_proj.weight")
+    w = layer.weight.detach().float()
+    q = torch.from_numpy(get_format("Q4_0").roundtrip(w.numpy()))
+    direct = ((x.float() @ (w - q).T) ** 2).sum(1).mean().item()
+    assert row["candidates"]["Q4_0"]["error"] == pytest.approx(direct, rel=1e-3)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "haloquant.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("case", ["missing_model", "empty_calibration", "calibration_is_eval", "budget_too_small",
+                                  "unknown_key", "wrong_type"])
+def test_bad_input_leaves_artifacts_untouched(pipeline_run, tmp_path, case):
+    folder, _, _ = pipeline_run
+    art = folder / "artifacts"
+    before = {p: sha256_tree(p) for p in sorted(art.rglob("*")) if p.is_file()}
+    empty = tmp_path / "empty.raw"
+    empty.write_text("")
+    data, stage, expect = {
+        "missing_model": (small_params(**{"model.path": str(tmp_path / "no-model")}), "calibrate", "model.path"),
+        "empty_calibration": (small_params(**{"calibration.text": str(empty)}), "calibrate", "calibration.text"),
+        "calibration_is_eval": (small_params(**{"calibration.text": small_params()["validate"]["text"]}),
+                                "calibrate", "calibration.text"),
+        "budget_too_small": (small_params(**{"allocation.budget": {"bits_per_weight": 3.0}}), "allocate",
+                             "needs 4.5000 bits per weight"),
+        "unknown_key": (small_params(**{"quantize.mode": "rtn"}), "quantize", "quantize.mode"),
+        "wrong_type": (small_params(**{"validate.ctx": "long"}), "validate", "validate.ctx"),
+    }[case]
+    bad = write_params(folder, data, name=f"bad_{case}.yaml")  # same folder → same artifacts root
+    try:
+        r = run_cli("stage", stage, "--params", str(bad))
+    finally:
+        bad.unlink()
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert expect in r.stderr
+    after = {p: sha256_tree(p) for p in sorted(art.rglob("*")) if p.is_file()}
+    assert after == before

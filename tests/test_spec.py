@@ -1,0 +1,82 @@
+"""params.yaml validation: every problem is an error naming the key path, before anything runs."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from haloquant import HaloquantError
+from schemas.params import load_params
+from tests.conftest import REPO, small_params, write_params
+
+
+def check(tmp_path, data):
+    return subprocess.run([sys.executable, "-m", "haloquant.cli", "check", "--params",
+                           str(write_params(tmp_path, data))], capture_output=True, text=True, cwd=REPO)
+
+
+def test_shipped_params_are_valid():
+    p = load_params(REPO / "params.yaml")
+    assert p.model.path == REPO / "data" / "models" / "ref-llama-tiny"
+    assert p.allocation.budget.bits_per_weight is not None
+
+
+def test_check_passes_on_valid_spec(tmp_path):
+    r = check(tmp_path, small_params())
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+@pytest.mark.parametrize("mutate, path, expected", [
+    (lambda p: p["allocation"].update(solvr="milp"), "allocation.solvr", "unknown key"),
+    (lambda p: p.update(extra_section={}), "extra_section", "unknown key"),
+    (lambda p: p["calibration"].update(n_sequences="many"), "calibration.n_sequences", "valid integer"),
+    (lambda p: p["allocation"]["budget"].update(bits_per_weight=[4]), "allocation.budget.bits_per_weight",
+     "valid number"),
+    (lambda p: p["sensitivity"].update(formats=["Q4_0", "Q9_9"]), "sensitivity.formats", "unknown format"),
+    (lambda p: p["allocation"].update(budget={"bits_per_weight": 4, "total_bytes": 10}), "allocation.budget",
+     "exactly one"),
+    (lambda p: p.pop("model"), "model", "required key is missing"),
+])
+def test_bad_spec_names_the_key(tmp_path, mutate, path, expected):
+    data = small_params()
+    mutate(data)
+    r = check(tmp_path, data)
+    assert r.returncode == 2
+    assert f"{path}:" in r.stderr and expected in r.stderr, r.stderr
+
+
+def test_invalid_yaml_is_named(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("model: [unclosed\n")
+    with pytest.raises(HaloquantError, match="not valid YAML"):
+        load_params(f)
+
+
+def test_missing_model_folder(tmp_path):
+    r = check(tmp_path, small_params(**{"model.path": str(tmp_path / "nope")}))
+    assert r.returncode == 2 and "model.path" in r.stderr and "does not exist" in r.stderr
+
+
+def test_empty_and_identical_texts(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    r = check(tmp_path, small_params(**{"calibration.text": str(empty)}))
+    assert r.returncode == 2 and "calibration.text" in r.stderr and "empty" in r.stderr
+    same = small_params()
+    copy = tmp_path / "copy_of_test.raw"
+    copy.write_bytes(open(same["validate"]["text"], "rb").read())
+    r = check(tmp_path, small_params(**{"calibration.text": str(copy)}))
+    assert r.returncode == 2 and "calibration.text" in r.stderr and "same text" in r.stderr
+
+
+def test_dvc_yaml_is_generated_from_registry():
+    r = subprocess.run([sys.executable, "-m", "haloquant.cli", "dvc-yaml"], capture_output=True, text=True,
+                       cwd=REPO, check=True)
+    assert r.stdout == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `haloquant dvc-yaml > dvc.yaml`"
+    stages = yaml.safe_load(r.stdout)["stages"]
+    assert list(stages) == ["calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf",
+                            "export_onnx", "validate"]
+    # the budget is read by allocate alone: editing it can never re-run calibrate or sensitivity
+    assert [n for n, s in stages.items() if "allocation" in s["params"]] == ["allocate"]
