@@ -6,8 +6,8 @@ candidate set is just a list of format names; the bytes the quantize stage store
 the GGUF holds, so what validation measures is what llama.cpp runs.
 
 Encoding of the classic block types goes through the `gguf` package's reference quantizers
-(ports of ggml's `quantize_row_*_ref`); decoding always goes through `gguf.quants.dequantize`,
-the reference decoder.
+(ports of ggml's `quantize_row_*_ref`); the k-quants, which `gguf` cannot encode, through
+`haloquant.kquants`. Decoding always goes through `gguf.quants.dequantize`, the reference decoder.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from haloquant import HaloquantError
+from haloquant.kquants import affine_kquant, encode_kquant
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class QuantFormat:
 
     name: str
     ggml_type: GGMLQuantizationType
-    encoder: Callable[[np.ndarray], np.ndarray] | None = None
+    encoder: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None
 
     @property
     def block_size(self) -> int:
@@ -59,8 +60,15 @@ class QuantFormat:
         n = int(np.prod(shape))
         return n // self.block_size * self.type_size
 
-    def encode(self, weight: np.ndarray) -> np.ndarray:
-        """Float matrix → uint8 array (rows, bytes per row) holding llama.cpp's block bytes."""
+    @property
+    def is_kquant(self) -> bool:
+        return self.name.endswith("_K")
+
+    def encode(self, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """Float matrix → uint8 array (rows, bytes per row) holding llama.cpp's block bytes.
+
+        `importance` (one weight per input column, e.g. diag(XᵀX)) steers the k-quant scale fits;
+        the classic block types use ggml's reference rounding, which takes none."""
         w = np.ascontiguousarray(weight, dtype=np.float32)
         self.storage_bytes(w.shape)  # validates the row length
         if self.ggml_type == GGMLQuantizationType.F32:
@@ -68,7 +76,7 @@ class QuantFormat:
         elif self.ggml_type == GGMLQuantizationType.F16:
             out = w.astype(np.float16)
         elif self.encoder is not None:
-            out = self.encoder(w)
+            out = self.encoder(w, importance)
         else:
             out = gq.quantize(w, self.ggml_type)
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
@@ -85,16 +93,15 @@ class QuantFormat:
     def affine_blocks(self, data: np.ndarray, shape: tuple[int, ...]) -> "AffineBlocks | None":
         """The format's bytes as integer codes with a scale and zero point per group, such that
         (q − zero) · scale = decode(data); None where the format is not of that form (floats)."""
+        blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size)
+        if self.is_kquant:
+            return AffineBlocks(*affine_kquant(self.name, blocks))
         parse = _AFFINE_PARSERS.get(self.ggml_type)
-        if parse is None:
-            return None
-        rows = shape[0]
-        blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1, self.type_size)
-        return parse(blocks)
+        return None if parse is None else parse(blocks)
 
-    def roundtrip(self, weight: np.ndarray) -> np.ndarray:
+    def roundtrip(self, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """decode(encode(weight)): the weight as the runtime will see it."""
-        return self.decode(self.encode(weight), weight.shape)
+        return self.decode(self.encode(weight, importance), weight.shape)
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,11 @@ _AFFINE_PARSERS = {_T.Q4_0: _affine_q4_0, _T.Q4_1: _affine_q4_1, _T.Q5_0: _affin
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
+        QuantFormat("Q2_K", _T.Q2_K, lambda w, imp: encode_kquant("Q2_K", w, imp)),
+        QuantFormat("Q3_K", _T.Q3_K, lambda w, imp: encode_kquant("Q3_K", w, imp)),
+        QuantFormat("Q4_K", _T.Q4_K, lambda w, imp: encode_kquant("Q4_K", w, imp)),
+        QuantFormat("Q5_K", _T.Q5_K, lambda w, imp: encode_kquant("Q5_K", w, imp)),
+        QuantFormat("Q6_K", _T.Q6_K, lambda w, imp: encode_kquant("Q6_K", w, imp)),
         QuantFormat("Q4_0", _T.Q4_0),
         QuantFormat("Q4_1", _T.Q4_1),
         QuantFormat("Q5_0", _T.Q5_0),

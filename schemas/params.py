@@ -76,7 +76,10 @@ class FoldSpec(Strict):
 
 
 class QuantizeSpec(Strict):
+    """The quantizer. The sensitivity stage reads this section too: costs are measured for it."""
+
     method: Literal["rtn"] = "rtn"
+    importance: bool = Field(True, description="weight k-quant scale fits by calibration E[x²] (imatrix)")
 
 
 class GateSpec(Strict):

@@ -39,7 +39,7 @@ def _calibrate(p: Params, root: Path):
 
 def _sensitivity(p: Params, root: Path):
     from tasks.sensitivity import score_sensitivity
-    return score_sensitivity(p.model, p.sensitivity, root / "calibrate", root / "sensitivity")
+    return score_sensitivity(p.model, p.sensitivity, p.quantize, root / "calibrate", root / "sensitivity")
 
 
 def _allocate(p: Params, root: Path):
@@ -54,7 +54,8 @@ def _scale_fold(p: Params, root: Path):
 
 def _quantize(p: Params, root: Path):
     from tasks.quantize import quantize
-    return quantize(p.model, p.quantize, root / "allocate", root / "scale_fold", root / "quantize")
+    return quantize(p.model, p.quantize, root / "calibrate", root / "allocate", root / "scale_fold",
+                    root / "quantize")
 
 
 def _export_gguf(p: Params, root: Path):
@@ -76,13 +77,14 @@ def _validate(p: Params, root: Path):
 STAGES: tuple[Stage, ...] = (
     Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"),
           ("calibrate/stats.safetensors", "calibrate/calibration.json"), _calibrate),
-    Stage("sensitivity", ("model", "sensitivity"), ("${model.path}", "calibrate/stats.safetensors",
+    Stage("sensitivity", ("model", "sensitivity", "quantize"), ("${model.path}", "calibrate/stats.safetensors",
           "calibrate/calibration.json"), ("sensitivity/sensitivity.json",), _sensitivity),
     Stage("allocate", ("allocation",), ("sensitivity/sensitivity.json",), ("allocate/allocation.json",),
           _allocate, plots=("allocate/bits_per_layer.json",)),
     Stage("scale_fold", ("model", "fold"), ("${model.path}", "calibrate/stats.safetensors",
           "allocate/allocation.json"), ("scale_fold/fold.json",), _scale_fold),
-    Stage("quantize", ("model", "quantize"), ("${model.path}", "allocate/allocation.json", "scale_fold/fold.json"),
+    Stage("quantize", ("model", "quantize"), ("${model.path}", "calibrate/stats.safetensors",
+          "calibrate/calibration.json", "allocate/allocation.json", "scale_fold/fold.json"),
           ("quantize/tensors.safetensors", "quantize/quantized.json"), _quantize),
     Stage("export_gguf", ("model", "export.gguf"), ("${model.path}", "quantize/tensors.safetensors",
           "quantize/quantized.json"), ("export_gguf/model.gguf", "export_gguf/export.json"), _export_gguf),

@@ -1,7 +1,8 @@
 """quantize: encode every weight into the format the allocation chose (after Scale-Fold).
 
-Method `rtn`: each format's reference round-to-nearest encoder. The artifact holds the exact
-block bytes that export_gguf writes and validate decodes.
+Method `rtn`: each format's round-to-nearest encoder; with `importance`, k-quant scales are fitted
+to calibration-weighted error (llama.cpp's imatrix, from the calibrate stage's diag(XᵀX)). The
+artifact holds the exact block bytes that export_gguf writes and validate decodes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from haloquant.artifacts import atomic_path, read_json, write_json
+from haloquant.calibstats import CalibrationStats
 from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
@@ -20,9 +22,10 @@ from schemas.artifacts import AllocationResult, FoldResult, QuantizedManifest, Q
 from schemas.params import ModelSpec, QuantizeSpec
 
 
-def quantize(model_spec: ModelSpec, spec: QuantizeSpec, allocation_dir: Path, fold_dir: Path,
+def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocation_dir: Path, fold_dir: Path,
              out_dir: Path) -> QuantizedManifest:
     t0 = time.perf_counter()
+    stats = CalibrationStats(calib_dir) if spec.importance else None
     allocation = AllocationResult.model_validate(read_json(allocation_dir / "allocation.json"))
     fold = FoldResult.model_validate(read_json(fold_dir / "fold.json"))
     assert fold.method == "identity", "folding methods are applied here once implemented"
@@ -38,7 +41,8 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, allocation_dir: Path, fo
     quantized = []
     for t in infos:
         fmt = get_format(chosen[t.name])
-        arrays[t.name] = fmt.encode(params[t.name].detach().float().numpy())
+        importance = stats.importance(t) if stats is not None else None
+        arrays[t.name] = fmt.encode(params[t.name].detach().float().numpy(), importance)
         quantized.append(QuantizedTensor(name=t.name, gguf_name=t.gguf_name, format=fmt.name, shape=t.shape,
                                          bytes=int(arrays[t.name].nbytes)))
     floats = float_tensors(model)

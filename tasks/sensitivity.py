@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from haloquant.artifacts import read_json, write_json
+from haloquant.artifacts import write_json
+from haloquant.calibstats import CalibrationStats
 from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors
-from schemas.artifacts import CalibrationReport, FormatCost, SensitivityTable, TensorSensitivity
-from schemas.params import ModelSpec, SensitivitySpec
+from schemas.artifacts import FormatCost, SensitivityTable, TensorSensitivity
+from schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
 
 TABLE_FILE = "sensitivity.json"
 
@@ -33,37 +33,32 @@ def lookup_error(delta: torch.Tensor, token_freq: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, calib_dir: Path, out_dir: Path) -> SensitivityTable:
+def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: QuantizeSpec, calib_dir: Path,
+                      out_dir: Path) -> SensitivityTable:
+    """`quant_spec` is the quantizer the costs are measured for (the one quantize will run)."""
     t0 = time.perf_counter()
-    calib = CalibrationReport.model_validate(read_json(calib_dir / "calibration.json"))
-    stats = load_file(str(calib_dir / calib.stats_file))
+    stats = CalibrationStats(calib_dir)
     model = load_model(model_spec.path, model_spec.device)
     device = next(model.parameters()).device
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = model.config.tie_word_embeddings
-    token_freq = stats["token_counts"].to(device)
-    token_freq = (token_freq / token_freq.sum()).float()
-
-    def gram_of(module: str) -> torch.Tensor:
-        return stats[f"{calib.input_of[module]}.gram"].to(device)
+    token_freq = stats.token_freq().to(device)
 
     formats = [get_format(f) for f in spec.formats]
     rows: list[TensorSensitivity] = []
     for t in quantizable_tensors(model):
         w = params[t.name].detach().float()
+        gram = stats.gram(t).to(device)
+        importance = stats.importance(t) if quant_spec.importance else None
         cands: dict[str, FormatCost] = {}
         for fmt in formats:
             if not fmt.supports(t.shape):
                 continue
-            delta = w - torch.from_numpy(fmt.roundtrip(w.cpu().numpy())).to(device)
+            delta = w - torch.from_numpy(fmt.roundtrip(w.cpu().numpy(), importance)).to(device)
+            err = output_error(delta, gram)  # as a linear (for embeddings: the output head)
             if t.kind == "token_embd":
-                err = lookup_error(delta, token_freq)
-                if tied:  # the same matrix is also the output head
-                    err += output_error(delta, gram_of("lm_head"))
-            elif t.kind == "output":
-                err = output_error(delta, gram_of("lm_head"))
-            else:
-                err = output_error(delta, gram_of(t.module))
+                lookup = lookup_error(delta, token_freq)
+                err = err + lookup if tied else lookup
             cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=err)
         if not cands:
             raise ValueError(f"sensitivity.formats: no listed format fits tensor {t.name} of shape {t.shape}")
