@@ -37,7 +37,8 @@ class CalibrationSpec(Strict):
 
 class SensitivitySpec(Strict):
     formats: list[str] = Field(min_length=1, description="candidate storage formats")
-    metric: Literal["output_error"] = "output_error"
+    metric: Literal["output_error", "kl_calibrated"] = "kl_calibrated"
+    kl_sequences: PositiveInt = Field(8, description="calibration sequences for kl_calibrated's measurements")
 
     @field_validator("formats")
     @classmethod
@@ -96,6 +97,7 @@ class ValidateSpec(Strict):
     max_chunks: PositiveInt | None = Field(40, description="chunks of ctx tokens scored; null = all")
     batch_size: PositiveInt = 4
     runtimes: list[Literal["llama_cpp", "onnxruntime"]] = ["llama_cpp", "onnxruntime"]
+    onnx_chunks: PositiveInt = Field(4, description="chunks on which onnxruntime's logits are compared with torch's")
     gate: GateSpec = GateSpec()
 
 

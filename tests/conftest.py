@@ -27,7 +27,7 @@ def small_params(**overrides) -> dict:
     p = {
         "model": {"path": str(TINY), "device": "cpu"},
         "calibration": {"text": str(CALIB_TEXT), "n_sequences": 8, "seq_len": 128, "seed": 0},
-        "sensitivity": {"formats": ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"]},
+        "sensitivity": {"formats": ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"], "metric": "output_error"},
         "allocation": {"budget": {"bits_per_weight": 5.0}},
         "validate": {"text": str(EVAL_TEXT), "ctx": 256, "max_chunks": 4, "batch_size": 4,
                      "gate": {"max_ppl_ratio": 1.5, "max_runtime_ppl_gap": 0.01}},

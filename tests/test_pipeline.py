@@ -47,7 +47,7 @@ def test_onnx_agrees_with_torch(pipeline_run):
     folder, _, results = pipeline_run
     ort = results["validate"].runtimes["onnxruntime"]
     assert ort["max_abs_logit_error"] < 1e-3
-    assert ort["ppl"] == pytest.approx(results["validate"].ppl_quant, rel=1e-4)
+    assert ort["ppl"] == pytest.approx(ort["torch_ppl_same_chunks"], rel=1e-4)
     report = read_json(folder / "artifacts" / "export_onnx" / "export.json")
     assert any("MatMulNBits bits=4" in v for v in report["linears"].values())
 
@@ -113,3 +113,25 @@ def test_bad_input_leaves_artifacts_untouched(pipeline_run, tmp_path, case):
     assert expect in r.stderr
     after = {p: sha256_tree(p) for p in sorted(art.rglob("*")) if p.is_file()}
     assert after == before
+
+
+def test_kl_calibrated_sensitivity(pipeline_run, tmp_path):
+    """kl_calibrated keeps each tensor's error curve and puts it in KL units by a measurement."""
+    from schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
+    from tasks.sensitivity import score_sensitivity
+
+    folder, _, results = pipeline_run
+    raw = results["sensitivity"]
+    table = score_sensitivity(ModelSpec(path=results["calibrate"].model_path, device="cpu"),
+                              SensitivitySpec(formats=raw.formats, metric="kl_calibrated", kl_sequences=2),
+                              QuantizeSpec(), folder / "artifacts" / "calibrate", tmp_path)
+    assert (tmp_path / "sensitivity.json").is_file()
+    for r, k in zip(raw.tensors, table.tensors):
+        assert r.name == k.name
+        ratio = {f: k.candidates[f].error / r.candidates[f].error for f in r.candidates if r.candidates[f].error > 0}
+        # one positive scale per tensor: the curve's shape is kept
+        assert min(ratio.values()) > 0
+        assert max(ratio.values()) == pytest.approx(min(ratio.values()), rel=1e-6)
+    # at 4 bits a KL of one tensor alone is small but measurable
+    q4 = [t.candidates["Q4_0"].error for t in table.tensors]
+    assert 0 < max(q4) < 0.5

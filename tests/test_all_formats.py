@@ -1,0 +1,71 @@
+"""One model holding every format: llama.cpp loads the GGUF and onnxruntime the ONNX, and both
+compute what torch computes from the same decoded weights."""
+
+import math
+
+import pytest
+from gguf import GGUFReader
+
+from haloquant.artifacts import write_json
+from haloquant.evaluation import score
+from haloquant.formats import FORMATS
+from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
+from haloquant.onnxrt import onnx_check
+from haloquant.quantized import load_quantized_model
+from haloquant.textdata import eval_chunks, read_text, tokenize
+from schemas.artifacts import AllocationResult, FoldResult, TensorChoice
+from schemas.params import GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec
+from tasks.export_gguf import export_gguf
+from tasks.export_onnx import export_onnx
+from tasks.quantize import quantize
+from tests.conftest import EVAL_TEXT, TINY
+
+ALL = [f for f in FORMATS if f != "F32"]
+
+
+@pytest.fixture(scope="module")
+def mixed(pipeline_run, tmp_path_factory):
+    folder, _, results = pipeline_run
+    out = tmp_path_factory.mktemp("mixed")
+    model = load_model(TINY, "cpu")
+    choices = [TensorChoice(name=t.name, gguf_name=t.gguf_name, format=ALL[i % len(ALL)], bytes=0,
+                            bits_per_weight=0, error=0) for i, t in enumerate(quantizable_tensors(model))]
+    write_json(out / "allocate" / "allocation.json", AllocationResult(
+        solver="test", budget_bytes=0, budget_spec={}, used_bytes=0, total_bytes=0, bits_per_weight=0,
+        objective=0, min_feasible_bits_per_weight=0, tensors=choices, seconds=0).model_dump())
+    write_json(out / "scale_fold" / "fold.json", FoldResult(method="identity", scales_file=None, groups=[]).model_dump())
+    spec = ModelSpec(path=TINY, device="cpu")
+    quantize(spec, QuantizeSpec(), folder / "artifacts" / "calibrate", out / "allocate", out / "scale_fold",
+             out / "quantize")
+    export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
+    export_onnx(spec, ONNXSpec(), out / "quantize", out / "onnx")
+    return out, choices
+
+
+def test_gguf_holds_every_format_and_llama_cpp_agrees(mixed):
+    out, choices = mixed
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out / "gguf" / "model.gguf").tensors}
+    assert {types[c.gguf_name] for c in choices} == set(ALL)
+    text = read_text(EVAL_TEXT, "eval")
+    tok = load_tokenizer(TINY)
+    chunks = eval_chunks(tokenize(tok, text), 256, 3, tok.bos_token_id)
+    torch_ppl = score(load_quantized_model(TINY, out / "quantize", "cpu"), chunks)["ppl"]
+    lc = llama_cpp_perplexity(out / "gguf" / "model.gguf", text, 256, 3)
+    assert math.isfinite(lc["ppl"]) and abs(lc["ppl"] / torch_ppl - 1) < 0.01
+
+
+def test_onnx_holds_integer_weights_and_agrees(mixed):
+    out, _ = mixed
+    import json
+
+    linears = json.loads((out / "onnx" / "export.json").read_text())["linears"]
+    kinds = set(linears.values())
+    for expected in ("Q2_K: MatMulNBits bits=2 block=16", "Q3_K: MatMulNBits bits=4 block=16",
+                     "Q4_K: MatMulNBits bits=4 block=32", "Q6_K: MatMulNBits bits=8 block=16",
+                     "Q4_0: MatMulNBits bits=4 block=32", "Q8_0: MatMulNBits bits=8 block=32"):
+        assert expected in kinds, kinds
+    tok = load_tokenizer(TINY)
+    chunks = eval_chunks(tokenize(tok, read_text(EVAL_TEXT, "eval")), 128, 2, tok.bos_token_id)
+    r = onnx_check(out / "onnx" / "model.onnx", chunks, load_quantized_model(TINY, out / "quantize", "cpu"))
+    assert r["max_abs_logit_error"] < 1e-3
