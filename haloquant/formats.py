@@ -20,7 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from haloquant import HaloquantError
-from haloquant.kquants import affine_kquant, encode_kquant
+from haloquant.kquants import affine_kquant, encode_kquant, kquant_with_codes
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,23 @@ class QuantFormat:
         parse = _AFFINE_PARSERS.get(self.ggml_type)
         return None if parse is None else parse(blocks)
 
+    @property
+    def max_code(self) -> int:
+        """Largest integer code of the format's affine view."""
+        return {"Q2_K": 3, "Q3_K": 7, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31,
+                "Q5_1": 31, "Q8_0": 255}[self.name]
+
+    def with_codes(self, data: np.ndarray, shape: tuple[int, ...], q: np.ndarray) -> np.ndarray:
+        """Block bytes with every code replaced by `q` (rows, groups, group size), scales kept —
+        how GPTQ writes its own rounding into the grid it fixed."""
+        blocks = np.array(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size)
+        q = np.asarray(q, dtype=np.uint8).reshape(blocks.shape[0], blocks.shape[1], -1)
+        if self.is_kquant:
+            kquant_with_codes(self.name, blocks, q)
+        else:
+            _CODE_WRITERS[self.ggml_type](blocks, q)
+        return blocks.reshape(shape[0], -1)
+
     def roundtrip(self, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """decode(encode(weight)): the weight as the runtime will see it."""
         return self.decode(self.encode(weight, importance), weight.shape)
@@ -114,6 +131,7 @@ class AffineBlocks:
     zero: np.ndarray
     bits: int
     zero_is_integer: bool
+    constant: np.ndarray | None = None  # (rows, groups): groups whose value ignores the codes (zero scale)
 
     def dequantize(self) -> np.ndarray:
         w = (self.q.astype(np.float32) - self.zero[..., None]) * self.scale[..., None]
@@ -134,12 +152,12 @@ def _high_bits(blocks: np.ndarray, offset: int) -> np.ndarray:
     return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
 
 
-def _with_min(d: np.ndarray, m: np.ndarray):
-    """d·q + m  →  (q − zero)·scale; a block with d = 0 holds only m (its codes are all 0)."""
+def _with_min(q: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> AffineBlocks:
+    """d·q + m  →  (q − zero)·scale; a block with d = 0 holds only m: codes 0, scale 1, zero −m."""
     safe = d != 0
     scale = np.where(safe, d, 1.0).astype(np.float32)
     zero = np.where(safe, -m / np.where(safe, d, 1.0), -m).astype(np.float32)
-    return scale, zero
+    return AffineBlocks(np.where(safe[..., None], q, 0), scale, zero, bits, False, ~safe)
 
 
 def _affine_q4_0(b):
@@ -148,8 +166,7 @@ def _affine_q4_0(b):
 
 
 def _affine_q4_1(b):
-    scale, zero = _with_min(_f16(b, 0), _f16(b, 2))
-    return AffineBlocks(_nibbles(b[..., 4:20]), scale, zero, 4, False)
+    return _with_min(_nibbles(b[..., 4:20]), _f16(b, 0), _f16(b, 2), 4)
 
 
 def _affine_q5_0(b):
@@ -159,9 +176,8 @@ def _affine_q5_0(b):
 
 
 def _affine_q5_1(b):
-    scale, zero = _with_min(_f16(b, 0), _f16(b, 2))
     q = _nibbles(b[..., 8:24]) | (_high_bits(b, 4) << 4)
-    return AffineBlocks(q, scale, zero, 8, False)
+    return _with_min(q, _f16(b, 0), _f16(b, 2), 8)
 
 
 def _affine_q8_0(b):
@@ -170,7 +186,35 @@ def _affine_q8_0(b):
     return AffineBlocks(q, d, np.full_like(d, 128.0), 8, True)
 
 
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+def _pack_high_bits(q: np.ndarray) -> np.ndarray:
+    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return np.bitwise_or.reduce(bits, axis=-1).astype(np.uint32)[..., None].view(np.uint8)
+
+
+def _codes_q4(off):
+    def put(b, q):
+        b[..., off : off + 16] = _pack_nibbles(q)
+    return put
+
+
+def _codes_q5(qh_off, qs_off):
+    def put(b, q):
+        b[..., qh_off : qh_off + 4] = _pack_high_bits(q)
+        b[..., qs_off : qs_off + 16] = _pack_nibbles(q & 0xF)
+    return put
+
+
+def _codes_q8_0(b, q):
+    b[..., 2:34] = (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+
+
 _T = GGMLQuantizationType
+_CODE_WRITERS = {_T.Q4_0: _codes_q4(2), _T.Q4_1: _codes_q4(4), _T.Q5_0: _codes_q5(2, 6), _T.Q5_1: _codes_q5(4, 8),
+                 _T.Q8_0: _codes_q8_0}
 _AFFINE_PARSERS = {_T.Q4_0: _affine_q4_0, _T.Q4_1: _affine_q4_1, _T.Q5_0: _affine_q5_0,
                    _T.Q5_1: _affine_q5_1, _T.Q8_0: _affine_q8_0}
 FORMATS: dict[str, QuantFormat] = {

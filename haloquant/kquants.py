@@ -278,8 +278,12 @@ def affine_kquant(name: str, blocks: np.ndarray):
     def f16(off):
         return b[:, off : off + 2].copy().view(np.float16)[:, 0].astype(np.float32)
 
+    constant = None
+
     def with_min(q, scale, mins, group):
+        nonlocal constant
         ok = scale != 0  # a zero scale leaves only −min: encode it with codes 0, scale 1
+        constant = ~ok
         q = np.where(ok[..., None], q.reshape(q.shape[0], -1, group), 0)
         zero = np.where(ok, mins / np.where(ok, scale, 1), mins)
         return q, np.where(ok, scale, 1), zero
@@ -316,4 +320,36 @@ def affine_kquant(name: str, blocks: np.ndarray):
         raise KeyError(name)
     groups = q.shape[1] * nsb
     return (q.reshape(rows, groups, -1).astype(np.uint8), scale.reshape(rows, groups).astype(np.float32),
-            zero.reshape(rows, groups).astype(np.float32), bits, integer)
+            zero.reshape(rows, groups).astype(np.float32), bits, integer,
+            None if constant is None else constant.reshape(rows, groups))
+
+
+def kquant_with_codes(name: str, blocks: np.ndarray, q: np.ndarray) -> None:
+    """Overwrite the code bits of (rows, n_superblocks, type_size) `blocks` in place with
+    q (rows, groups, group size), leaving scales, mins and super-scales as they are."""
+    b = blocks.reshape(-1, blocks.shape[-1])
+    q = q.reshape(b.shape[0], QK_K).astype(np.uint8)
+    if name == "Q2_K":
+        b[:, 16:80] = _pack_2bit(q)
+    elif name == "Q3_K":
+        hmask = ((q >> 2) & 1).reshape(-1, 8, 32)
+        b[:, 0:32] = np.bitwise_or.reduce(hmask << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+        b[:, 32:96] = _pack_2bit(q & 3)
+    elif name == "Q4_K":
+        b[:, 16:144] = _pack_nibbles64(q)
+    elif name == "Q5_K":
+        hi = (q >> 4).reshape(-1, 4, 2, 32)
+        qh = np.zeros((b.shape[0], 32), np.uint8)
+        for c in range(4):
+            for h in range(2):
+                qh |= hi[:, c, h] << np.uint8(2 * c + h)
+        b[:, 16:48] = qh
+        b[:, 48:176] = _pack_nibbles64(q & 0xF)
+    elif name == "Q6_K":
+        r = q.reshape(-1, 2, 4, 32)
+        b[:, 0:128] = np.concatenate([(r[:, :, 0] & 0xF) | ((r[:, :, 2] & 0xF) << 4),
+                                      (r[:, :, 1] & 0xF) | ((r[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+        b[:, 128:192] = ((r[:, :, 0] >> 4) | ((r[:, :, 1] >> 4) << 2) | ((r[:, :, 2] >> 4) << 4)
+                         | ((r[:, :, 3] >> 4) << 6)).reshape(-1, 64)
+    else:
+        raise KeyError(name)

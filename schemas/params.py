@@ -76,10 +76,16 @@ class FoldSpec(Strict):
     method: Literal["identity"] = "identity"
 
 
+class GPTQSpec(Strict):
+    damp: float = Field(0.01, gt=0, lt=1, description="λ = damp · mean diag(H) added to the Hessian")
+    act_order: bool = Field(True, description="columns by decreasing Hessian diagonal, grids fitted up front")
+
+
 class QuantizeSpec(Strict):
     """The quantizer. The sensitivity stage reads this section too: costs are measured for it."""
 
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "gptq"] = "rtn"
+    gptq: GPTQSpec = GPTQSpec()
     importance: bool = Field(True, description="weight k-quant scale fits by calibration E[x²] (imatrix)")
 
 

@@ -1,8 +1,9 @@
 """quantize: encode every weight into the format the allocation chose (after Scale-Fold).
 
 Method `rtn`: each format's round-to-nearest encoder; with `importance`, k-quant scales are fitted
-to calibration-weighted error (llama.cpp's imatrix, from the calibrate stage's diag(XᵀX)). The
-artifact holds the exact block bytes that export_gguf writes and validate decodes.
+to calibration-weighted error (llama.cpp's imatrix, from the calibrate stage's diag(XᵀX)).
+Method `gptq`: GPTQ on the format's own grid with the calibration Hessian (haloquant/gptq.py).
+The artifact holds the exact block bytes that export_gguf writes and validate decodes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from safetensors.numpy import save_file
 from haloquant.artifacts import atomic_path, read_json, write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.formats import get_format
-from haloquant.modelio import float_tensors, load_model, quantizable_tensors
+from haloquant.modelio import float_tensors, load_model, quantizable_tensors, resolve_device
+from haloquant.quantizer import encode_tensor
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
 from schemas.artifacts import AllocationResult, FoldResult, QuantizedManifest, QuantizedTensor
 from schemas.params import ModelSpec, QuantizeSpec
@@ -25,7 +27,7 @@ from schemas.params import ModelSpec, QuantizeSpec
 def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocation_dir: Path, fold_dir: Path,
              out_dir: Path) -> QuantizedManifest:
     t0 = time.perf_counter()
-    stats = CalibrationStats(calib_dir) if spec.importance else None
+    stats = CalibrationStats(calib_dir)
     allocation = AllocationResult.model_validate(read_json(allocation_dir / "allocation.json"))
     fold = FoldResult.model_validate(read_json(fold_dir / "fold.json"))
     assert fold.method == "identity", "folding methods are applied here once implemented"
@@ -41,8 +43,8 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     quantized = []
     for t in infos:
         fmt = get_format(chosen[t.name])
-        importance = stats.importance(t) if stats is not None else None
-        arrays[t.name] = fmt.encode(params[t.name].detach().float().numpy(), importance)
+        arrays[t.name] = encode_tensor(t, params[t.name].detach().float().numpy(), fmt, spec, stats,
+                                       resolve_device(model_spec.device))
         quantized.append(QuantizedTensor(name=t.name, gguf_name=t.gguf_name, format=fmt.name, shape=t.shape,
                                          bytes=int(arrays[t.name].nbytes)))
     floats = float_tensors(model)

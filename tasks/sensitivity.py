@@ -25,6 +25,7 @@ from haloquant.artifacts import write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors
+from haloquant.quantizer import encode_tensor
 from schemas.artifacts import FormatCost, SensitivityTable, TensorSensitivity
 from schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
 
@@ -59,12 +60,12 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     for t in quantizable_tensors(model):
         w = params[t.name].detach().float()
         gram = stats.gram(t).to(device)
-        importance = stats.importance(t) if quant_spec.importance else None
         cands: dict[str, FormatCost] = {}
         for fmt in formats:
             if not fmt.supports(t.shape):
                 continue
-            delta = w - torch.from_numpy(fmt.roundtrip(w.cpu().numpy(), importance)).to(device)
+            data = encode_tensor(t, w.cpu().numpy(), fmt, quant_spec, stats, device)
+            delta = w - torch.from_numpy(fmt.decode(data, t.shape)).to(device)
             err = output_error(delta, gram)  # as a linear (for embeddings: the output head)
             if t.kind == "token_embd":
                 lookup = lookup_error(delta, token_freq)
@@ -106,8 +107,9 @@ def _calibrate_by_kl(model, rows: list[TensorSensitivity], stats: CalibrationSta
         ref_err = row.candidates[ref_fmt].error
         p = params[row.name]
         saved = p.detach().clone()
-        imp = stats.importance(infos[row.name]) if quant_spec.importance else None
-        q = get_format(ref_fmt).roundtrip(saved.float().cpu().numpy(), imp)
+        fmt = get_format(ref_fmt)
+        q = fmt.decode(encode_tensor(infos[row.name], saved.float().cpu().numpy(), fmt, quant_spec, stats, device),
+                       infos[row.name].shape)
         p.copy_(torch.from_numpy(q).to(p.device, p.dtype))
         logp = F.log_softmax(model(batch).logits.float(), -1)
         p.copy_(saved)

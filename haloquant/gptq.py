@@ -1,0 +1,93 @@
+"""GPTQ (Frantar et al., 2022) whose rounding grid is the chosen llama.cpp format's grid.
+
+Columns are processed in order (or by decreasing Hessian diagonal with `act_order`); each
+column's rounding error is compensated in the columns not yet quantized through the inverse
+Hessian H = E[xxᵀ] + λI from calibration. When a column starts a new format block (32 columns
+for the classic types, a 256-column super-block for k-quants), that block's scales and mins are
+fitted by the format's own encoder on the *current*, error-compensated weights and then fixed;
+every column of the block is rounded onto that grid (codes q ∈ [0, max], value (q − zero)·scale).
+The codes are written back into the fitted block bytes, so the result is ordinary llama.cpp data.
+With act_order the blocks' grids are fitted up front on the original weights (static groups).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from haloquant.formats import QuantFormat
+
+BLOCK = 128  # columns per lazy batch update (rounded up to a multiple of the format's block)
+
+
+def _grid(fmt: QuantFormat, data: np.ndarray, rows: int, cols: int):
+    """Per-column (rows, cols) scale, zero and constant mask of fitted block bytes."""
+    a = fmt.affine_blocks(data, (rows, cols))
+    g = a.q.shape[-1]
+    rep = lambda x: np.repeat(x, g, axis=1)  # noqa: E731
+    const = rep(a.constant) if a.constant is not None else np.zeros((rows, cols), bool)
+    return rep(a.scale), rep(a.zero), const
+
+
+@torch.no_grad()
+def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp: float = 0.01,
+                  act_order: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
+    """Quantize `weight` (rows, cols) into `fmt` block bytes with GPTQ; `gram` is E[xxᵀ] (cols, cols)."""
+    rows, cols = weight.shape
+    sb = fmt.block_size
+    fmt.storage_bytes(weight.shape)  # refuses rows that do not fit the block
+    W = torch.tensor(weight, dtype=torch.float32, device=device)
+    H = gram.to(device=device, dtype=torch.float64).clone()
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    importance = torch.diagonal(H).float().cpu().numpy()
+    H += damp * torch.diagonal(H).mean() * torch.eye(cols, device=device, dtype=H.dtype)
+
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols, device=device)
+    Hp = H[perm][:, perm]
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
+
+    data = np.zeros((rows, cols // sb * fmt.type_size), dtype=np.uint8)
+    scale = torch.zeros(rows, cols, device=device)
+    zero = torch.zeros(rows, cols, device=device)
+    const = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    codes = torch.zeros(rows, cols, dtype=torch.int16, device=device)
+
+    def fit(start: int, w_block: torch.Tensor) -> None:
+        b = fmt.encode(w_block.cpu().numpy(), importance[start : start + sb])
+        data[:, start // sb * fmt.type_size : (start // sb + 1) * fmt.type_size] = b
+        s, z, c = _grid(fmt, b, rows, sb)
+        scale[:, start : start + sb] = torch.from_numpy(s).to(device)
+        zero[:, start : start + sb] = torch.from_numpy(z).to(device)
+        const[:, start : start + sb] = torch.from_numpy(c).to(device)
+
+    if act_order:  # static groups: every grid from the original weights
+        for start in range(0, cols, sb):
+            fit(start, W[:, start : start + sb])
+    W = W[:, perm]
+    scale_p, zero_p, const_p = (scale[:, perm], zero[:, perm], const[:, perm]) if act_order else (None, None, None)
+
+    block = -(-max(BLOCK, sb) // sb) * sb
+    qmax = fmt.max_code
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not act_order and col % sb == 0:  # a new block is reached: fix its grid now
+                fit(col, W1[:, i : i + sb])
+            src = (scale_p, zero_p, const_p) if act_order else (scale, zero, const)
+            s, z, c = src[0][:, col], src[1][:, col], src[2][:, col]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / torch.where(c, 1.0, s) + z), 0, qmax)
+            q = torch.where(c, 0.0, q)
+            deq = (q - z) * s
+            codes[:, perm[col]] = q.to(torch.int16)
+            err = (w - deq) / Hinv[col, col]
+            W1[:, i:] -= err[:, None] * Hinv[col, i1 + i : i2][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    return fmt.with_codes(data, (rows, cols), codes.cpu().numpy().astype(np.uint8))

@@ -1,0 +1,64 @@
+"""GPTQ on llama.cpp grids: exact reduction to RTN, lower calibration error than RTN, valid bytes."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import quants as gq
+
+from haloquant.calibstats import CalibrationStats
+from haloquant.formats import get_format
+from haloquant.gptq import gptq_quantize
+from haloquant.modelio import load_model, quantizable_tensors
+from tests.conftest import TINY
+
+FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q8_0"]
+
+
+@pytest.fixture(scope="module")
+def layer(pipeline_run):
+    folder, _, _ = pipeline_run
+    stats = CalibrationStats(folder / "artifacts" / "calibrate")
+    model = load_model(TINY, "cpu")
+    t = next(t for t in quantizable_tensors(model) if t.gguf_name == "blk.1.ffn_down.weight")
+    w = dict(model.named_parameters())[t.name].detach().numpy()
+    return w, stats.gram(t)
+
+
+def out_err(w, q, gram):
+    d = torch.from_numpy(w - q)
+    return float(((d @ gram) * d).sum())
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_identity_hessian_is_round_to_nearest(layer, name):
+    """With H = I no error propagates: GPTQ must be the format's own rounding on the same grid
+    (up to how exact ties are broken: ggml rounds half up or away from zero, GPTQ half to even)."""
+    w, _ = layer
+    fmt = get_format(name)
+    cols = w.shape[1]
+    data = gptq_quantize(w, fmt, torch.eye(cols), damp=1e-9, act_order=False)
+    ref = fmt.encode(w, np.ones(cols, np.float32))
+    a, b = fmt.affine_blocks(data, w.shape), fmt.affine_blocks(ref, w.shape)
+    np.testing.assert_array_equal(a.scale, b.scale)
+    diff = np.abs(a.q.astype(int) - b.q.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # fp16-stored weights make exact ties common
+    err = lambda d: float(((fmt.decode(d, w.shape) - w) ** 2).sum())  # noqa: E731
+    assert err(data) <= err(ref) * (1 + 1e-4)  # never worse than the reference rounding
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_calibration_error(layer, name, act_order):
+    w, gram = layer
+    fmt = get_format(name)
+    data = gptq_quantize(w, fmt, gram, act_order=act_order)
+    q = gq.dequantize(data, fmt.ggml_type).reshape(w.shape)  # valid llama.cpp bytes
+    rtn = fmt.roundtrip(w, torch.diagonal(gram).numpy())
+    assert out_err(w, q, gram) < 0.9 * out_err(w, rtn, gram)
+
+
+def test_gptq_refuses_rows_not_fitting_the_block():
+    from haloquant import HaloquantError
+
+    with pytest.raises(HaloquantError, match="multiple of 256"):
+        gptq_quantize(np.zeros((4, 288), np.float32), get_format("Q4_K"), torch.eye(288))
