@@ -67,19 +67,33 @@ class QuantFormat:
     def encode(self, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """Float matrix → uint8 array (rows, bytes per row) holding llama.cpp's block bytes.
 
-        `importance` (one weight per input column, e.g. diag(XᵀX)) steers the k-quant scale fits;
-        the classic block types use ggml's reference rounding, which takes none."""
+        `importance` (one weight per input column, e.g. diag(XᵀX)) weights the scale fits. Each
+        block keeps the better (by importance-weighted error) of haloquant's own fit and llama.cpp's
+        quantizer with the same importance, so the result is never worse than llama.cpp's, block
+        by block."""
         w = np.ascontiguousarray(weight, dtype=np.float32)
         self.storage_bytes(w.shape)  # validates the row length
         if self.ggml_type == GGMLQuantizationType.F32:
             out = w
         elif self.ggml_type == GGMLQuantizationType.F16:
             out = w.astype(np.float16)
-        elif self.encoder is not None:
-            out = self.encoder(w, importance)
         else:
-            out = gq.quantize(w, self.ggml_type)
+            own = self.encoder(w, importance) if self.encoder is not None else gq.quantize(w, self.ggml_type)
+            own = np.ascontiguousarray(own).view(np.uint8).reshape(w.shape[0], -1)
+            from haloquant.llamacpp import ggml_quantize
+
+            out = self.best_blocks(w, importance, own, ggml_quantize(self, w, importance))
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
+
+    def best_blocks(self, w: np.ndarray, importance: np.ndarray | None, *candidates: np.ndarray) -> np.ndarray:
+        """Per block, the candidate encoding with the lowest importance-weighted squared error.
+        Blocks are self-contained, so mixing candidates block by block gives valid data."""
+        rows, nb = w.shape[0], w.shape[1] // self.block_size
+        imp = np.ones(w.shape[1], np.float32) if importance is None else np.asarray(importance, np.float32)
+        errs = [(((self.decode(c, w.shape) - w) ** 2) * imp).reshape(rows, nb, -1).sum(-1) for c in candidates]
+        pick = np.argmin(np.stack(errs), axis=0)  # (rows, blocks); ties keep the first (own) candidate
+        stacked = np.stack([c.reshape(rows, nb, self.type_size) for c in candidates])
+        return np.take_along_axis(stacked, pick[None, :, :, None], axis=0)[0].reshape(rows, -1)
 
     def decode(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Block bytes → float32 matrix of `shape`, through gguf's reference decoder."""

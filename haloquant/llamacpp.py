@@ -61,3 +61,41 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
         raise HaloquantError(f"validate.text: fewer than validate.ctx={ctx} tokens for llama.cpp")
     return {"ppl": math.exp(nll / count), "n_tokens": count, "n_chunks": n, "seconds": time.perf_counter() - t0,
             "tokens": tokens}
+
+
+def _ggml_lib():
+    import ctypes
+
+    lib = ctypes.CDLL(str(Path(_llama_cpp().__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+def ggml_quantize(fmt, weight: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's own quantizer (ggml_quantize_chunk, what llama-quantize calls per tensor), with
+    an optional importance matrix: the baseline haloquant's encoders are measured against."""
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    out = np.zeros((w.shape[0], fmt.storage_bytes(w.shape) // w.shape[0]), dtype=np.uint8)
+    imat = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    lib = _ggml_lib()
+    lib.ggml_quantize_init(int(fmt.ggml_type))
+    n = lib.ggml_quantize_chunk(int(fmt.ggml_type), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1],
+                                None if imat is None else imat.ctypes.data)
+    assert n == out.nbytes
+    return out
+
+
+def llama_quantize_preset(src: Path, dst: Path, preset: str, threads: int | None = None) -> None:
+    """llama-quantize's preset rules (e.g. Q4_K_M) applied to a GGUF, without an imatrix."""
+    import ctypes
+
+    lc = _llama_cpp()
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{preset}")
+    params.nthread = threads or os.cpu_count()
+    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise HaloquantError(f"llama_model_quantize failed for {preset} (code {rc})")

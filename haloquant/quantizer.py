@@ -8,6 +8,7 @@ import numpy as np
 from haloquant.calibstats import CalibrationStats
 from haloquant.formats import QuantFormat
 from haloquant.gptq import gptq_quantize
+from haloquant.llamacpp import ggml_quantize
 from haloquant.modelio import TensorInfo
 from schemas.params import QuantizeSpec
 
@@ -23,4 +24,6 @@ def encode_tensor(t: TensorInfo, weight: np.ndarray, fmt: QuantFormat, spec: Qua
     if uses_gptq(t, fmt, spec):
         return gptq_quantize(weight, fmt, stats.gram(t), spec.gptq.damp, spec.gptq.act_order, device)
     importance = stats.importance(t) if spec.importance and stats is not None else None
+    if spec.method == "llamacpp" and not fmt.is_float:
+        return ggml_quantize(fmt, weight, importance)
     return fmt.encode(weight, importance)

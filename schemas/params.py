@@ -84,7 +84,9 @@ class GPTQSpec(Strict):
 class QuantizeSpec(Strict):
     """The quantizer. The sensitivity stage reads this section too: costs are measured for it."""
 
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq", "llamacpp"] = Field(
+        "rtn", description="rtn: haloquant's encoders; gptq: GPTQ on the format's grid; llamacpp: llama.cpp's own "
+        "quantizer (ggml_quantize_chunk, imatrix = calibration E[x²] when importance is on), as a baseline")
     gptq: GPTQSpec = GPTQSpec()
     importance: bool = Field(True, description="weight k-quant scale fits by calibration E[x²] (imatrix)")
 

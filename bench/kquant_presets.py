@@ -1,0 +1,154 @@
+"""Issue 3's bench: llama.cpp's k-quant presets vs haloquant's encoders on the *same* type map.
+
+    python bench/kquant_presets.py --model ../shared/models/ref-llama-a --chunks 100
+
+For each preset: llama.cpp's llama_model_quantize on an F16 GGUF gives the file and its per-tensor
+type map. With that same map: llama.cpp's quantizer with an imatrix (ggml_quantize_chunk with the
+calibration E[x²], what llama-quantize --imatrix calls per tensor), haloquant RTN, haloquant GPTQ.
+Every file is scored by llama.cpp's perplexity on WikiText-2 test at context 512.
+Then: per-tensor weighted error of haloquant RTN vs llama.cpp's quantizer, and encode speed on a
+4096×4096 matrix, and GPTQ time for the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader
+
+from haloquant.artifacts import write_json
+from haloquant.calibstats import CalibrationStats
+from haloquant.formats import get_format
+from haloquant.llamacpp import ggml_quantize, llama_cpp_perplexity, llama_quantize_preset
+from haloquant.modelio import load_model, quantizable_tensors
+from haloquant.textdata import read_text
+from schemas.artifacts import AllocationResult, FoldResult, TensorChoice
+from schemas.params import CalibrationSpec, GGUFSpec, ModelSpec, QuantizeSpec
+from tasks.calibrate import calibrate
+from tasks.export_gguf import export_gguf
+from tasks.quantize import quantize
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
+KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def build(model_spec, infos, type_map, method, calib_dir, out) -> tuple[Path, float]:
+    """allocation from a type map → quantize(method) → GGUF; returns the file and quantize seconds."""
+    choices = [TensorChoice(name=t.name, gguf_name=t.gguf_name, format=type_map[t.gguf_name], bytes=0,
+                            bits_per_weight=0, error=0) for t in infos]
+    write_json(out / "allocate/allocation.json", AllocationResult(
+        solver="type map", budget_bytes=0, budget_spec={}, used_bytes=0, total_bytes=0, bits_per_weight=0,
+        objective=0, min_feasible_bits_per_weight=0, tensors=choices, seconds=0).model_dump())
+    write_json(out / "scale_fold/fold.json", FoldResult(method="identity", scales_file=None, groups=[]).model_dump())
+    t0 = time.perf_counter()
+    quantize(model_spec, QuantizeSpec(method=method), calib_dir, out / "allocate", out / "scale_fold", out / "quantize")
+    secs = time.perf_counter() - t0
+    export_gguf(model_spec, GGUFSpec(), out / "quantize", out / "gguf")
+    return out / "gguf" / "model.gguf", secs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=REPO.parent / "shared/models/ref-llama-a")
+    ap.add_argument("--chunks", type=int, default=100)
+    ap.add_argument("--presets", nargs="+", default=PRESETS)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-kquants"))
+    ap.add_argument("--speed-size", type=int, default=4096)
+    args = ap.parse_args()
+    text = read_text(REPO / "data/wikitext-2-raw/wiki.test.raw", "eval")
+    spec = ModelSpec(path=args.model.resolve(), device="cpu")
+    calib_dir = args.out / "calibrate"
+    if not (calib_dir / "calibration.json").is_file():
+        calibrate(spec, CalibrationSpec(text=REPO / "data/wikitext-2-raw/wiki.valid.raw", n_sequences=64, seq_len=256),
+                  calib_dir)
+    stats = CalibrationStats(calib_dir)
+    model = load_model(spec.path, "cpu")
+    infos = quantizable_tensors(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def ppl(path: Path) -> float:
+        return llama_cpp_perplexity(path, text, 512, args.chunks)["ppl"]
+
+    f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib_dir, args.out / "F16")
+    rows = [{"preset": "F16", "bytes": f16.stat().st_size, "llama.cpp": ppl(f16)}]
+    print(f"F16: {rows[0]}", flush=True)
+    gptq_seconds = {}
+    for preset in args.presets:
+        d = args.out / preset
+        d.mkdir(parents=True, exist_ok=True)
+        ref = d / "llama.cpp.gguf"
+        llama_quantize_preset(f16, ref, preset)
+        type_map = {t.name: t.tensor_type.name for t in GGUFReader(ref).tensors}
+        row = {"preset": preset, "bytes": ref.stat().st_size, "llama.cpp": ppl(ref),
+               "types": dict(sorted({v: list(type_map.values()).count(v) for v in set(type_map.values())}.items()))}
+        for label, method in (("llama.cpp+imatrix", "llamacpp"), ("haloquant RTN", "rtn"), ("haloquant GPTQ", "gptq")):
+            path, secs = build(spec, infos, type_map, method, calib_dir, d / method)
+            row[label] = ppl(path)
+            row[f"{label} bytes"] = path.stat().st_size
+            if method == "gptq":
+                gptq_seconds[preset] = secs
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # per-tensor weighted error, haloquant RTN vs llama.cpp's quantizer (both with the same imatrix)
+    err_rows = []
+    for name in KQUANTS:
+        fmt = get_format(name)
+        ratios, ratios_plain = [], []
+        for t in infos:
+            w = params[t.name].detach().float().numpy()
+            imp = stats.importance(t)
+            e = lambda q: float((((q - w) ** 2) * imp).sum())  # noqa: E731
+            ours = e(fmt.roundtrip(w, imp))
+            theirs = e(fmt.decode(ggml_quantize(fmt, w, imp), w.shape))
+            ratios.append(ours / theirs)
+            e2 = lambda q: float(((q - w) ** 2).sum())  # noqa: E731
+            ratios_plain.append(e2(fmt.roundtrip(w)) / e2(fmt.decode(ggml_quantize(fmt, w), w.shape)))
+        err_rows.append({"format": name, "imatrix_geomean_ratio": float(np.exp(np.mean(np.log(ratios)))),
+                         "imatrix_frac_ours_le": float(np.mean(np.array(ratios) <= 1)),
+                         "plain_geomean_ratio": float(np.exp(np.mean(np.log(ratios_plain)))),
+                         "plain_frac_ours_le": float(np.mean(np.array(ratios_plain) <= 1))})
+
+    n = args.speed_size
+    x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    imp = np.random.default_rng(1).lognormal(0, 1, n).astype(np.float32)
+    speed = []
+    for name in KQUANTS + ["Q4_0", "Q8_0"]:
+        fmt = get_format(name)
+        t0 = time.perf_counter(); fmt.encode(x, imp if fmt.is_kquant else None); t1 = time.perf_counter()  # noqa: E702
+        ggml_quantize(fmt, x, imp if fmt.is_kquant else None); t2 = time.perf_counter()  # noqa: E702
+        speed.append({"format": name, "haloquant_s": t1 - t0, "llama.cpp_s": t2 - t1, "ratio": (t1 - t0) / (t2 - t1)})
+
+    (args.out / "results.json").write_text(json.dumps({"ppl": rows, "errors": err_rows, "speed": speed,
+                                                       "gptq_seconds": gptq_seconds}, indent=2))
+    print(f"\n{args.model.name}: llama.cpp perplexity, WikiText-2 test, ctx 512, first {args.chunks} chunks\n")
+    print("| preset | llama.cpp bytes | llama.cpp | llama.cpp+imatrix | haloquant RTN | haloquant GPTQ | GPTQ vs +imatrix |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| F16 | {rows[0]['bytes']:,} | {rows[0]['llama.cpp']:.3f} | | | | |")
+    for r in rows[1:]:
+        print(f"| {r['preset']} | {r['bytes']:,} | {r['llama.cpp']:.3f} | {r['llama.cpp+imatrix']:.3f} | "
+              f"{r['haloquant RTN']:.3f} | {r['haloquant GPTQ']:.3f} | "
+              f"{100 * (r['haloquant GPTQ'] / r['llama.cpp+imatrix'] - 1):+.2f} % |")
+    print("\nSame type map ⇒ same tensor bytes: haloquant files differ from llama.cpp's only in metadata "
+          f"({', '.join(str(r['haloquant GPTQ bytes'] - r['bytes']) for r in rows[1:])} bytes).")
+    print("\nPer-tensor weighted error Σ imp·(w−q)², haloquant RTN / llama.cpp (geometric mean over tensors):")
+    print("| format | with imatrix | tensors where ours ≤ | no imatrix (unweighted) | tensors where ours ≤ |")
+    print("|---|---|---|---|---|")
+    for r in err_rows:
+        print(f"| {r['format']} | {r['imatrix_geomean_ratio']:.3f} | {100 * r['imatrix_frac_ours_le']:.0f} % | "
+              f"{r['plain_geomean_ratio']:.3f} | {100 * r['plain_frac_ours_le']:.0f} % |")
+    print(f"\nEncode time of a {n}×{n} float32 matrix (one thread each):")
+    print("| format | haloquant (s) | llama.cpp (s) | ratio |")
+    print("|---|---|---|---|")
+    for r in speed:
+        print(f"| {r['format']} | {r['haloquant_s']:.2f} | {r['llama.cpp_s']:.2f} | {r['ratio']:.1f}× |")
+    print("\nGPTQ time, whole model, CPU (s): " + ", ".join(f"{k} {v:.1f}" for k, v in gptq_seconds.items()))
+
+
+if __name__ == "__main__":
+    main()
