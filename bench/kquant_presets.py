@@ -5,6 +5,8 @@
 For each preset: llama.cpp's llama_model_quantize on an F16 GGUF gives the file and its per-tensor
 type map. With that same map: llama.cpp's quantizer with an imatrix (ggml_quantize_chunk with the
 calibration E[x²], what llama-quantize --imatrix calls per tensor), haloquant RTN, haloquant GPTQ.
+Then haloquant's own allocation (sensitivity with the GPTQ quantizer → MILP) at exactly the
+preset's tensor bytes, quantized with GPTQ ("haloquant mixed"), and one at 94 % of Q4_K_M's.
 Every file is scored by llama.cpp's perplexity on WikiText-2 test at context 512.
 Then: per-tensor weighted error of haloquant RTN vs llama.cpp's quantizer, and encode speed on a
 4096×4096 matrix, and GPTQ time for the whole model.
@@ -27,7 +29,8 @@ from haloquant.llamacpp import ggml_quantize, llama_cpp_perplexity, llama_quanti
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.textdata import read_text
 from schemas.artifacts import AllocationResult, FoldResult, TensorChoice
-from schemas.params import CalibrationSpec, GGUFSpec, ModelSpec, QuantizeSpec
+from schemas.params import AllocationSpec, CalibrationSpec, GGUFSpec, ModelSpec, QuantizeSpec, SensitivitySpec
+from tasks.allocate import allocate
 from tasks.calibrate import calibrate
 from tasks.export_gguf import export_gguf
 from tasks.quantize import quantize
@@ -52,6 +55,19 @@ def build(model_spec, infos, type_map, method, calib_dir, out) -> tuple[Path, fl
     return out / "gguf" / "model.gguf", secs
 
 
+def build_mixed(model_spec, sens_dir, total_bytes, calib_dir, out) -> Path:
+    """haloquant's own allocation at `total_bytes` of tensor data, quantized with GPTQ."""
+    allocate(AllocationSpec(budget={"total_bytes": total_bytes}), sens_dir, out / "allocate")
+    write_json(out / "scale_fold/fold.json", FoldResult(method="identity", scales_file=None, groups=[]).model_dump())
+    quantize(model_spec, QuantizeSpec(method="gptq"), calib_dir, out / "allocate", out / "scale_fold", out / "quantize")
+    export_gguf(model_spec, GGUFSpec(), out / "quantize", out / "gguf")
+    return out / "gguf" / "model.gguf"
+
+
+def tensor_bytes(path: Path) -> int:
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=REPO.parent / "shared/models/ref-llama-a")
@@ -59,6 +75,7 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=PRESETS)
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-kquants"))
     ap.add_argument("--speed-size", type=int, default=4096)
+    ap.add_argument("--metric", default="kl_calibrated", help="sensitivity metric for haloquant mixed")
     args = ap.parse_args()
     text = read_text(REPO / "data/wikitext-2-raw/wiki.test.raw", "eval")
     spec = ModelSpec(path=args.model.resolve(), device="cpu")
@@ -74,6 +91,14 @@ def main() -> None:
     def ppl(path: Path) -> float:
         return llama_cpp_perplexity(path, text, 512, args.chunks)["ppl"]
 
+    sens_dir = args.out / "sensitivity"
+    t0 = time.perf_counter()
+    if not (sens_dir / "sensitivity.json").is_file():
+        from tasks.sensitivity import score_sensitivity
+
+        score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"], metric=args.metric),
+                          QuantizeSpec(method="gptq"), calib_dir, sens_dir)
+    print(f"sensitivity ({args.metric}, GPTQ quantizer): {time.perf_counter() - t0:.1f} s", flush=True)
     f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib_dir, args.out / "F16")
     rows = [{"preset": "F16", "bytes": f16.stat().st_size, "llama.cpp": ppl(f16)}]
     print(f"F16: {rows[0]}", flush=True)
@@ -92,8 +117,18 @@ def main() -> None:
             row[f"{label} bytes"] = path.stat().st_size
             if method == "gptq":
                 gptq_seconds[preset] = secs
+        mixed = build_mixed(spec, sens_dir, tensor_bytes(ref), calib_dir, d / "mixed")
+        row["haloquant mixed"] = ppl(mixed)
+        row["haloquant mixed bytes"] = mixed.stat().st_size
         rows.append(row)
         print(json.dumps(row), flush=True)
+
+    q4km = next((r for r in rows if r["preset"] == "Q4_K_M"), None)
+    small = None
+    if q4km is not None:
+        path = build_mixed(spec, sens_dir, int(0.94 * tensor_bytes(args.out / "Q4_K_M" / "llama.cpp.gguf")), calib_dir,
+                           args.out / "mixed-94pct-Q4_K_M")
+        small = {"bytes": path.stat().st_size, "ppl": ppl(path)}
 
     # per-tensor weighted error, haloquant RTN vs llama.cpp's quantizer (both with the same imatrix)
     err_rows = []
@@ -125,7 +160,7 @@ def main() -> None:
         speed.append({"format": name, "haloquant_s": t1 - t0, "llama.cpp_s": t2 - t1, "ratio": (t1 - t0) / (t2 - t1)})
 
     (args.out / "results.json").write_text(json.dumps({"ppl": rows, "errors": err_rows, "speed": speed,
-                                                       "gptq_seconds": gptq_seconds}, indent=2))
+                                                       "gptq_seconds": gptq_seconds, "small": small}, indent=2))
     print(f"\n{args.model.name}: llama.cpp perplexity, WikiText-2 test, ctx 512, first {args.chunks} chunks\n")
     print("| preset | llama.cpp bytes | llama.cpp | llama.cpp+imatrix | haloquant RTN | haloquant GPTQ | GPTQ vs +imatrix |")
     print("|---|---|---|---|---|---|---|")
@@ -134,6 +169,17 @@ def main() -> None:
         print(f"| {r['preset']} | {r['bytes']:,} | {r['llama.cpp']:.3f} | {r['llama.cpp+imatrix']:.3f} | "
               f"{r['haloquant RTN']:.3f} | {r['haloquant GPTQ']:.3f} | "
               f"{100 * (r['haloquant GPTQ'] / r['llama.cpp+imatrix'] - 1):+.2f} % |")
+    print("\nhaloquant's own allocation (sensitivity with GPTQ → MILP → GPTQ) at the same tensor bytes:")
+    print("| preset | llama.cpp+imatrix bytes | llama.cpp+imatrix | haloquant mixed bytes | haloquant mixed | vs +imatrix |")
+    print("|---|---|---|---|---|---|")
+    for r in rows[1:]:
+        print(f"| {r['preset']} | {r['llama.cpp+imatrix bytes']:,} | {r['llama.cpp+imatrix']:.3f} | "
+              f"{r['haloquant mixed bytes']:,} | {r['haloquant mixed']:.3f} | "
+              f"{100 * (r['haloquant mixed'] / r['llama.cpp+imatrix'] - 1):+.2f} % |")
+    if small is not None:
+        print(f"\n94 % of Q4_K_M's tensor bytes: haloquant mixed {small['bytes']:,} bytes "
+              f"({100 * small['bytes'] / q4km['bytes']:.1f} % of Q4_K_M's file), ppl {small['ppl']:.3f} "
+              f"vs Q4_K_M {q4km['llama.cpp']:.3f} (llama.cpp) / {q4km['llama.cpp+imatrix']:.3f} (+imatrix)")
     print("\nSame type map ⇒ same tensor bytes: haloquant files differ from llama.cpp's only in metadata "
           f"({', '.join(str(r['haloquant GPTQ bytes'] - r['bytes']) for r in rows[1:])} bytes).")
     print("\nPer-tensor weighted error Σ imp·(w−q)², haloquant RTN / llama.cpp (geometric mean over tensors):")

@@ -37,7 +37,7 @@ class CalibrationSpec(Strict):
 
 class SensitivitySpec(Strict):
     formats: list[str] = Field(min_length=1, description="candidate storage formats")
-    metric: Literal["output_error", "kl_calibrated"] = "kl_calibrated"
+    metric: Literal["output_error", "kl_calibrated", "hessian_trace", "kl_end_to_end"] = "kl_calibrated"
     kl_sequences: PositiveInt = Field(8, description="calibration sequences for kl_calibrated's measurements")
 
     @field_validator("formats")
@@ -66,9 +66,28 @@ class Budget(Strict):
         return self
 
 
+class TensorRule(Strict):
+    """Constrain the formats of tensors whose GGUF name matches `match` (a glob, e.g. "*attn_v*")."""
+
+    match: str
+    format: str | None = Field(None, description="pin these tensors to this format")
+    min_bits: float | None = Field(None, gt=0, description="only formats of at least this many bits per weight")
+
+    @model_validator(mode="after")
+    def _one(self) -> "TensorRule":
+        from haloquant.formats import FORMATS
+
+        if (self.format is None) == (self.min_bits is None):
+            raise ValueError("give exactly one of format or min_bits")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}")
+        return self
+
+
 class AllocationSpec(Strict):
     budget: Budget
-    solver: Literal["milp"] = "milp"
+    solver: Literal["milp", "greedy", "lagrangian"] = "milp"
+    rules: list[TensorRule] = []
     time_limit_s: float = Field(60.0, gt=0)
 
 

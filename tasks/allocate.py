@@ -1,12 +1,19 @@
 """allocate: pick one storage format per tensor, minimising the summed sensitivity cost under a
-global size budget — an exact 0/1 integer program solved by scipy's MILP interface to HiGHS.
+global size budget.
 
-Variables x[t,f] ∈ {0,1}; Σ_f x[t,f] = 1 per tensor; Σ bytes[t,f]·x[t,f] ≤ budget;
-minimise Σ error[t,f]·x[t,f].
+Solvers:
+- `milp` (default): exact 0/1 program, scipy's MILP interface to HiGHS. Variables x[t,f] ∈ {0,1};
+  Σ_f x[t,f] = 1 per tensor; Σ bytes[t,f]·x[t,f] ≤ budget; minimise Σ cost[t,f]·x[t,f].
+- `lagrangian`: BAQ-style closed form — each tensor independently minimises cost + λ·bytes; λ is
+  bisected to the smallest value within budget, then left-over bytes go to the best upgrades.
+- `greedy`: from the smallest formats, repeatedly take the upgrade with the largest cost drop per
+  byte that still fits.
+Per-tensor `rules` pin tensors to a format or give them a floor in bits per weight.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from pathlib import Path
 
@@ -16,11 +23,13 @@ from scipy.sparse import lil_matrix
 
 from haloquant import HaloquantError
 from haloquant.artifacts import read_json, write_json
-from schemas.artifacts import AllocationResult, SensitivityTable, TensorChoice
+from haloquant.formats import get_format
+from schemas.artifacts import AllocationResult, FormatCost, SensitivityTable, TensorChoice
 from schemas.params import AllocationSpec
 
 ALLOCATION_FILE = "allocation.json"
 PLOT_FILE = "bits_per_layer.json"
+Candidates = list[dict[str, FormatCost]]
 
 
 def budget_bytes(spec: AllocationSpec, table: SensitivityTable) -> int:
@@ -31,45 +40,112 @@ def budget_bytes(spec: AllocationSpec, table: SensitivityTable) -> int:
     return spec.budget.total_bytes - table.fixed_bytes
 
 
+def apply_rules(spec: AllocationSpec, table: SensitivityTable) -> Candidates:
+    cands = [dict(t.candidates) for t in table.tensors]
+    for i, rule in enumerate(spec.rules):
+        for t, c in zip(table.tensors, cands):
+            if not fnmatch.fnmatch(t.gguf_name, rule.match):
+                continue
+            keep = {f: v for f, v in c.items()
+                    if (rule.format is None or f == rule.format)
+                    and (rule.min_bits is None or get_format(f).bits_per_weight >= rule.min_bits)}
+            if not keep:
+                raise HaloquantError(f"allocation.rules.{i}: leaves tensor {t.gguf_name} no candidate format "
+                                     f"(candidates: {sorted(c)})")
+            c.clear()
+            c.update(keep)
+    return cands
+
+
+def _solve_milp(cands: Candidates, budget: int, time_limit: float) -> list[str]:
+    cols = [(i, f, c) for i, cs in enumerate(cands) for f, c in cs.items()]
+    cost = np.array([c.error for _, _, c in cols], dtype=np.float64)
+    size = np.array([c.bytes for _, _, c in cols], dtype=np.float64)
+    scale = max(cost.max(), 1e-30)  # keep HiGHS's tolerances meaningful
+    one_hot = lil_matrix((len(cands), len(cols)))
+    for j, (i, _, _) in enumerate(cols):
+        one_hot[i, j] = 1
+    res = milp(c=cost / scale, constraints=[LinearConstraint(one_hot.tocsr(), 1, 1),
+                                            LinearConstraint(size[None, :], 0, budget)],
+               integrality=np.ones(len(cols)), bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    if res.x is None:
+        raise HaloquantError(f"allocation: the MILP solver found no solution ({res.message})")
+    picks = {cols[j][0]: cols[j][1] for j in np.flatnonzero(res.x > 0.5)}
+    return [picks[i] for i in range(len(cands))]
+
+
+def _fill_greedy(cands: Candidates, picks: list[str], budget: int) -> list[str]:
+    """Upgrade tensors by the best cost drop per extra byte while anything still fits."""
+    picks = list(picks)
+    used = sum(cands[i][f].bytes for i, f in enumerate(picks))
+    while True:
+        best, best_gain = None, 0.0
+        for i, f in enumerate(picks):
+            cur = cands[i][f]
+            for g, c in cands[i].items():
+                extra = c.bytes - cur.bytes
+                if extra > 0 and used + extra <= budget and cur.error > c.error:
+                    gain = (cur.error - c.error) / extra
+                    if gain > best_gain:
+                        best, best_gain = (i, g), gain
+        if best is None:
+            return picks
+        i, g = best
+        used += cands[i][g].bytes - cands[i][picks[i]].bytes
+        picks[i] = g
+
+
+def _cheapest(cands: Candidates) -> list[str]:
+    return [min(c, key=lambda f: (c[f].bytes, c[f].error)) for c in cands]
+
+
+def _solve_lagrangian(cands: Candidates, budget: int) -> list[str]:
+    def pick(lam: float) -> list[str]:
+        return [min(c, key=lambda f: (c[f].error + lam * c[f].bytes, c[f].bytes)) for c in cands]
+
+    def used(p: list[str]) -> int:
+        return sum(cands[i][f].bytes for i, f in enumerate(p))
+
+    lo, hi = 0.0, 1.0
+    while used(pick(hi)) > budget and hi < 1e30:
+        hi *= 4
+    if used(pick(hi)) > budget:
+        return _fill_greedy(cands, _cheapest(cands), budget)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if used(pick(mid)) <= budget else (mid, hi)
+    return _fill_greedy(cands, pick(hi), budget)
+
+
 def allocate_bits(spec: AllocationSpec, table: SensitivityTable) -> AllocationResult:
     t0 = time.perf_counter()
+    cands = apply_rules(spec, table)
     n_weights = sum(t.n_weights for t in table.tensors)
-    min_bytes = sum(min(c.bytes for c in t.candidates.values()) for t in table.tensors)
-    max_bytes = sum(max(c.bytes for c in t.candidates.values()) for t in table.tensors)
+    min_bytes = sum(min(c.bytes for c in cs.values()) for cs in cands)
+    max_bytes = sum(max(c.bytes for c in cs.values()) for cs in cands)
     budget = budget_bytes(spec, table)
     min_bpw = 8 * min_bytes / n_weights
     if budget < min_bytes:
         field = "bits_per_weight" if spec.budget.bits_per_weight is not None else "total_bytes"
         raise HaloquantError(
             f"allocation.budget.{field}: infeasible — the smallest allocation of formats "
-            f"{table.formats} needs {min_bpw:.4f} bits per weight "
+            f"{table.formats}{' under allocation.rules' if spec.rules else ''} needs {min_bpw:.4f} bits per weight "
             f"({min_bytes + table.fixed_bytes} total bytes); raise the budget or add smaller formats"
         )
-
-    # flatten the (tensor, format) pairs into MILP columns
-    cols = [(i, f, c) for i, t in enumerate(table.tensors) for f, c in t.candidates.items()]
-    cost = np.array([c.error for _, _, c in cols], dtype=np.float64)
-    size = np.array([c.bytes for _, _, c in cols], dtype=np.float64)
-    scale = max(cost.max(), 1e-30)  # keep HiGHS's tolerances meaningful
-    one_hot = lil_matrix((len(table.tensors), len(cols)))
-    for j, (i, _, _) in enumerate(cols):
-        one_hot[i, j] = 1
-    constraints = [
-        LinearConstraint(one_hot.tocsr(), 1, 1),
-        LinearConstraint(size[None, :], 0, min(budget, max_bytes)),
-    ]
-    res = milp(c=cost / scale, constraints=constraints, integrality=np.ones(len(cols)),
-               bounds=Bounds(0, 1), options={"time_limit": spec.time_limit_s})
-    if res.x is None:
-        raise HaloquantError(f"allocation: the MILP solver found no solution ({res.message})")
-    chosen = [cols[j] for j in np.flatnonzero(res.x > 0.5)]
+    cap = min(budget, max_bytes)
+    if spec.solver == "milp":
+        picks = _solve_milp(cands, cap, spec.time_limit_s)
+    elif spec.solver == "lagrangian":
+        picks = _solve_lagrangian(cands, cap)
+    else:
+        picks = _fill_greedy(cands, _cheapest(cands), cap)
     choices = []
-    for i, f, c in sorted(chosen, key=lambda x: x[0]):
-        t = table.tensors[i]
+    for t, cs, f in zip(table.tensors, cands, picks):
+        c = cs[f]
         choices.append(TensorChoice(name=t.name, gguf_name=t.gguf_name, format=f, bytes=c.bytes,
                                     bits_per_weight=8 * c.bytes / t.n_weights, error=c.error))
     used = sum(c.bytes for c in choices)
-    assert len(choices) == len(table.tensors) and used <= budget
+    assert used <= budget
     return AllocationResult(
         solver=spec.solver, budget_bytes=budget, budget_spec=spec.budget.model_dump(exclude_none=True),
         used_bytes=used, total_bytes=used + table.fixed_bytes, bits_per_weight=8 * used / n_weights,

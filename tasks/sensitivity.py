@@ -1,17 +1,16 @@
 """sensitivity: for every quantizable weight and candidate format, the cost of storing that weight
-in that format.
+in that format, with the quantizer that will really run (quantize section: RTN, GPTQ, …).
 
-Metrics:
-- `output_error`: the calibration-weighted output error of quantizing that weight alone,
-  E‖(W − Q(W))x‖² = tr(ΔW E[xxᵀ] ΔWᵀ). Cheap, but in each layer's own output units: a small error
-  in v_proj can cost more downstream than a large one in gate_proj.
-- `kl_calibrated`: the same error curve per tensor, put in common units by one end-to-end
-  measurement per tensor — the KL divergence of the model's output from the float model's when
-  only that tensor is quantized (to the candidate nearest 4 bits), on calibration sequences:
-  cost(t, f) = KL_t(f_ref) · err_t(f) / err_t(f_ref). One forward pass per tensor.
-
-Q is the runtime's real codec (decode(encode(W))) with the quantizer's importance weights, and
-each format's cost is its true storage in bytes, so allocate optimises what the GGUF will hold.
+Metrics (cost of each, for T tensors and F formats):
+- `output_error`: E‖(W − Q(W))x‖² = tr(ΔW E[xxᵀ] ΔWᵀ) from calibration statistics — T·F encodes,
+  no forward pass. In each layer's own output units: a small error in v_proj can cost more
+  downstream than a large one in gate_proj.
+- `hessian_trace` (HAWQ-v2 / BAQ style): Σ_j E[x_j²] Σ_i ΔW_ij², the diagonal of the above.
+- `kl_calibrated` (default): the output-error curve of each tensor put in common units by one
+  measurement — KL(float ‖ model with only that tensor quantized, at the candidate nearest 4 bits)
+  on `kl_sequences` calibration sequences: cost = KL_ref · err(f) / err(ref). T forward passes.
+- `kl_end_to_end`: that KL measured for every tensor and format — T·F forward passes.
+For a tied embedding the error of its lookup (token-frequency weighted) is added to the head's.
 """
 
 from __future__ import annotations
@@ -20,12 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from haloquant.artifacts import write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.formats import get_format
-from haloquant.modelio import float_tensors, load_model, quantizable_tensors
+from haloquant.modelio import float_tensors, load_model, load_tokenizer, quantizable_tensors
 from haloquant.quantizer import encode_tensor
+from haloquant.textdata import calibration_batch, read_text, tokenize
 from schemas.artifacts import FormatCost, SensitivityTable, TensorSensitivity
 from schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
 
@@ -38,9 +39,41 @@ def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((delta @ gram) * delta).sum())
 
 
+def diagonal_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
+    """Σ_j G_jj Σ_i δ_ij²: the Hessian-diagonal (trace) approximation of output_error."""
+    return float((delta.pow(2).sum(0) * torch.diagonal(gram)).sum())
+
+
 def lookup_error(delta: torch.Tensor, token_freq: torch.Tensor) -> float:
     """Embedding lookup: expected squared error of the looked-up row, weighted by token frequency."""
     return float((delta.pow(2).sum(1) * token_freq).sum())
+
+
+class KLProbe:
+    """KL divergence of the model's output from the float model's, with one weight swapped."""
+
+    @torch.no_grad()
+    def __init__(self, model, stats: CalibrationStats, n_sequences: int):
+        cal = stats.report
+        tok = load_tokenizer(cal.model_path)
+        ids = tokenize(tok, read_text(cal.text, "calibration.text"))
+        self.model = model
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        device = next(model.parameters()).device
+        self.batch = calibration_batch(ids, min(n_sequences, cal.n_sequences), cal.seq_len, cal.seed,
+                                       tok.bos_token_id).to(device)
+        self.ref_logp = F.log_softmax(model(self.batch).logits.float(), -1)
+
+    @torch.no_grad()
+    def kl(self, name: str, value: torch.Tensor) -> float:
+        p = self.params[name]
+        saved = p.detach().clone()
+        p.copy_(value.to(p.device, p.dtype))
+        try:
+            logp = F.log_softmax(self.model(self.batch).logits.float(), -1)
+        finally:
+            p.copy_(saved)
+        return float((self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean())
 
 
 @torch.no_grad()
@@ -54,6 +87,8 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = model.config.tie_word_embeddings
     token_freq = stats.token_freq().to(device)
+    probe = KLProbe(model, stats, spec.kl_sequences) if spec.metric.startswith("kl_") else None
+    local = diagonal_error if spec.metric == "hessian_trace" else output_error
 
     formats = [get_format(f) for f in spec.formats]
     rows: list[TensorSensitivity] = []
@@ -61,59 +96,30 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
         w = params[t.name].detach().float()
         gram = stats.gram(t).to(device)
         cands: dict[str, FormatCost] = {}
+        decoded: dict[str, torch.Tensor] = {}
         for fmt in formats:
             if not fmt.supports(t.shape):
                 continue
             data = encode_tensor(t, w.cpu().numpy(), fmt, quant_spec, stats, device)
-            delta = w - torch.from_numpy(fmt.decode(data, t.shape)).to(device)
-            err = output_error(delta, gram)  # as a linear (for embeddings: the output head)
+            decoded[fmt.name] = torch.from_numpy(fmt.decode(data, t.shape)).to(device)
+            delta = w - decoded[fmt.name]
+            err = local(delta, gram)  # as a linear (for embeddings: the output head)
             if t.kind == "token_embd":
                 lookup = lookup_error(delta, token_freq)
                 err = err + lookup if tied else lookup
+            if spec.metric == "kl_end_to_end":
+                err = probe.kl(t.name, decoded[fmt.name])
             cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=err)
         if not cands:
             raise ValueError(f"sensitivity.formats: no listed format fits tensor {t.name} of shape {t.shape}")
+        if spec.metric == "kl_calibrated":
+            ref = min(cands, key=lambda f: abs(get_format(f).bits_per_weight - REFERENCE_BITS))
+            scale = probe.kl(t.name, decoded[ref]) / cands[ref].error if cands[ref].error > 0 else 0.0
+            cands = {f: FormatCost(bytes=c.bytes, error=c.error * scale) for f, c in cands.items()}
         rows.append(TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer,
                                       shape=t.shape, n_weights=t.n_weights, candidates=cands))
-    if spec.metric == "kl_calibrated":
-        _calibrate_by_kl(model, rows, stats, spec, quant_spec)
     fixed = sum(p.numel() * 4 for p in float_tensors(model).values())
     table = SensitivityTable(metric=spec.metric, formats=spec.formats, fixed_bytes=fixed, tensors=rows,
                              seconds=time.perf_counter() - t0)
     write_json(out_dir / TABLE_FILE, table.model_dump())
     return table
-
-
-@torch.no_grad()
-def _calibrate_by_kl(model, rows: list[TensorSensitivity], stats: CalibrationStats, spec: SensitivitySpec,
-                     quant_spec: QuantizeSpec) -> None:
-    """Rescale each tensor's error curve by a measured end-to-end KL (in place)."""
-    import torch.nn.functional as F
-
-    from haloquant.modelio import load_tokenizer
-    from haloquant.textdata import calibration_batch, read_text, tokenize
-
-    cal = stats.report
-    device = next(model.parameters()).device
-    tok = load_tokenizer(cal.model_path)
-    ids = tokenize(tok, read_text(cal.text, "calibration.text"))
-    batch = calibration_batch(ids, min(spec.kl_sequences, cal.n_sequences), cal.seq_len, cal.seed,
-                              tok.bos_token_id).to(device)
-    ref_logp = F.log_softmax(model(batch).logits.float(), -1)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    infos = {t.name: t for t in quantizable_tensors(model)}
-    for row in rows:
-        ref_fmt = min(row.candidates, key=lambda f: abs(get_format(f).bits_per_weight - REFERENCE_BITS))
-        ref_err = row.candidates[ref_fmt].error
-        p = params[row.name]
-        saved = p.detach().clone()
-        fmt = get_format(ref_fmt)
-        q = fmt.decode(encode_tensor(infos[row.name], saved.float().cpu().numpy(), fmt, quant_spec, stats, device),
-                       infos[row.name].shape)
-        p.copy_(torch.from_numpy(q).to(p.device, p.dtype))
-        logp = F.log_softmax(model(batch).logits.float(), -1)
-        p.copy_(saved)
-        kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
-        scale = kl / ref_err if ref_err > 0 else 0.0
-        for fmt, cost in row.candidates.items():
-            row.candidates[fmt] = FormatCost(bytes=cost.bytes, error=cost.error * scale)

@@ -56,3 +56,30 @@ def test_infeasible_budget_names_smallest():
     table = random_table()
     with pytest.raises(HaloquantError, match=r"allocation.budget.bits_per_weight: infeasible.*needs 4.5000 bits"):
         allocate_bits(AllocationSpec(budget={"bits_per_weight": 4.0}), table)
+
+
+@pytest.mark.parametrize("solver", ["greedy", "lagrangian"])
+@pytest.mark.parametrize("seed", range(4))
+def test_heuristic_solvers_are_feasible_and_near_exact(solver, seed):
+    table = random_table(n_tensors=7, seed=seed)
+    for bpw in (4.7, 5.5, 7.0):
+        exact = allocate_bits(AllocationSpec(budget={"bits_per_weight": bpw}), table)
+        res = allocate_bits(AllocationSpec(budget={"bits_per_weight": bpw}, solver=solver), table)
+        assert res.used_bytes <= res.budget_bytes
+        assert exact.objective <= res.objective * (1 + 1e-9)  # the MILP is optimal
+        assert res.objective <= 3 * exact.objective
+
+
+def test_rules_pin_and_floor():
+    table = random_table(n_tensors=5)
+    spec = AllocationSpec(budget={"bits_per_weight": 7.0}, rules=[
+        {"match": "blk.0.*", "format": "Q8_0"}, {"match": "blk.[34].*", "min_bits": 5.5}])
+    res = allocate_bits(spec, table)
+    fmts = {c.gguf_name: c.format for c in res.tensors}
+    assert fmts["blk.0.x"] == "Q8_0"
+    assert fmts["blk.3.x"] in ("Q5_0", "Q8_0") and fmts["blk.4.x"] in ("Q5_0", "Q8_0")
+    with pytest.raises(HaloquantError, match=r"allocation.rules.0: leaves tensor blk.0.x no candidate"):
+        allocate_bits(AllocationSpec(budget={"bits_per_weight": 6.0}, rules=[{"match": "blk.0.*", "format": "F16"}]),
+                      table)
+    with pytest.raises(HaloquantError, match="under allocation.rules"):
+        allocate_bits(AllocationSpec(budget={"bits_per_weight": 4.6}, rules=[{"match": "*", "min_bits": 8}]), table)

@@ -77,7 +77,8 @@ def test_gram_statistics_match_activations(pipeline_run):
     sens = read_json(folder / "artifacts" / "sensitivity" / "sensitivity.json")
     row = next(t for t in sens["tensors"] if t["name"] == "model.layers.2.mlp.down_proj.weight")
     w = layer.weight.detach().float()
-    q = torch.from_numpy(get_format("Q4_0").roundtrip(w.numpy()))
+    importance = torch.diagonal(stats[f"{key}.gram"]).numpy()  # quantize.importance is on by default
+    q = torch.from_numpy(get_format("Q4_0").roundtrip(w.numpy(), importance))
     direct = ((x.float() @ (w - q).T) ** 2).sum(1).mean().item()
     assert row["candidates"]["Q4_0"]["error"] == pytest.approx(direct, rel=1e-3)
 
