@@ -6,6 +6,7 @@ exactly as `textdata.eval_chunks` does and scores the second half of every chunk
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -20,7 +21,7 @@ from haloquant.textdata import scored_slice
 def _llama_cpp():
     try:
         import llama_cpp
-    except ImportError as e:  # pragma: no cover - depends on the install
+    except (ImportError, OSError) as e:  # pragma: no cover - depends on the install
         raise HaloquantError(
             "validate.runtimes: llama_cpp requires the llama-cpp-python package (pip install -e .)"
         ) from e
@@ -63,10 +64,15 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
             "tokens": tokens}
 
 
+@functools.lru_cache(maxsize=1)
 def _ggml_lib():
     import ctypes
 
-    lib = ctypes.CDLL(str(Path(_llama_cpp().__file__).parent / "lib" / "libggml-base.so"))
+    libdir = Path(_llama_cpp().__file__).parent / "lib"
+    found = [p for n in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll") if (p := libdir / n).exists()]
+    if not found:
+        raise HaloquantError(f"llama-cpp-python's ggml library is not in {libdir}")
+    lib = ctypes.CDLL(str(found[0]))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
