@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=float, default=[4.5, 3.5])
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-bench"))
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform-format baselines")
     args = ap.parse_args()
     rows, timings = [], {}
     downstream = [s.name for s in STAGES][2:]
@@ -74,6 +75,7 @@ def main() -> None:
         base = args.out / model.name
         for budget in args.budgets:
             variants = [("haloquant MILP", None), (f"uniform {UNIFORM.get(budget, 'Q4_K')}", [UNIFORM.get(budget, "Q4_K")])]
+            variants = variants[:1] if args.no_uniform else variants
             for label, formats in variants:
                 folder = base / f"{budget}-{label.split()[0]}-{label.split()[-1]}"
                 data = params_for(model, budget if formats is None else 16.0, args.chunks, formats)

@@ -1,4 +1,5 @@
-"""The pipeline as a Prefect flow: one task per stage, cached on the stage's fingerprint.
+"""The pipeline as Prefect flows: one task per stage, cached on the stage's fingerprint.
+`haloquant_pipeline` runs the main stages in order; `haloquant_sweep` maps the budget sweep.
 
 The fingerprint (runner.fingerprint) hashes the spec sections a stage reads, its input files and
 its code — the same things DVC tracks. A second run with nothing changed hits the cache for every
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import CachePolicy
 
 from haloquant.artifacts import read_json, sha256_tree, write_json
 from haloquant.runner import artifacts_root, describe, fingerprint, preflight
 from schemas.params import load_params
-from tasks import STAGE_BY_NAME, STAGES, Stage
+from tasks import STAGES, Stage, find_stage, sweep_stages
 
 RECORD_DIR = ".flow"  # under the artifacts root: what each stage last wrote, and for which key
 
@@ -51,7 +52,7 @@ def run_stage_task(name: str, params_file: str, key: str) -> str:
     params_path = Path(params_file)
     params = load_params(params_path)
     root = artifacts_root(params_path)
-    stage = STAGE_BY_NAME[name]
+    stage = find_stage(name, params)
     summary = describe(stage.run(params, root))
     write_json(_record_path(root, stage), {"key": key, "outputs": _outputs(root, stage)})
     return summary
@@ -60,13 +61,16 @@ def run_stage_task(name: str, params_file: str, key: str) -> str:
 @flow(name="haloquant", log_prints=True)
 def haloquant_pipeline(params_file: str = "params.yaml") -> dict[str, dict]:
     """Run every stage; returns {stage: {"state": "Cached" | "Completed", "summary": ...}}."""
-    params_path = Path(params_file).resolve()
+    return _run_in_order(Path(params_file).resolve(), STAGES)
+
+
+def _run_in_order(params_path: Path, stages) -> dict[str, dict]:
     params = load_params(params_path)
     preflight(params)
     root = artifacts_root(params_path)
     logger = get_run_logger()
     results = {}
-    for stage in STAGES:
+    for stage in stages:
         key = fingerprint(stage, params, root)  # computed after upstream stages have run
         task_fn = run_stage_task
         if not outputs_intact(root, stage, key):
@@ -74,4 +78,27 @@ def haloquant_pipeline(params_file: str = "params.yaml") -> dict[str, dict]:
         state = task_fn(stage.name, str(params_path), key, return_state=True)
         results[stage.name] = {"state": state.name, "summary": state.result()}
         logger.info("%s [%s]: %s", stage.name, state.name, results[stage.name]["summary"])
+    return results
+
+
+@flow(name="haloquant-sweep", log_prints=True)
+def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
+    """calibrate and sensitivity (cached, shared with the main flow), then every sweep budget and
+    llama.cpp preset as mapped tasks, then the Pareto plot."""
+    params_path = Path(params_file).resolve()
+    results = _run_in_order(params_path, STAGES[:2])
+    params = load_params(params_path)
+    root = artifacts_root(params_path)
+    *points, pareto_stage = sweep_stages(params)
+    keys = {s.name: fingerprint(s, params, root) for s in points}
+    futures = []
+    for refresh in (False, True):  # one map for points still intact on disk, one for those to refresh
+        names = [s.name for s in points if outputs_intact(root, s, keys[s.name]) != refresh]
+        if names:
+            fn = run_stage_task.with_options(refresh_cache=True) if refresh else run_stage_task
+            futures += zip(names, fn.map(names, unmapped(str(params_path)), [keys[n] for n in names]))
+    for name, fut in futures:
+        fut.wait()
+        results[name] = {"state": fut.state.name, "summary": fut.result()}
+    results.update(_run_in_order(params_path, [pareto_stage]))
     return results

@@ -14,9 +14,14 @@ from schemas.artifacts import CalibrationReport
 
 
 class CalibrationStats:
-    def __init__(self, calib_dir: Path):
+    def __init__(self, calib_dir: Path, input_scales: dict[str, torch.Tensor] | None = None):
         self.report = CalibrationReport.model_validate(read_json(Path(calib_dir) / "calibration.json"))
         self._tensors = load_file(str(Path(calib_dir) / self.report.stats_file))
+        # after Scale-Fold, module m's input is x / s: its E[xxᵀ] becomes E[xxᵀ] / (s sᵀ)
+        self._input_scales = input_scales or {}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
 
     def _key(self, t: TensorInfo) -> str:
         """The linear whose input multiplies this weight; embeddings are judged as the output head."""
@@ -25,7 +30,9 @@ class CalibrationStats:
 
     def gram(self, t: TensorInfo) -> torch.Tensor:
         """E[x xᵀ] of the tensor's input (for a tied embedding: of the output head's input)."""
-        return self._tensors[f"{self._key(t)}.gram"]
+        g = self._tensors[f"{self._key(t)}.gram"]
+        s = self._input_scales.get(t.module)
+        return g if s is None else g / (s[:, None] * s[None, :]).to(g.dtype)
 
     def importance(self, t: TensorInfo) -> np.ndarray:
         """Per-input-column E[x²]: what llama.cpp's imatrix holds, for importance-weighted fits."""

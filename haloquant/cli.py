@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--params", default="params.yaml", type=Path)
     f = sub.add_parser("flow", help="run the Prefect flow (cached per stage)")
     f.add_argument("--params", default="params.yaml", type=Path)
+    f.add_argument("--sweep", action="store_true", help="run the budget sweep flow (Pareto front) instead")
     sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the stage registry")
     d = sub.add_parser("serve", help="serve the scheduled Prefect deployment (needs PREFECT_API_URL)")
     d.add_argument("--params", default="params.yaml", type=Path)
@@ -49,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, out in run_all(args.params).items():
                 print(f"{name}: {describe(out)}")
         elif args.cmd == "flow":
-            from flows.pipeline import haloquant_pipeline
+            from flows.pipeline import haloquant_pipeline, haloquant_sweep
 
-            haloquant_pipeline(str(args.params))
+            (haloquant_sweep if args.sweep else haloquant_pipeline)(str(args.params))
         elif args.cmd == "dvc-yaml":
             from haloquant.runner import dvc_yaml
 

@@ -10,7 +10,7 @@ from haloquant.artifacts import sha256_json, sha256_tree
 from haloquant.modelio import check_model_dir
 from haloquant.textdata import check_disjoint, read_text
 from schemas.params import Params, load_params
-from tasks import STAGE_BY_NAME, STAGES, Stage
+from tasks import PRESET_PARAMS, STAGES, SWEEP_POINT_INPUTS, SWEEP_POINT_PARAMS, Stage, find_stage
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,11 +53,13 @@ def fingerprint(stage: Stage, params: Params, root: Path) -> str:
 
 
 def run_stage(name: str, params_file: Path) -> object:
-    if name not in STAGE_BY_NAME:
-        raise HaloquantError(f"unknown stage {name!r}; stages: {', '.join(STAGE_BY_NAME)}")
     params = load_params(params_file)
+    stage = find_stage(name, params)
+    if stage is None:
+        raise HaloquantError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in STAGES)}, "
+                             "sweep@<bits> and preset@<name> as listed under sweep:, pareto")
     preflight(params)
-    return STAGE_BY_NAME[name].run(params, artifacts_root(params_file))
+    return stage.run(params, artifacts_root(params_file))
 
 
 def run_all(params_file: Path) -> dict[str, object]:
@@ -82,7 +84,20 @@ def dvc_yaml() -> str:
         if s.plots:
             d["plots"] = [{f"artifacts/{p}": {"cache": False}} for p in s.plots]
         stages[s.name] = d
+    code = ["tasks/sweep.py", "haloquant", "schemas"]
+    deps = lambda inputs: [i if i.startswith("${") else f"artifacts/{i}" for i in inputs] + code  # noqa: E731
+    stages["sweep"] = {"foreach": "${sweep.bits_per_weight}", "do": {
+        "cmd": "haloquant stage sweep@${item}", "deps": deps(SWEEP_POINT_INPUTS),
+        "params": list(SWEEP_POINT_PARAMS), "outs": ["artifacts/sweep/bpw-${item}"]}}
+    stages["preset"] = {"foreach": "${sweep.presets}", "do": {
+        "cmd": "haloquant stage preset@${item}", "deps": deps(SWEEP_POINT_INPUTS[:4]),
+        "params": list(PRESET_PARAMS), "outs": ["artifacts/sweep/preset-${item}"]}}
+    stages["pareto"] = {"cmd": "haloquant stage pareto", "deps": ["artifacts/sweep"] + code,
+                        "params": ["sweep.bits_per_weight", "sweep.presets"],
+                        "plots": [{"artifacts/pareto/pareto.json": {"cache": False}}]}
     plots = [
+        {"artifacts/pareto/pareto.json": {"x": "gguf_bytes", "y": "ppl", "template": "scatter",
+                                          "title": "Size vs llama.cpp perplexity: haloquant sweep and llama.cpp presets"}},
         {"artifacts/allocate/bits_per_layer.json": {"x": "index", "y": "bits_per_weight",
                                                     "title": "Bits per weight by tensor"}},
         {"artifacts/validate/size_ppl.json": {"x": "bytes", "y": "ppl", "template": "scatter",
@@ -93,6 +108,8 @@ def dvc_yaml() -> str:
 
 
 def describe(obj) -> str:
+    if isinstance(obj, list):
+        return json.dumps([describe(o) for o in obj])
     dump = obj.model_dump() if hasattr(obj, "model_dump") else obj
     small = {k: v for k, v in dump.items() if not isinstance(v, (list, dict)) or k in ("tensor_types", "gate")}
     return json.dumps(small, default=str)

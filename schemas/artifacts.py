@@ -119,3 +119,12 @@ class ValidationReport(Artifact):
     gate: dict
     passed: bool
     seconds: float
+
+
+class SweepPoint(Artifact):
+    series: str  # "haloquant" or "llama.cpp+imatrix"
+    label: str  # "3.5 bpw" or the preset name
+    bits_per_weight: float  # over the quantized tensors
+    gguf_bytes: int
+    ppl: float  # llama.cpp's, on validate.text at validate.ctx, sweep.max_chunks chunks
+    n_chunks: int

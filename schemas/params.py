@@ -92,7 +92,16 @@ class AllocationSpec(Strict):
 
 
 class FoldSpec(Strict):
-    method: Literal["identity"] = "identity"
+    method: Literal["identity", "scale"] = "identity"
+    alpha_grid: list[float] = Field([0.0, 0.25, 0.5, 0.75], min_length=1,
+                                    description="α candidates per group; 0 = leave the group unfolded")
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _range(cls, v: list[float]) -> list[float]:
+        if any(a < 0 or a > 1 for a in v):
+            raise ValueError("every α must be in [0, 1]")
+        return v
 
 
 class GPTQSpec(Strict):
@@ -141,6 +150,33 @@ class ExportSpec(Strict):
     onnx: ONNXSpec = ONNXSpec()
 
 
+LLAMA_CPP_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+
+
+class SweepSpec(Strict):
+    """A size-vs-perplexity Pareto front: the pipeline at several budgets, with llama.cpp's presets
+    (quantized by llama.cpp with the calibration imatrix) as reference points on the same plot."""
+
+    bits_per_weight: list[float] = Field([3.0, 3.5, 4.0, 4.5, 5.0], min_length=1)
+    presets: list[str] = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]
+    max_chunks: PositiveInt = Field(20, description="chunks of validate.ctx tokens scored by llama.cpp per point")
+
+    @field_validator("bits_per_weight")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(b <= 0 or b > 32 for b in v):
+            raise ValueError("every budget must be in (0, 32] bits per weight")
+        return v
+
+    @field_validator("presets")
+    @classmethod
+    def _presets(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if p not in LLAMA_CPP_PRESETS]
+        if bad:
+            raise ValueError(f"unknown llama.cpp preset(s) {bad}; known: {list(LLAMA_CPP_PRESETS)}")
+        return v
+
+
 class Params(Strict):
     model: ModelSpec
     calibration: CalibrationSpec
@@ -150,6 +186,7 @@ class Params(Strict):
     quantize: QuantizeSpec = QuantizeSpec()
     validate_: ValidateSpec = Field(alias="validate")
     export: ExportSpec = ExportSpec()
+    sweep: SweepSpec = SweepSpec()
 
     model_config = Strict.model_config | {"populate_by_name": True}
 

@@ -8,6 +8,7 @@ the same declarations, so the two never drift.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -23,10 +24,11 @@ class Stage:
     run: Callable[[Params, Path], object] = field(repr=False, compare=False)
     metrics: tuple[str, ...] = ()
     plots: tuple[str, ...] = ()
+    module: str = ""  # tasks/<module>.py holds its code; default: the stage's name
 
     @property
     def code(self) -> tuple[str, ...]:
-        return (f"tasks/{self.name}.py", "haloquant", "schemas")
+        return (f"tasks/{self.module or self.name}.py", "haloquant", "schemas")
 
     def all_outs(self) -> tuple[str, ...]:
         return self.outs + self.metrics + self.plots
@@ -82,9 +84,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("allocate", ("allocation",), ("sensitivity/sensitivity.json",), ("allocate/allocation.json",),
           _allocate, plots=("allocate/bits_per_layer.json",)),
     Stage("scale_fold", ("model", "fold"), ("${model.path}", "calibrate/stats.safetensors",
-          "allocate/allocation.json"), ("scale_fold/fold.json",), _scale_fold),
+          "calibrate/calibration.json", "allocate/allocation.json"),
+          ("scale_fold/fold.json", "scale_fold/scales.safetensors"), _scale_fold,
+          plots=("scale_fold/outliers.json",)),
     Stage("quantize", ("model", "quantize"), ("${model.path}", "calibrate/stats.safetensors",
-          "calibrate/calibration.json", "allocate/allocation.json", "scale_fold/fold.json"),
+          "calibrate/calibration.json", "allocate/allocation.json", "scale_fold/fold.json",
+          "scale_fold/scales.safetensors"),
           ("quantize/tensors.safetensors", "quantize/quantized.json"), _quantize),
     Stage("export_gguf", ("model", "export.gguf"), ("${model.path}", "quantize/tensors.safetensors",
           "quantize/quantized.json"), ("export_gguf/model.gguf", "export_gguf/export.json"), _export_gguf),
@@ -96,3 +101,43 @@ STAGES: tuple[Stage, ...] = (
           plots=("validate/size_ppl.json",)),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+# ---------------------------------------------------------------- the budget sweep (Pareto front)
+
+def _sweep_point(p: Params, root: Path, bits: float):
+    from tasks.sweep import sweep_point
+    return sweep_point(p, bits, root, root / "sweep" / f"bpw-{bits}")
+
+
+def _preset_point(p: Params, root: Path, preset: str):
+    from tasks.sweep import preset_point
+    return preset_point(p, preset, root, root / "sweep" / f"preset-{preset}")
+
+
+def _pareto(p: Params, root: Path):
+    from tasks.sweep import pareto
+    return pareto(p, root / "sweep", root / "pareto")
+
+
+SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}", "calibrate/stats.safetensors", "calibrate/calibration.json",
+                      "sensitivity/sensitivity.json")
+# not allocation.budget (each point has its own) nor the lists of points (each point is a stage)
+SWEEP_POINT_PARAMS = ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "fold", "quantize",
+                      "validate", "export.gguf", "sweep.max_chunks")
+PRESET_PARAMS = ("model", "validate", "export.gguf", "sweep.max_chunks")
+
+
+def sweep_stages(p: Params) -> tuple[Stage, ...]:
+    """One stage per sweep budget and per llama.cpp preset, then the plot that gathers them."""
+    points = tuple(Stage(f"sweep@{b}", SWEEP_POINT_PARAMS, SWEEP_POINT_INPUTS, (f"sweep/bpw-{b}",),
+                         partial(_sweep_point, bits=b), module="sweep") for b in p.sweep.bits_per_weight)
+    presets = tuple(Stage(f"preset@{x}", PRESET_PARAMS, SWEEP_POINT_INPUTS[:4], (f"sweep/preset-{x}",),
+                          partial(_preset_point, preset=x), module="sweep") for x in p.sweep.presets)
+    pareto = Stage("pareto", ("sweep",), tuple(o for s in points + presets for o in s.outs), (), _pareto,
+                   plots=("pareto/pareto.json",), module="sweep")
+    return points + presets + (pareto,)
+
+
+def find_stage(name: str, p: Params) -> Stage | None:
+    return STAGE_BY_NAME.get(name) or next((s for s in sweep_stages(p) if s.name == name), None)

@@ -16,22 +16,21 @@ from safetensors.numpy import save_file
 
 from haloquant.artifacts import atomic_path, read_json, write_json
 from haloquant.calibstats import CalibrationStats
+from haloquant.folding import load_folds
 from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors, resolve_device
 from haloquant.quantizer import encode_tensor
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
-from schemas.artifacts import AllocationResult, FoldResult, QuantizedManifest, QuantizedTensor
+from schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
 from schemas.params import ModelSpec, QuantizeSpec
 
 
 def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocation_dir: Path, fold_dir: Path,
              out_dir: Path) -> QuantizedManifest:
     t0 = time.perf_counter()
-    stats = CalibrationStats(calib_dir)
     allocation = AllocationResult.model_validate(read_json(allocation_dir / "allocation.json"))
-    fold = FoldResult.model_validate(read_json(fold_dir / "fold.json"))
-    assert fold.method == "identity", "folding methods are applied here once implemented"
     model = load_model(model_spec.path, "cpu")
+    stats = CalibrationStats(calib_dir, input_scales=load_folds(model, fold_dir))
     params = dict(model.named_parameters(remove_duplicate=False))
     chosen = {c.name: c.format for c in allocation.tensors}
     infos = quantizable_tensors(model)

@@ -22,7 +22,7 @@ EVAL_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SHARED_A = REPO.parent / "shared" / "models" / "ref-llama-a"
 
 
-def small_params(**overrides) -> dict:
+def small_params(sweep: dict | None = None, **overrides) -> dict:
     """A fast spec on the real tiny model: few calibration sequences, few evaluation chunks."""
     p = {
         "model": {"path": str(TINY), "device": "cpu"},
@@ -32,6 +32,8 @@ def small_params(**overrides) -> dict:
         "validate": {"text": str(EVAL_TEXT), "ctx": 256, "max_chunks": 4, "batch_size": 4,
                      "gate": {"max_ppl_ratio": 1.5, "max_runtime_ppl_gap": 0.01}},
     }
+    if sweep is not None:
+        p["sweep"] = sweep
     for dotted, value in overrides.items():
         node = p
         *head, last = dotted.split(".")

@@ -22,7 +22,7 @@ def sh(cmd, cwd):
 
 
 def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
+    return re.findall(r"Running stage '([\w@.]+)'", output)
 
 
 @pytest.mark.slow
@@ -31,24 +31,31 @@ def test_dvc_repro_caching(tmp_path):
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["calibration"]["n_sequences"] = 8
     params["validate"].update(max_chunks=2, ctx=256)
+    params["sweep"] = {"bits_per_weight": [4.0], "presets": ["Q4_K_M"], "max_chunks": 1}
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init && dvc init -q", proj)
 
     first = sh("dvc repro", proj)
-    assert ran(first) == STAGES
+    assert [s for s in ran(first) if s in STAGES] == STAGES
+    assert {"sweep@4.0", "preset@Q4_K_M", "pareto"} <= set(ran(first))
     second = sh("dvc repro", proj)
     assert ran(second) == [] and "up to date" in second
 
     params["allocation"]["budget"]["bits_per_weight"] = 4.75
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = sh("dvc repro", proj)
-    assert ran(third) == STAGES[2:]
+    assert ran(third) == STAGES[2:]  # the sweep has its own budgets: untouched
     assert "Stage 'calibrate' didn't change" in third and "Stage 'sensitivity' didn't change" in third
 
     metrics = sh("dvc metrics show --json", proj)
     assert "ppl_quant" in metrics and "llama_cpp_ppl_gap" in metrics
     plots = sh("dvc plots show --json", proj)
-    assert "bits_per_layer.json" in plots and "size_ppl.json" in plots
+    assert "bits_per_layer.json" in plots and "size_ppl.json" in plots and "pareto.json" in plots
+
+    params["sweep"]["bits_per_weight"] = [4.0, 5.0]  # one more point: only it and the plot run
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = sh("dvc repro", proj)
+    assert ran(fourth) == ["sweep@5.0", "pareto"]
 
 
 @pytest.mark.slow
@@ -69,6 +76,20 @@ def test_prefect_flow_caching(tmp_path):
     after_delete = states()
     assert after_delete["export_gguf"] == "Completed" and after_delete["quantize"] == "Cached"
     assert (tmp_path / "artifacts" / "export_gguf" / "model.gguf").is_file()
+
+
+@pytest.mark.slow
+def test_prefect_sweep_flow_maps_points(tmp_path):
+    from flows.pipeline import haloquant_sweep
+
+    params_file = write_params(tmp_path, small_params(sweep={"bits_per_weight": [4.75, 5.5], "presets": ["Q4_K_M"],
+                                                             "max_chunks": 1}))
+    first = {k: v["state"] for k, v in haloquant_sweep(str(params_file)).items()}
+    assert set(first) == {"calibrate", "sensitivity", "sweep@4.75", "sweep@5.5", "preset@Q4_K_M", "pareto"}
+    assert set(first.values()) == {"Completed"}
+    second = {k: v["state"] for k, v in haloquant_sweep(str(params_file)).items()}
+    assert set(second.values()) == {"Cached"}
+    assert len(yaml.safe_load((tmp_path / "artifacts" / "pareto" / "pareto.json").read_text())) == 3
 
 
 def test_deployment_has_cron_schedule(tmp_path):

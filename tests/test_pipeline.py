@@ -136,3 +136,17 @@ def test_kl_calibrated_sensitivity(pipeline_run, tmp_path):
     # at 4 bits a KL of one tensor alone is small but measurable
     q4 = [t.candidates["Q4_0"].error for t in table.tensors]
     assert 0 < max(q4) < 0.5
+
+
+def test_gate_fails_the_run_and_keeps_the_report(pipeline_run, tmp_path):
+    import shutil
+
+    folder, _, _ = pipeline_run
+    shutil.copytree(folder / "artifacts", tmp_path / "artifacts")
+    strict = write_params(tmp_path, small_params(**{"validate.gate": {"max_ppl_ratio": 1.0000001, "max_kl": 1e-6}}))
+    r = run_cli("stage", "validate", "--params", str(strict))
+    assert r.returncode == 2
+    assert "validate.gate failed" in r.stderr and "max_kl" in r.stderr
+    report = read_json(tmp_path / "artifacts" / "validate" / "report.json")
+    assert report["passed"] is False and report["gate"]["max_kl"]["passed"] is False
+    assert read_json(tmp_path / "artifacts" / "validate" / "metrics.json")["gate_passed"] is False

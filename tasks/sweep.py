@@ -1,0 +1,71 @@
+"""sweep: the size-vs-perplexity Pareto front.
+
+`sweep_point` runs allocate → scale_fold → quantize → export_gguf at one budget (reusing the main
+pipeline's calibration and sensitivity: they do not depend on the budget) and scores the GGUF with
+llama.cpp. `preset_point` does the same for a llama.cpp preset: llama.cpp's own type map and
+quantizer, with the calibration imatrix. `pareto` gathers the points into one DVC plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from haloquant.artifacts import read_json, write_json
+from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.modelio import load_model, quantizable_tensors
+from haloquant.presets import allocation_from_type_map, preset_type_map
+from haloquant.textdata import read_text
+from schemas.artifacts import QuantizedManifest, SweepPoint
+from schemas.params import Budget, Params, QuantizeSpec
+from tasks.allocate import allocate
+from tasks.export_gguf import export_gguf
+from tasks.quantize import quantize
+from tasks.scale_fold import scale_fold
+
+POINT_FILE = "point.json"
+PLOT_FILE = "pareto.json"
+
+
+def _score(p: Params, out: Path, series: str, label: str) -> SweepPoint:
+    gguf = out / "export_gguf" / "model.gguf"
+    lc = llama_cpp_perplexity(gguf, read_text(p.validate_.text, "validate.text"), p.validate_.ctx, p.sweep.max_chunks)
+    manifest = QuantizedManifest.model_validate(read_json(out / "quantize" / "quantized.json"))
+    point = SweepPoint(series=series, label=label, bits_per_weight=manifest.bits_per_weight,
+                       gguf_bytes=gguf.stat().st_size, ppl=lc["ppl"], n_chunks=lc["n_chunks"])
+    write_json(out / POINT_FILE, point.model_dump())
+    return point
+
+
+def sweep_point(p: Params, bits_per_weight: float, root: Path, out: Path) -> SweepPoint:
+    spec = p.allocation.model_copy(update={"budget": Budget(bits_per_weight=bits_per_weight)})
+    allocate(spec, root / "sensitivity", out / "allocate")
+    scale_fold(p.model, p.fold, root / "calibrate", out / "allocate", out / "scale_fold")
+    quantize(p.model, p.quantize, root / "calibrate", out / "allocate", out / "scale_fold", out / "quantize")
+    export_gguf(p.model, p.export.gguf, out / "quantize", out / "export_gguf")
+    return _score(p, out, "haloquant", f"{bits_per_weight:g} bpw")
+
+
+def preset_point(p: Params, preset: str, root: Path, out: Path) -> SweepPoint:
+    infos = quantizable_tensors(load_model(p.model.path, "cpu"))
+    f16 = out / "f16"  # llama-quantize needs a float GGUF to start from
+    write_json(f16 / "allocate" / "allocation.json",
+               allocation_from_type_map(infos, {t.gguf_name: "F16" for t in infos}, "F16").model_dump())
+    scale_fold(p.model, p.fold.model_copy(update={"method": "identity"}), root / "calibrate", f16 / "allocate",
+               f16 / "scale_fold")
+    quantize(p.model, QuantizeSpec(), root / "calibrate", f16 / "allocate", f16 / "scale_fold", f16 / "quantize")
+    export_gguf(p.model, p.export.gguf, f16 / "quantize", f16 / "export_gguf")
+    type_map = preset_type_map(f16 / "export_gguf" / "model.gguf", preset, f16 / "llama.cpp.gguf")
+    write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, preset).model_dump())
+    quantize(p.model, QuantizeSpec(method="llamacpp", importance=True), root / "calibrate", out / "allocate",
+             f16 / "scale_fold", out / "quantize")
+    export_gguf(p.model, p.export.gguf, out / "quantize", out / "export_gguf")
+    return _score(p, out, "llama.cpp+imatrix", preset)
+
+
+def pareto(p: Params, sweep_root: Path, out: Path) -> list[SweepPoint]:
+    dirs = [sweep_root / f"bpw-{b:g}" for b in p.sweep.bits_per_weight] + \
+           [sweep_root / f"preset-{x}" for x in p.sweep.presets]
+    points = [SweepPoint.model_validate(read_json(d / POINT_FILE)) for d in dirs]
+    points.sort(key=lambda q: (q.series, q.gguf_bytes))
+    write_json(out / PLOT_FILE, [q.model_dump() for q in points])
+    return points
