@@ -14,15 +14,15 @@ import json
 import time
 from pathlib import Path
 
-from haloquant.artifacts import write_json
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.textdata import read_text
-from schemas.artifacts import FoldResult
-from schemas.params import AllocationSpec, CalibrationSpec, GGUFSpec, ModelSpec, QuantizeSpec, SensitivitySpec
+from schemas.params import (AllocationSpec, CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
+                            SensitivitySpec)
 from tasks.allocate import allocate
 from tasks.calibrate import calibrate
 from tasks.export_gguf import export_gguf
 from tasks.quantize import quantize
+from tasks.scale_fold import scale_fold
 from tasks.sensitivity import score_sensitivity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,8 +57,7 @@ def main() -> None:
             for solver in SOLVERS:
                 d = args.out / metric / f"{budget}-{solver}"
                 res = allocate(AllocationSpec(budget={"bits_per_weight": budget}, solver=solver), sens, d / "allocate")
-                write_json(d / "scale_fold/fold.json",
-                           FoldResult(method="identity", scales_file=None, groups=[]).model_dump())
+                scale_fold(spec, FoldSpec(), calib, d / "allocate", d / "scale_fold")
                 quantize(spec, QuantizeSpec(), calib, d / "allocate", d / "scale_fold", d / "quantize")
                 export_gguf(spec, GGUFSpec(), d / "quantize", d / "gguf")
                 ppl = llama_cpp_perplexity(d / "gguf" / "model.gguf", text, 512, args.chunks)["ppl"]

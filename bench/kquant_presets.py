@@ -20,20 +20,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
-
 from haloquant.artifacts import write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.formats import get_format
-from haloquant.llamacpp import ggml_quantize, llama_cpp_perplexity, llama_quantize_preset
+from haloquant.llamacpp import ggml_quantize, llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.textdata import read_text
-from schemas.artifacts import AllocationResult, FoldResult, TensorChoice
-from schemas.params import AllocationSpec, CalibrationSpec, GGUFSpec, ModelSpec, QuantizeSpec, SensitivitySpec
+from haloquant.presets import allocation_from_type_map, preset_type_map, tensor_data_bytes
+from schemas.params import (AllocationSpec, CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
+                            SensitivitySpec)
 from tasks.allocate import allocate
 from tasks.calibrate import calibrate
 from tasks.export_gguf import export_gguf
 from tasks.quantize import quantize
+from tasks.scale_fold import scale_fold
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
@@ -42,12 +42,8 @@ KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 def build(model_spec, infos, type_map, method, calib_dir, out) -> tuple[Path, float]:
     """allocation from a type map → quantize(method) → GGUF; returns the file and quantize seconds."""
-    choices = [TensorChoice(name=t.name, gguf_name=t.gguf_name, format=type_map[t.gguf_name], bytes=0,
-                            bits_per_weight=0, error=0) for t in infos]
-    write_json(out / "allocate/allocation.json", AllocationResult(
-        solver="type map", budget_bytes=0, budget_spec={}, used_bytes=0, total_bytes=0, bits_per_weight=0,
-        objective=0, min_feasible_bits_per_weight=0, tensors=choices, seconds=0).model_dump())
-    write_json(out / "scale_fold/fold.json", FoldResult(method="identity", scales_file=None, groups=[]).model_dump())
+    write_json(out / "allocate/allocation.json", allocation_from_type_map(infos, type_map, "type map").model_dump())
+    scale_fold(model_spec, FoldSpec(), calib_dir, out / "allocate", out / "scale_fold")
     t0 = time.perf_counter()
     quantize(model_spec, QuantizeSpec(method=method), calib_dir, out / "allocate", out / "scale_fold", out / "quantize")
     secs = time.perf_counter() - t0
@@ -58,14 +54,10 @@ def build(model_spec, infos, type_map, method, calib_dir, out) -> tuple[Path, fl
 def build_mixed(model_spec, sens_dir, total_bytes, calib_dir, out) -> Path:
     """haloquant's own allocation at `total_bytes` of tensor data, quantized with GPTQ."""
     allocate(AllocationSpec(budget={"total_bytes": total_bytes}), sens_dir, out / "allocate")
-    write_json(out / "scale_fold/fold.json", FoldResult(method="identity", scales_file=None, groups=[]).model_dump())
+    scale_fold(model_spec, FoldSpec(), calib_dir, out / "allocate", out / "scale_fold")
     quantize(model_spec, QuantizeSpec(method="gptq"), calib_dir, out / "allocate", out / "scale_fold", out / "quantize")
     export_gguf(model_spec, GGUFSpec(), out / "quantize", out / "gguf")
     return out / "gguf" / "model.gguf"
-
-
-def tensor_bytes(path: Path) -> int:
-    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
 
 
 def main() -> None:
@@ -107,8 +99,7 @@ def main() -> None:
         d = args.out / preset
         d.mkdir(parents=True, exist_ok=True)
         ref = d / "llama.cpp.gguf"
-        llama_quantize_preset(f16, ref, preset)
-        type_map = {t.name: t.tensor_type.name for t in GGUFReader(ref).tensors}
+        type_map = preset_type_map(f16, preset, ref)
         row = {"preset": preset, "bytes": ref.stat().st_size, "llama.cpp": ppl(ref),
                "types": dict(sorted({v: list(type_map.values()).count(v) for v in set(type_map.values())}.items()))}
         for label, method in (("llama.cpp+imatrix", "llamacpp"), ("haloquant RTN", "rtn"), ("haloquant GPTQ", "gptq")):
@@ -117,7 +108,7 @@ def main() -> None:
             row[f"{label} bytes"] = path.stat().st_size
             if method == "gptq":
                 gptq_seconds[preset] = secs
-        mixed = build_mixed(spec, sens_dir, tensor_bytes(ref), calib_dir, d / "mixed")
+        mixed = build_mixed(spec, sens_dir, tensor_data_bytes(ref), calib_dir, d / "mixed")
         row["haloquant mixed"] = ppl(mixed)
         row["haloquant mixed bytes"] = mixed.stat().st_size
         rows.append(row)
@@ -126,7 +117,7 @@ def main() -> None:
     q4km = next((r for r in rows if r["preset"] == "Q4_K_M"), None)
     small = None
     if q4km is not None:
-        path = build_mixed(spec, sens_dir, int(0.94 * tensor_bytes(args.out / "Q4_K_M" / "llama.cpp.gguf")), calib_dir,
+        path = build_mixed(spec, sens_dir, int(0.94 * tensor_data_bytes(args.out / "Q4_K_M" / "llama.cpp.gguf")), calib_dir,
                            args.out / "mixed-94pct-Q4_K_M")
         small = {"bytes": path.stat().st_size, "ppl": ppl(path)}
 

@@ -14,11 +14,12 @@ from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
 from haloquant.onnxrt import onnx_check
 from haloquant.quantized import load_quantized_model
 from haloquant.textdata import eval_chunks, read_text, tokenize
-from schemas.artifacts import AllocationResult, FoldResult, TensorChoice
-from schemas.params import GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec
+from haloquant.presets import allocation_from_type_map
+from schemas.params import FoldSpec, GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec
 from tasks.export_gguf import export_gguf
 from tasks.export_onnx import export_onnx
 from tasks.quantize import quantize
+from tasks.scale_fold import scale_fold
 from tests.conftest import EVAL_TEXT, TINY
 
 ALL = [f for f in FORMATS if f != "F32"]
@@ -29,18 +30,16 @@ def mixed(pipeline_run, tmp_path_factory):
     folder, _, results = pipeline_run
     out = tmp_path_factory.mktemp("mixed")
     model = load_model(TINY, "cpu")
-    choices = [TensorChoice(name=t.name, gguf_name=t.gguf_name, format=ALL[i % len(ALL)], bytes=0,
-                            bits_per_weight=0, error=0) for i, t in enumerate(quantizable_tensors(model))]
-    write_json(out / "allocate" / "allocation.json", AllocationResult(
-        solver="test", budget_bytes=0, budget_spec={}, used_bytes=0, total_bytes=0, bits_per_weight=0,
-        objective=0, min_feasible_bits_per_weight=0, tensors=choices, seconds=0).model_dump())
-    write_json(out / "scale_fold" / "fold.json", FoldResult(method="identity", scales_file=None, groups=[]).model_dump())
+    infos = quantizable_tensors(model)
+    allocation = allocation_from_type_map(infos, {t.gguf_name: ALL[i % len(ALL)] for i, t in enumerate(infos)}, "test")
+    write_json(out / "allocate" / "allocation.json", allocation.model_dump())
     spec = ModelSpec(path=TINY, device="cpu")
+    scale_fold(spec, FoldSpec(), None, None, out / "scale_fold")
     quantize(spec, QuantizeSpec(), folder / "artifacts" / "calibrate", out / "allocate", out / "scale_fold",
              out / "quantize")
     export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
     export_onnx(spec, ONNXSpec(), out / "quantize", out / "onnx")
-    return out, choices
+    return out, allocation.tensors
 
 
 def test_gguf_holds_every_format_and_llama_cpp_agrees(mixed):
