@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import CachePolicy
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from haloquant.artifacts import read_json, sha256_tree, write_json
 from haloquant.runner import artifacts_root, describe, fingerprint, preflight
@@ -81,7 +82,9 @@ def _run_in_order(params_path: Path, stages) -> dict[str, dict]:
     return results
 
 
-@flow(name="haloquant-sweep", log_prints=True)
+# Mapped, but one at a time: each point already uses every core, and transformers' model loading
+# is not thread-safe (concurrent loads in threads fail on meta tensors).
+@flow(name="haloquant-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
     """calibrate and sensitivity (cached, shared with the main flow), then every sweep budget and
     llama.cpp preset as mapped tasks, then the Pareto plot."""

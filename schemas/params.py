@@ -161,6 +161,13 @@ class SweepSpec(Strict):
     presets: list[str] = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]
     max_chunks: PositiveInt = Field(20, description="chunks of validate.ctx tokens scored by llama.cpp per point")
 
+    @field_validator("bits_per_weight", mode="before")
+    @classmethod
+    def _float_literals(cls, v):
+        if isinstance(v, list) and any(isinstance(b, int) and not isinstance(b, bool) for b in v):
+            raise ValueError("write every budget as a float (4.0, not 4): DVC names each sweep stage after it")
+        return v
+
     @field_validator("bits_per_weight")
     @classmethod
     def _positive(cls, v: list[float]) -> list[float]:

@@ -105,9 +105,15 @@ STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 # ---------------------------------------------------------------- the budget sweep (Pareto front)
 
+def budget_label(bits: float) -> str:
+    """How DVC's foreach renders a budget written as a float literal (4.0 → "4.0"): stage and
+    folder names must match it (schemas reject integer literals for this reason)."""
+    return str(float(bits))
+
+
 def _sweep_point(p: Params, root: Path, bits: float):
     from tasks.sweep import sweep_point
-    return sweep_point(p, bits, root, root / "sweep" / f"bpw-{bits}")
+    return sweep_point(p, bits, root, root / "sweep" / f"bpw-{budget_label(bits)}")
 
 
 def _preset_point(p: Params, root: Path, preset: str):
@@ -130,7 +136,8 @@ PRESET_PARAMS = ("model", "validate", "export.gguf", "sweep.max_chunks")
 
 def sweep_stages(p: Params) -> tuple[Stage, ...]:
     """One stage per sweep budget and per llama.cpp preset, then the plot that gathers them."""
-    points = tuple(Stage(f"sweep@{b}", SWEEP_POINT_PARAMS, SWEEP_POINT_INPUTS, (f"sweep/bpw-{b}",),
+    points = tuple(Stage(f"sweep@{budget_label(b)}", SWEEP_POINT_PARAMS, SWEEP_POINT_INPUTS,
+                         (f"sweep/bpw-{budget_label(b)}",),
                          partial(_sweep_point, bits=b), module="sweep") for b in p.sweep.bits_per_weight)
     presets = tuple(Stage(f"preset@{x}", PRESET_PARAMS, SWEEP_POINT_INPUTS[:4], (f"sweep/preset-{x}",),
                           partial(_preset_point, preset=x), module="sweep") for x in p.sweep.presets)

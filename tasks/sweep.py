@@ -63,7 +63,9 @@ def preset_point(p: Params, preset: str, root: Path, out: Path) -> SweepPoint:
 
 
 def pareto(p: Params, sweep_root: Path, out: Path) -> list[SweepPoint]:
-    dirs = [sweep_root / f"bpw-{b:g}" for b in p.sweep.bits_per_weight] + \
+    from tasks import budget_label
+
+    dirs = [sweep_root / f"bpw-{budget_label(b)}" for b in p.sweep.bits_per_weight] + \
            [sweep_root / f"preset-{x}" for x in p.sweep.presets]
     points = [SweepPoint.model_validate(read_json(d / POINT_FILE)) for d in dirs]
     points.sort(key=lambda q: (q.series, q.gguf_bytes))

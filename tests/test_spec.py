@@ -38,6 +38,8 @@ def test_check_passes_on_valid_spec(tmp_path):
     (lambda p: p["allocation"].update(budget={"bits_per_weight": 4, "total_bytes": 10}), "allocation.budget",
      "exactly one"),
     (lambda p: p.pop("model"), "model", "required key is missing"),
+    (lambda p: p.update(sweep={"bits_per_weight": [3.5, 4]}), "sweep.bits_per_weight", "4.0, not 4"),
+    (lambda p: p.update(sweep={"presets": ["Q4_K_X"]}), "sweep.presets", "unknown llama.cpp preset"),
 ])
 def test_bad_spec_names_the_key(tmp_path, mutate, path, expected):
     data = small_params()
@@ -77,6 +79,9 @@ def test_dvc_yaml_is_generated_from_registry():
     assert r.stdout == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `haloquant dvc-yaml > dvc.yaml`"
     stages = yaml.safe_load(r.stdout)["stages"]
     assert list(stages) == ["calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf",
-                            "export_onnx", "validate"]
+                            "export_onnx", "validate", "sweep", "preset", "pareto"]
+    assert stages["sweep"]["foreach"] == "${sweep.bits_per_weight}"
     # the budget is read by allocate alone: editing it can never re-run calibrate or sensitivity
-    assert [n for n, s in stages.items() if "allocation" in s["params"]] == ["allocate"]
+    params_of = {n: s.get("params") or s["do"]["params"] for n, s in stages.items()}
+    assert [n for n, p in params_of.items() if "allocation" in p] == ["allocate"]
+    assert not any(p.startswith("allocation.budget") for p in params_of["sweep"])
