@@ -15,17 +15,15 @@ import time
 from pathlib import Path
 
 from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.textdata import read_text
-from schemas.params import (AllocationSpec, CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
+from schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
                             SensitivitySpec)
 from tasks.allocate import allocate
-from tasks.calibrate import calibrate
 from tasks.export_gguf import export_gguf
 from tasks.quantize import quantize
 from tasks.scale_fold import scale_fold
 from tasks.sensitivity import score_sensitivity
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 METRICS = ["output_error", "hessian_trace", "kl_calibrated", "kl_end_to_end"]
 SOLVERS = ["milp", "lagrangian", "greedy"]
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
@@ -40,12 +38,7 @@ def main() -> None:
     ap.add_argument("--kl-sequences", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-alloc"))
     args = ap.parse_args()
-    text = read_text(REPO / "data/wikitext-2-raw/wiki.test.raw", "eval")
-    spec = ModelSpec(path=args.model.resolve(), device="cpu")
-    calib = args.out / "calibrate"
-    if not (calib / "calibration.json").is_file():
-        calibrate(spec, CalibrationSpec(text=REPO / "data/wikitext-2-raw/wiki.valid.raw", n_sequences=64, seq_len=256),
-                  calib)
+    spec, calib, text = setup(args.model, args.out)
     rows = []
     for metric in args.metrics:
         sens = args.out / metric / "sensitivity"

@@ -25,17 +25,15 @@ from haloquant.calibstats import CalibrationStats
 from haloquant.formats import get_format
 from haloquant.llamacpp import ggml_quantize, llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
-from haloquant.textdata import read_text
 from haloquant.presets import allocation_from_type_map, preset_type_map, tensor_data_bytes
-from schemas.params import (AllocationSpec, CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
+from schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
                             SensitivitySpec)
 from tasks.allocate import allocate
-from tasks.calibrate import calibrate
 from tasks.export_gguf import export_gguf
 from tasks.quantize import quantize
 from tasks.scale_fold import scale_fold
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -69,12 +67,7 @@ def main() -> None:
     ap.add_argument("--speed-size", type=int, default=4096)
     ap.add_argument("--metric", default="kl_calibrated", help="sensitivity metric for haloquant mixed")
     args = ap.parse_args()
-    text = read_text(REPO / "data/wikitext-2-raw/wiki.test.raw", "eval")
-    spec = ModelSpec(path=args.model.resolve(), device="cpu")
-    calib_dir = args.out / "calibrate"
-    if not (calib_dir / "calibration.json").is_file():
-        calibrate(spec, CalibrationSpec(text=REPO / "data/wikitext-2-raw/wiki.valid.raw", n_sequences=64, seq_len=256),
-                  calib_dir)
+    spec, calib_dir, text = setup(args.model, args.out)
     stats = CalibrationStats(calib_dir)
     model = load_model(spec.path, "cpu")
     infos = quantizable_tensors(model)

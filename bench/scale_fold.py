@@ -16,17 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.textdata import read_text
-from schemas.params import (AllocationSpec, CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
+from schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
                             SensitivitySpec)
 from tasks.allocate import allocate
-from tasks.calibrate import calibrate
 from tasks.export_gguf import export_gguf
 from tasks.quantize import quantize
 from tasks.scale_fold import scale_fold
 from tasks.sensitivity import score_sensitivity
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def main() -> None:
@@ -37,13 +35,9 @@ def main() -> None:
     ap.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-fold"))
     args = ap.parse_args()
-    text = read_text(REPO / "data/wikitext-2-raw/wiki.test.raw", "eval")
-    spec = ModelSpec(path=args.model.resolve(), device="cpu")
+    spec, calib, text = setup(args.model, args.out)
     qspec = QuantizeSpec(method=args.method)
-    calib, sens = args.out / "calibrate", args.out / "sensitivity"
-    if not (calib / "calibration.json").is_file():
-        calibrate(spec, CalibrationSpec(text=REPO / "data/wikitext-2-raw/wiki.valid.raw", n_sequences=64, seq_len=256),
-                  calib)
+    sens = args.out / "sensitivity"
     if not (sens / "sensitivity.json").is_file():
         score_sensitivity(spec, SensitivitySpec(formats=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]), qspec,
                           calib, sens)

@@ -16,6 +16,13 @@ from haloquant import HaloquantError
 from schemas.base import Strict
 
 
+def _known_names(values: list[str], known, what: str) -> list[str]:
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise ValueError(f"unknown {what}(s) {bad}; known: {list(known)}")
+    return values
+
+
 class ModelSpec(Strict):
     path: Path = Field(description="Hugging Face causal-LM folder (config.json, tokenizer.json, weights)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -45,9 +52,7 @@ class SensitivitySpec(Strict):
     def _known(cls, v: list[str]) -> list[str]:
         from haloquant.formats import FORMATS
 
-        bad = [f for f in v if f not in FORMATS]
-        if bad:
-            raise ValueError(f"unknown format(s) {bad}; known: {list(FORMATS)}")
+        _known_names(v, FORMATS, "format")
         if len(set(v)) != len(v):
             raise ValueError("formats are listed twice")
         return v
@@ -178,10 +183,7 @@ class SweepSpec(Strict):
     @field_validator("presets")
     @classmethod
     def _presets(cls, v: list[str]) -> list[str]:
-        bad = [p for p in v if p not in LLAMA_CPP_PRESETS]
-        if bad:
-            raise ValueError(f"unknown llama.cpp preset(s) {bad}; known: {list(LLAMA_CPP_PRESETS)}")
-        return v
+        return _known_names(v, LLAMA_CPP_PRESETS, "llama.cpp preset")
 
 
 class Params(Strict):
