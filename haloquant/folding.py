@@ -23,6 +23,7 @@ import torch
 
 from haloquant import HaloquantError
 from haloquant.formats import get_format
+from haloquant.modelio import head_dim
 
 FOLDABLE_ARCHS = ("llama", "mistral")
 
@@ -63,9 +64,8 @@ def expand_scales(s: torch.Tensor, group: FoldGroup, model) -> torch.Tensor:
     """Source-channel scales → target input-channel scales (GQA: repeat per query head)."""
     if group.expand == 1:
         return s
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    head_dim = getattr(model.config, "head_dim", None) or head_dim
-    return s.view(-1, 1, head_dim).expand(-1, group.expand, head_dim).reshape(-1)
+    hd = head_dim(model.config)
+    return s.view(-1, 1, hd).expand(-1, group.expand, hd).reshape(-1)
 
 
 @torch.no_grad()
@@ -92,9 +92,9 @@ def source_scales(group: FoldGroup, model, x_max: torch.Tensor, alpha: float) ->
     w_max = torch.stack([mods[t].weight.detach().abs().amax(0) for t in group.targets]).amax(0).float()
     xm, wm = x_max.float().clamp_min(1e-5), w_max.clamp_min(1e-5)
     if group.expand > 1:  # one scale per kv-head channel: take the worst query head sharing it
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        xm = xm.view(-1, group.expand, head_dim).amax(1).reshape(-1)
-        wm = wm.view(-1, group.expand, head_dim).amax(1).reshape(-1)
+        hd = head_dim(model.config)
+        xm = xm.view(-1, group.expand, hd).amax(1).reshape(-1)
+        wm = wm.view(-1, group.expand, hd).amax(1).reshape(-1)
     s = xm.pow(alpha) / wm.pow(1 - alpha)
     return (s / s.pow(0.5).mean().pow(2)).clamp(1e-4, 1e4)  # normalised: scale-free under α
 

@@ -17,7 +17,7 @@ import numpy as np
 from haloquant import HaloquantError
 from haloquant.artifacts import atomic_path
 from haloquant.formats import get_format
-from haloquant.modelio import gguf_arch
+from haloquant.modelio import gguf_arch, head_dim
 from schemas.artifacts import QuantizedManifest
 
 
@@ -64,7 +64,7 @@ def write_gguf(path: Path, model_dir: Path, config, manifest: QuantizedManifest,
     if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
         raise HaloquantError(f"model.path: rope scaling {rope} is not exported to GGUF yet")
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    hd = head_dim(config)
     tmap = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
     with atomic_path(path) as tmp:
@@ -74,14 +74,14 @@ def write_gguf(path: Path, model_dir: Path, config, manifest: QuantizedManifest,
         w.add_embedding_length(config.hidden_size)
         w.add_block_count(config.num_hidden_layers)
         w.add_feed_forward_length(config.intermediate_size)
-        w.add_rope_dimension_count(head_dim)
+        w.add_rope_dimension_count(hd)
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
         w.add_layer_norm_rms_eps(config.rms_norm_eps)
         w.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
-        if head_dim * n_head != config.hidden_size:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
+        if hd * n_head != config.hidden_size:
+            w.add_key_length(hd)
+            w.add_value_length(hd)
         w.add_vocab_size(config.vocab_size)
         counts = Counter(q.format for q in manifest.quantized)
         main = counts.most_common(1)[0][0]

@@ -121,5 +121,10 @@ def float_tensors(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.ndim != 2}
 
 
+def head_dim(config) -> int:
+    """Per-head width: explicit in newer configs, hidden_size / heads otherwise."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
