@@ -62,11 +62,11 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
         zero[:, start : start + sb] = torch.from_numpy(z).to(device)
         const[:, start : start + sb] = torch.from_numpy(c).to(device)
 
-    if act_order:  # static groups: every grid from the original weights
+    if act_order:  # static groups: every grid from the original weights, then into column order
         for start in range(0, cols, sb):
             fit(start, W[:, start : start + sb])
+        scale, zero, const = scale[:, perm], zero[:, perm], const[:, perm]
     W = W[:, perm]
-    scale_p, zero_p, const_p = (scale[:, perm], zero[:, perm], const[:, perm]) if act_order else (None, None, None)
 
     block = -(-max(BLOCK, sb) // sb) * sb
     qmax = fmt.max_code
@@ -78,8 +78,7 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
             col = i1 + i
             if not act_order and col % sb == 0:  # a new block is reached: fix its grid now
                 fit(col, W1[:, i : i + sb])
-            src = (scale_p, zero_p, const_p) if act_order else (scale, zero, const)
-            s, z, c = src[0][:, col], src[1][:, col], src[2][:, col]
+            s, z, c = scale[:, col], zero[:, col], const[:, col]
             w = W1[:, i]
             q = torch.clamp(torch.round(w / torch.where(c, 1.0, s) + z), 0, qmax)
             q = torch.where(c, 0.0, q)
