@@ -67,9 +67,7 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
         runtimes["llama_cpp"] = {**lc, "ppl_gap_vs_torch": abs(lc["ppl"] / torch_scores["ppl"] - 1),
                                  "same_tokens_as_torch": same_tokens}
     if "onnxruntime" in spec.runtimes:
-        sub = chunks[: spec.onnx_chunks]
-        runtimes["onnxruntime"] = onnx_check(onnx_dir / "model.onnx", sub, quant_model)
-        runtimes["onnxruntime"]["torch_ppl_same_chunks"] = score(quant_model, sub, batch_size=spec.batch_size)["ppl"]
+        runtimes["onnxruntime"] = onnx_check(onnx_dir / "model.onnx", chunks[: spec.onnx_chunks], quant_model)
 
     report = {
         "eval_text": str(spec.text), "ctx": spec.ctx, "n_chunks": int(chunks.shape[0]),
