@@ -1,5 +1,6 @@
 """The pipeline as Prefect flows: one task per stage, cached on the stage's fingerprint.
-`haloquant_pipeline` runs the main stages in order; `haloquant_sweep` maps the budget sweep.
+`haloquant_pipeline` runs the main stages in order; `haloquant_sweep` maps the budget sweep;
+`train_policy_flow` trains RAMP's SAC allocator on the model's measured sensitivity.
 
 The fingerprint (runner.fingerprint) hashes the spec sections a stage reads, its input files and
 its code — the same things DVC tracks. A second run with nothing changed hits the cache for every
@@ -19,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from haloquant.artifacts import read_json, sha256_tree, write_json
 from haloquant.runner import artifacts_root, describe, fingerprint, preflight
 from schemas.params import load_params
-from tasks import STAGES, Stage, find_stage, sweep_stages
+from tasks import STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
 
 RECORD_DIR = ".flow"  # under the artifacts root: what each stage last wrote, and for which key
 
@@ -105,3 +106,10 @@ def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
         results[name] = {"state": fut.state.name, "summary": fut.result()}
     results.update(_run_in_order(params_path, [pareto_stage]))
     return results
+
+
+@flow(name="train-policy", log_prints=True)
+def train_policy_flow(params_file: str = "params.yaml") -> dict[str, dict]:
+    """calibrate and sensitivity (cached, shared with the main flow), then train_policy: a policy
+    folder under artifacts/train_policy for `allocation.solver: sac`."""
+    return _run_in_order(Path(params_file).resolve(), STAGES[:2] + (TRAIN_POLICY,))

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("flow", help="run the Prefect flow (cached per stage)")
     f.add_argument("--params", default="params.yaml", type=Path)
     f.add_argument("--sweep", action="store_true", help="run the budget sweep flow (Pareto front) instead")
+    f.add_argument("--train-policy", action="store_true", help="run the train-policy flow (SAC allocator) instead")
     sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the stage registry")
     d = sub.add_parser("serve", help="serve the scheduled Prefect deployment (needs PREFECT_API_URL)")
     d.add_argument("--params", default="params.yaml", type=Path)
@@ -50,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, out in run_all(args.params).items():
                 print(f"{name}: {describe(out)}")
         elif args.cmd == "flow":
-            from flows.pipeline import haloquant_pipeline, haloquant_sweep
+            from flows.pipeline import haloquant_pipeline, haloquant_sweep, train_policy_flow
 
-            (haloquant_sweep if args.sweep else haloquant_pipeline)(str(args.params))
+            flow = train_policy_flow if args.train_policy else haloquant_sweep if args.sweep else haloquant_pipeline
+            flow(str(args.params))
         elif args.cmd == "dvc-yaml":
             from haloquant.runner import dvc_yaml
 

@@ -56,6 +56,50 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, model_dir: Path, config) -> Non
         writer.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
 
 
+def _metadata(w: gguf.GGUFWriter, model_dir: Path, config, name: str, main_format: str) -> None:
+    """Every key/value llama.cpp needs: hyper-parameters, file type, tokenizer."""
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    hd = head_dim(config)
+    w.add_name(name)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_rope_dimension_count(hd)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
+    if hd * n_head != config.hidden_size:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main_format}", gguf.LlamaFileType.GUESSED))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _tokenizer_metadata(w, model_dir, config)
+
+
+def gguf_overhead_bytes(model_dir: Path, config, tensors: list[tuple[str, tuple[int, ...]]], name: str) -> int:
+    """Upper bound on a GGUF's size beyond its tensor data: header, key/values and tensor infos
+    (measured by writing them, exact for these names and metadata; independent of the tensor
+    types), plus the most alignment padding the data can take (one alignment per tensor and one
+    before the data), plus 64 bytes for a longer general.name."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "header.gguf"
+        w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf_arch(config)])
+        _metadata(w, model_dir, config, name, "F32")
+        for gname, shape in tensors:
+            w.add_tensor_info(gname, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        header = path.stat().st_size
+    return header + gguf.GGUF_DEFAULT_ALIGNMENT * (len(tensors) + 1) + 64
+
+
 def write_gguf(path: Path, model_dir: Path, config, manifest: QuantizedManifest,
                tensors: dict[str, np.ndarray], name: str) -> dict[str, int]:
     """Write the GGUF atomically; returns the count of tensors per format."""
@@ -64,30 +108,12 @@ def write_gguf(path: Path, model_dir: Path, config, manifest: QuantizedManifest,
     if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
         raise HaloquantError(f"model.path: rope scaling {rope} is not exported to GGUF yet")
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    hd = head_dim(config)
     tmap = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-        w.add_name(name)
-        w.add_context_length(config.max_position_embeddings)
-        w.add_embedding_length(config.hidden_size)
-        w.add_block_count(config.num_hidden_layers)
-        w.add_feed_forward_length(config.intermediate_size)
-        w.add_rope_dimension_count(hd)
-        w.add_head_count(n_head)
-        w.add_head_count_kv(n_kv)
-        w.add_layer_norm_rms_eps(config.rms_norm_eps)
-        w.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
-        if hd * n_head != config.hidden_size:
-            w.add_key_length(hd)
-            w.add_value_length(hd)
-        w.add_vocab_size(config.vocab_size)
         counts = Counter(q.format for q in manifest.quantized)
-        main = counts.most_common(1)[0][0]
-        w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main}", gguf.LlamaFileType.GUESSED))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _tokenizer_metadata(w, model_dir, config)
+        _metadata(w, model_dir, config, name, counts.most_common(1)[0][0])
 
         for q in manifest.quantized:
             data = tensors[q.name]

@@ -43,8 +43,22 @@ class SensitivityTable(Artifact):
     metric: str
     formats: list[str]
     fixed_bytes: int  # tensors kept float32 (norms, biases), counted in every budget
+    gguf_overhead_bytes: int = 0  # GGUF bytes beyond tensor data, upper bound (for file-size budgets)
     tensors: list[TensorSensitivity]
     seconds: float
+
+
+class TensorEmbedding(Artifact):
+    gguf_name: str
+    values: list[float]  # haloquant.embedding.FEATURES, in that order
+
+
+class LayerEmbeddings(Artifact):
+    """RAMP's per-tensor embedding (haloquant/embedding.py documents each feature), in the
+    sensitivity table's tensor order."""
+
+    features: list[str]
+    tensors: list[TensorEmbedding]
 
 
 class TensorChoice(Artifact):
@@ -67,6 +81,25 @@ class AllocationResult(Artifact):
     min_feasible_bits_per_weight: float
     tensors: list[TensorChoice]
     seconds: float
+
+
+class PolicyCard(Artifact):
+    """What a train_policy output folder holds besides policy.zip (the SB3 SAC model)."""
+
+    algorithm: str  # "SAC (stable-baselines3 x.y)"
+    features: list[str]
+    obs_extra: list[str]
+    bits_range: tuple[float, float]  # action [-1, 1] ↦ these bits per weight
+    formats: list[str]
+    trained_on: list[dict]  # per training model: model path, metric, tensors
+    budgets: list[float]
+    timesteps: int
+    seed: int
+    net_arch: list[int]
+    episodes: int
+    seconds: float  # wall time of SAC's learn()
+    reward_evaluations: int  # reward lookups in the sensitivity table (one per step)
+    final_proxy_regret: float  # cost / MILP optimum − 1 at the evaluation budgets, last curve point
 
 
 class FoldResult(Artifact):

@@ -44,7 +44,7 @@ class CalibrationSpec(Strict):
 
 class SensitivitySpec(Strict):
     formats: list[str] = Field(min_length=1, description="candidate storage formats")
-    metric: Literal["output_error", "kl_calibrated", "hessian_trace", "kl_end_to_end"] = "kl_calibrated"
+    metric: Literal["output_error", "kl_calibrated", "hessian_trace", "kl_end_to_end", "none"] = "kl_calibrated"
     kl_sequences: PositiveInt = Field(8, description="calibration sequences for kl_calibrated's measurements")
 
     @field_validator("formats")
@@ -59,16 +59,24 @@ class SensitivitySpec(Strict):
 
 
 class Budget(Strict):
-    """Exactly one of: bits per quantizable weight, or total bytes of all tensor data."""
+    """Exactly one of: bits per quantizable weight; total bytes of all tensor data; or the GGUF
+    file's size, metadata and alignment included ("fits in N MB": file_mb, N × 10⁶ bytes)."""
 
     bits_per_weight: float | None = Field(None, gt=0, le=32)
     total_bytes: int | None = Field(None, gt=0)
+    file_bytes: int | None = Field(None, gt=0)
+    file_mb: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one(self) -> "Budget":
-        if (self.bits_per_weight is None) == (self.total_bytes is None):
-            raise ValueError("give exactly one of bits_per_weight or total_bytes")
+        given = [k for k in ("bits_per_weight", "total_bytes", "file_bytes", "file_mb") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of bits_per_weight, total_bytes, file_bytes or file_mb")
         return self
+
+    @property
+    def field(self) -> str:
+        return next(k for k in ("bits_per_weight", "total_bytes", "file_bytes", "file_mb") if getattr(self, k) is not None)
 
 
 class TensorRule(Strict):
@@ -91,9 +99,29 @@ class TensorRule(Strict):
 
 class AllocationSpec(Strict):
     budget: Budget
-    solver: Literal["milp", "greedy", "lagrangian"] = "milp"
+    solver: Literal["milp", "greedy", "lagrangian", "sac"] = "milp"
     rules: list[TensorRule] = []
     time_limit_s: float = Field(60.0, gt=0)
+    policy: Path = Field(Path("policies/sac-ref-llama-a"),
+                         description="solver sac: a train_policy output folder (policy.zip + policy.json)")
+
+
+class TrainPolicySpec(Strict):
+    """RAMP's Soft Actor-Critic allocator, trained on this pipeline's sensitivity table (the reward's
+    quality term) and layer embeddings (the policy's input)."""
+
+    timesteps: PositiveInt = Field(20000, description="environment steps (one step = one tensor's format)")
+    seed: int = 0
+    budget_range: tuple[float, float] = Field((3.0, 6.0), description="training budgets, bits per weight")
+    eval_every: PositiveInt = Field(2000, description="steps between learning-curve evaluations")
+    net_arch: list[PositiveInt] = Field([128, 128], min_length=1, description="hidden layers of actor and critics")
+
+    @model_validator(mode="after")
+    def _range(self) -> "TrainPolicySpec":
+        lo, hi = self.budget_range
+        if not 0 < lo <= hi <= 32:
+            raise ValueError("budget_range must be [low, high] bits per weight with 0 < low <= high <= 32")
+        return self
 
 
 class FoldSpec(Strict):
@@ -196,6 +224,7 @@ class Params(Strict):
     validate_: ValidateSpec = Field(alias="validate")
     export: ExportSpec = ExportSpec()
     sweep: SweepSpec = SweepSpec()
+    train_policy: TrainPolicySpec = TrainPolicySpec()
 
     model_config = Strict.model_config | {"populate_by_name": True}
 
@@ -236,6 +265,7 @@ def _resolve_paths(p: Params, base: Path) -> Params:
             "model": p.model.model_copy(update={"path": r(p.model.path)}),
             "calibration": p.calibration.model_copy(update={"text": r(p.calibration.text)}),
             "validate_": p.validate_.model_copy(update={"text": r(p.validate_.text)}),
+            "allocation": p.allocation.model_copy(update={"policy": r(p.allocation.policy)}),
         }
     )
 

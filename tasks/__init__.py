@@ -80,8 +80,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"),
           ("calibrate/stats.safetensors", "calibrate/calibration.json"), _calibrate),
     Stage("sensitivity", ("model", "sensitivity", "quantize"), ("${model.path}", "calibrate/stats.safetensors",
-          "calibrate/calibration.json"), ("sensitivity/sensitivity.json",), _sensitivity),
-    Stage("allocate", ("allocation",), ("sensitivity/sensitivity.json",), ("allocate/allocation.json",),
+          "calibrate/calibration.json"), ("sensitivity/sensitivity.json", "sensitivity/embeddings.json"),
+          _sensitivity),
+    Stage("allocate", ("allocation",), ("sensitivity/sensitivity.json", "sensitivity/embeddings.json",
+                                        "${allocation.policy}"), ("allocate/allocation.json",),
           _allocate, plots=("allocate/bits_per_layer.json",)),
     Stage("scale_fold", ("model", "fold"), ("${model.path}", "calibrate/stats.safetensors",
           "calibrate/calibration.json", "allocate/allocation.json"),
@@ -100,7 +102,19 @@ STAGES: tuple[Stage, ...] = (
           ("validate/report.json",), _validate, metrics=("validate/metrics.json",),
           plots=("validate/size_ppl.json",)),
 )
-STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def _train_policy(p: Params, root: Path):
+    from tasks.train_policy import train_policy
+    return train_policy(p.train_policy, [root / "sensitivity"], [root / "calibrate"], root / "train_policy")
+
+
+# Not part of the quantization pipeline (its own Prefect flow, `haloquant flow --train-policy`);
+# allocation.solver sac reads a policy folder, e.g. policies/ or artifacts/train_policy.
+TRAIN_POLICY = Stage("train_policy", ("train_policy",), ("calibrate/calibration.json", "sensitivity/sensitivity.json",
+                     "sensitivity/embeddings.json"), ("train_policy/policy.zip", "train_policy/policy.json"),
+                     _train_policy, plots=("train_policy/learning_curve.json",))
+STAGE_BY_NAME = {s.name: s for s in STAGES + (TRAIN_POLICY,)}
 
 
 # ---------------------------------------------------------------- the budget sweep (Pareto front)
@@ -127,9 +141,10 @@ def _pareto(p: Params, root: Path):
 
 
 SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}", "calibrate/stats.safetensors", "calibrate/calibration.json",
-                      "sensitivity/sensitivity.json")
+                      "sensitivity/sensitivity.json", "sensitivity/embeddings.json", "${allocation.policy}")
 # not allocation.budget (each point has its own) nor the lists of points (each point is a stage)
-SWEEP_POINT_PARAMS = ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "fold", "quantize",
+SWEEP_POINT_PARAMS = ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "allocation.policy",
+                      "fold", "quantize",
                       "validate", "export.gguf", "sweep.max_chunks")
 PRESET_PARAMS = ("model", "validate", "export.gguf", "sweep.max_chunks")
 

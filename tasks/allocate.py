@@ -8,6 +8,9 @@ Solvers:
   bisected to the smallest value within budget, then left-over bytes go to the best upgrades.
 - `greedy`: from the smallest formats, repeatedly take the upgrade with the largest cost drop per
   byte that still fits.
+- `sac`: RAMP's learned policy (`allocation.policy`, from the train_policy stage) reads each
+  tensor's layer embedding and picks its bits; no costs needed (works with sensitivity.metric none),
+  a repair step keeps it within budget (haloquant/policy.py).
 Per-tensor `rules` pin tensors to a format or give them a floor in bits per weight.
 """
 
@@ -24,20 +27,29 @@ from scipy.sparse import lil_matrix
 from haloquant import HaloquantError
 from haloquant.artifacts import read_json, write_json
 from haloquant.formats import get_format
-from schemas.artifacts import AllocationResult, FormatCost, SensitivityTable, TensorChoice
+from schemas.artifacts import AllocationResult, FormatCost, LayerEmbeddings, SensitivityTable, TensorChoice
 from schemas.params import AllocationSpec
 
 ALLOCATION_FILE = "allocation.json"
+EMBEDDINGS_FILE = "embeddings.json"
 PLOT_FILE = "bits_per_layer.json"
 Candidates = list[dict[str, FormatCost]]
 
 
 def budget_bytes(spec: AllocationSpec, table: SensitivityTable) -> int:
-    """Budget for the quantizable tensors, in bytes (total_bytes includes the float tensors)."""
+    """Budget for the quantizable tensors, in bytes (total_bytes includes the float tensors; the
+    file budgets also the GGUF's metadata and alignment, as measured by the sensitivity stage)."""
     n_weights = sum(t.n_weights for t in table.tensors)
-    if spec.budget.bits_per_weight is not None:
-        return int(np.floor(spec.budget.bits_per_weight * n_weights / 8))
-    return spec.budget.total_bytes - table.fixed_bytes
+    b = spec.budget
+    if b.bits_per_weight is not None:
+        return int(np.floor(b.bits_per_weight * n_weights / 8))
+    if b.total_bytes is not None:
+        return b.total_bytes - table.fixed_bytes
+    if table.gguf_overhead_bytes == 0:
+        raise HaloquantError(f"allocation.budget.{b.field}: the sensitivity table has no GGUF overhead measured "
+                             "(re-run the sensitivity stage)")
+    file_bytes = b.file_bytes if b.file_bytes is not None else int(b.file_mb * 1_000_000)
+    return file_bytes - table.gguf_overhead_bytes - table.fixed_bytes
 
 
 def apply_rules(spec: AllocationSpec, table: SensitivityTable) -> Candidates:
@@ -117,8 +129,25 @@ def _solve_lagrangian(cands: Candidates, budget: int) -> list[str]:
     return _fill_greedy(cands, pick(hi), budget)
 
 
-def allocate_bits(spec: AllocationSpec, table: SensitivityTable) -> AllocationResult:
+def _solve_sac(spec: AllocationSpec, table: SensitivityTable, embeddings: LayerEmbeddings | None,
+               cands: Candidates, budget: int) -> list[str]:
+    from haloquant.policy import AllocationProblem, SACAllocator
+
+    if embeddings is None:
+        raise HaloquantError("allocation.solver: sac needs the sensitivity stage's embeddings.json "
+                             "(re-run the sensitivity stage)")
+    problem = AllocationProblem.build(table, embeddings, cands)
+    n_weights = sum(t.n_weights for t in table.tensors)
+    picks = SACAllocator(spec.policy).allocate(problem, 8 * budget / n_weights, budget)
+    return [problem.formats[f] for f in picks]
+
+
+def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
+                  embeddings: LayerEmbeddings | None = None) -> AllocationResult:
     t0 = time.perf_counter()
+    if table.metric == "none" and spec.solver != "sac":
+        raise HaloquantError(f"allocation.solver: {spec.solver} needs measured costs, but sensitivity.metric is "
+                             "none; measure a metric (e.g. kl_calibrated) or use solver sac")
     cands = apply_rules(spec, table)
     n_weights = sum(t.n_weights for t in table.tensors)
     min_bytes = sum(min(c.bytes for c in cs.values()) for cs in cands)
@@ -126,15 +155,20 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable) -> AllocationRe
     budget = budget_bytes(spec, table)
     min_bpw = 8 * min_bytes / n_weights
     if budget < min_bytes:
-        field = "bits_per_weight" if spec.budget.bits_per_weight is not None else "total_bytes"
+        field = spec.budget.field
         raise HaloquantError(
             f"allocation.budget.{field}: infeasible — the smallest allocation of formats "
             f"{table.formats}{' under allocation.rules' if spec.rules else ''} needs {min_bpw:.4f} bits per weight "
-            f"({min_bytes + table.fixed_bytes} total bytes); raise the budget or add smaller formats"
+            f"({min_bytes + table.fixed_bytes} total bytes of tensor data"
+            + (f", {min_bytes + table.fixed_bytes + table.gguf_overhead_bytes} as a GGUF file"
+               if table.gguf_overhead_bytes else "")
+            + "); raise the budget or add smaller formats"
         )
     cap = min(budget, max_bytes)
     if spec.solver == "milp":
         picks = _solve_milp(cands, cap, spec.time_limit_s)
+    elif spec.solver == "sac":
+        picks = _solve_sac(spec, table, embeddings, cands, cap)
     elif spec.solver == "lagrangian":
         picks = _solve_lagrangian(cands, cap)
     else:
@@ -156,7 +190,9 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable) -> AllocationRe
 
 def allocate(spec: AllocationSpec, sensitivity_dir: Path, out_dir: Path) -> AllocationResult:
     table = SensitivityTable.model_validate(read_json(sensitivity_dir / "sensitivity.json"))
-    result = allocate_bits(spec, table)
+    emb_file = sensitivity_dir / EMBEDDINGS_FILE
+    embeddings = LayerEmbeddings.model_validate(read_json(emb_file)) if emb_file.is_file() else None
+    result = allocate_bits(spec, table, embeddings)
     write_json(out_dir / ALLOCATION_FILE, result.model_dump())
     write_json(out_dir / PLOT_FILE, [
         {"index": i, "tensor": c.gguf_name, "bits_per_weight": round(c.bits_per_weight, 4), "format": c.format}

@@ -23,14 +23,18 @@ import torch.nn.functional as F
 
 from haloquant.artifacts import write_json
 from haloquant.calibstats import CalibrationStats
+from haloquant.embedding import FEATURES, layer_embeddings
 from haloquant.formats import get_format
-from haloquant.modelio import float_tensors, load_model, load_tokenizer, quantizable_tensors
+from haloquant.gguf_writer import gguf_overhead_bytes
+from haloquant.modelio import float_tensors, gguf_arch, load_model, load_tokenizer, quantizable_tensors
 from haloquant.quantizer import encode_tensor
 from haloquant.textdata import calibration_batch, read_text, tokenize
-from schemas.artifacts import FormatCost, SensitivityTable, TensorSensitivity
+from schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
+                               TensorSensitivity)
 from schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
 
 TABLE_FILE = "sensitivity.json"
+EMBEDDINGS_FILE = "embeddings.json"
 REFERENCE_BITS = 4.0  # kl_calibrated measures each tensor at the candidate nearest this
 
 
@@ -76,6 +80,16 @@ class KLProbe:
         return float((self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean())
 
 
+def _gguf_overhead(model_spec: ModelSpec, model, infos, floats) -> int:
+    """What a GGUF of this model holds beyond tensor data (for allocation.budget.file_bytes)."""
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf_arch(model.config), model.config.num_hidden_layers)
+    names = [(t.gguf_name, t.shape) for t in infos]
+    names += [(tmap.get_name(n, try_suffixes=(".weight", ".bias")), tuple(v.shape)) for n, v in floats.items()]
+    return gguf_overhead_bytes(Path(model_spec.path), model.config, names, Path(model_spec.path).name)
+
+
 @torch.no_grad()
 def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: QuantizeSpec, calib_dir: Path,
                       out_dir: Path) -> SensitivityTable:
@@ -100,6 +114,9 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
         for fmt in formats:
             if not fmt.supports(t.shape):
                 continue
+            if spec.metric == "none":
+                cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=0.0)
+                continue
             data = encode_tensor(t, w.cpu().numpy(), fmt, quant_spec, stats, device)
             decoded[fmt.name] = torch.from_numpy(fmt.decode(data, t.shape)).to(device)
             delta = w - decoded[fmt.name]
@@ -118,8 +135,15 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             cands = {f: FormatCost(bytes=c.bytes, error=c.error * scale) for f, c in cands.items()}
         rows.append(TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer,
                                       shape=t.shape, n_weights=t.n_weights, candidates=cands))
-    fixed = sum(p.numel() * 4 for p in float_tensors(model).values())
+    infos = quantizable_tensors(model)
+    emb = layer_embeddings(infos, {t.name: params[t.name].detach().cpu() for t in infos}, stats,
+                           model.config.num_hidden_layers, model.config.hidden_size)
+    write_json(out_dir / EMBEDDINGS_FILE, LayerEmbeddings(features=list(FEATURES), tensors=[
+        TensorEmbedding(gguf_name=t.gguf_name, values=v) for t, v in zip(infos, emb)]).model_dump())
+    floats = float_tensors(model)
+    fixed = sum(p.numel() * 4 for p in floats.values())
     table = SensitivityTable(metric=spec.metric, formats=spec.formats, fixed_bytes=fixed, tensors=rows,
+                             gguf_overhead_bytes=_gguf_overhead(model_spec, model, infos, floats),
                              seconds=time.perf_counter() - t0)
     write_json(out_dir / TABLE_FILE, table.model_dump())
     return table

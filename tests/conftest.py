@@ -63,8 +63,8 @@ def pipeline_run(tmp_path_factory):
 
 def copy_project(dest: Path) -> Path:
     """A copy of the project's tracked files (code, specs, data) for DVC runs in isolation."""
-    for item in ("haloquant", "schemas", "tasks", "flows", "data", "dvc.yaml", "params.yaml", "pyproject.toml",
-                 ".dvcignore"):
+    for item in ("haloquant", "schemas", "tasks", "flows", "data", "policies", "dvc.yaml", "params.yaml",
+                 "pyproject.toml", ".dvcignore"):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))

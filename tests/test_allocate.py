@@ -48,7 +48,7 @@ def test_total_bytes_budget_counts_float_tensors():
     res = allocate_bits(AllocationSpec(budget={"total_bytes": total}), table)
     assert res.total_bytes == res.used_bytes + table.fixed_bytes <= total
     assert res.total_bytes > smallest  # the extra room was used
-    with pytest.raises(HaloquantError, match=rf"total_bytes: infeasible.*\({smallest} total bytes\)"):
+    with pytest.raises(HaloquantError, match=rf"total_bytes: infeasible.*\({smallest} total bytes of tensor data\)"):
         allocate_bits(AllocationSpec(budget={"total_bytes": smallest - 1}), table)
 
 
@@ -83,3 +83,35 @@ def test_rules_pin_and_floor():
                       table)
     with pytest.raises(HaloquantError, match="under allocation.rules"):
         allocate_bits(AllocationSpec(budget={"bits_per_weight": 4.6}, rules=[{"match": "*", "min_bits": 8}]), table)
+
+
+def test_file_size_budget_fits_the_written_gguf(tmp_path):
+    """allocation.budget.file_mb: the GGUF written from the allocation, metadata and alignment
+    included, fits in N MB and uses most of it (ref-llama-tiny, k-quant candidates)."""
+    from schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec, SensitivitySpec
+    from tasks.allocate import allocate
+    from tasks.calibrate import calibrate
+    from tasks.export_gguf import export_gguf
+    from tasks.quantize import quantize
+    from tasks.scale_fold import scale_fold
+    from tasks.sensitivity import score_sensitivity
+
+    from tests.conftest import CALIB_TEXT, TINY
+
+    spec = ModelSpec(path=TINY, device="cpu")
+    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), tmp_path / "cal")
+    table = score_sensitivity(spec, SensitivitySpec(formats=["Q3_K", "Q4_K", "Q5_K", "Q6_K"], metric="output_error"),
+                              QuantizeSpec(), tmp_path / "cal", tmp_path / "sens")
+    assert 0 < table.gguf_overhead_bytes < 2_000_000
+    for mb in (2.6, 3.1):
+        d = tmp_path / str(mb)
+        res = allocate(AllocationSpec(budget={"file_mb": mb}), tmp_path / "sens", d / "alloc")
+        scale_fold(spec, FoldSpec(), tmp_path / "cal", d / "alloc", d / "fold")
+        quantize(spec, QuantizeSpec(), tmp_path / "cal", d / "alloc", d / "fold", d / "q")
+        export_gguf(spec, GGUFSpec(), d / "q", d / "gguf")
+        size = (d / "gguf" / "model.gguf").stat().st_size
+        assert size <= mb * 1_000_000
+        assert size > mb * 1_000_000 - 70_000  # within one upgrade step (~ a Q3_K→Q4_K FFN tensor) + padding
+        assert res.total_bytes + table.gguf_overhead_bytes <= mb * 1_000_000
+    with pytest.raises(HaloquantError, match=r"allocation.budget.file_mb: infeasible.*as a GGUF file"):
+        allocate(AllocationSpec(budget={"file_mb": 1.0}), tmp_path / "sens", tmp_path / "x")

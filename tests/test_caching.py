@@ -32,12 +32,13 @@ def test_dvc_repro_caching(tmp_path):
     params["calibration"]["n_sequences"] = 8
     params["validate"].update(max_chunks=2, ctx=256)
     params["sweep"] = {"bits_per_weight": [4.0], "presets": ["Q4_K_M"], "max_chunks": 1}
+    params["train_policy"].update(timesteps=1100, eval_every=550)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init && dvc init -q", proj)
 
     first = sh("dvc repro", proj)
     assert [s for s in ran(first) if s in STAGES] == STAGES
-    assert {"sweep@4.0", "preset@Q4_K_M", "pareto"} <= set(ran(first))
+    assert {"sweep@4.0", "preset@Q4_K_M", "pareto", "train_policy"} <= set(ran(first))
     second = sh("dvc repro", proj)
     assert ran(second) == [] and "up to date" in second
 
@@ -51,6 +52,7 @@ def test_dvc_repro_caching(tmp_path):
     assert "ppl_quant" in metrics and "llama_cpp_ppl_gap" in metrics
     plots = sh("dvc plots show --json", proj)
     assert "bits_per_layer.json" in plots and "size_ppl.json" in plots and "pareto.json" in plots
+    assert "learning_curve.json" in plots
 
     params["sweep"]["bits_per_weight"] = [4.0, 5.0]  # one more point: only it and the plot run
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -100,3 +102,23 @@ def test_deployment_has_cron_schedule(tmp_path):
     assert dep.name == DEPLOYMENT_NAME
     assert dep.parameters == {"params_file": str(params_file.resolve())}
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+
+
+@pytest.mark.slow
+def test_train_policy_flow_then_sac_allocation(tmp_path):
+    """The train-policy flow writes a policy folder (cached on a second run); the pipeline then
+    allocates with it (`allocation.solver: sac`, `allocation.policy: artifacts/train_policy`)."""
+    from flows.pipeline import haloquant_pipeline, train_policy_flow
+
+    params_file = write_params(tmp_path, small_params(**{"train_policy": {"timesteps": 1100, "eval_every": 550}}))
+    first = {k: v["state"] for k, v in train_policy_flow(str(params_file)).items()}
+    assert first == {"calibrate": "Completed", "sensitivity": "Completed", "train_policy": "Completed"}
+    assert (tmp_path / "artifacts" / "train_policy" / "policy.zip").is_file()
+    second = {k: v["state"] for k, v in train_policy_flow(str(params_file)).items()}
+    assert set(second.values()) == {"Cached"}
+
+    write_params(tmp_path, small_params(**{"allocation.solver": "sac", "allocation.policy": "artifacts/train_policy"}))
+    states = {k: v["state"] for k, v in haloquant_pipeline(str(params_file)).items()}
+    assert states["calibrate"] == states["sensitivity"] == "Cached" and states["validate"] == "Completed"
+    alloc = yaml.safe_load((tmp_path / "artifacts" / "allocate" / "allocation.json").read_text())
+    assert alloc["solver"] == "sac" and alloc["used_bytes"] <= alloc["budget_bytes"]
