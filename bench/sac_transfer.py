@@ -114,9 +114,17 @@ def main() -> None:
             res = {}
             for name, a in allocs.items():
                 alloc = read_json(a / "allocation.json")
-                size, ppl = build_and_score(m["spec"], m["calib"], a, d / name, m["text"], args.chunks)
+                # scored files are reused while the allocation and chunk count are unchanged
+                key = {"tensors": alloc["tensors"], "chunks": args.chunks}
+                done = d / name / "score.json"
+                if done.is_file() and read_json(done)["key"] == key:
+                    size, ppl = read_json(done)["bytes"], read_json(done)["ppl"]
+                else:
+                    size, ppl = build_and_score(m["spec"], m["calib"], a, d / name, m["text"], args.chunks)
+                    write_json(done, {"key": key, "bytes": size, "ppl": ppl})
+                n_weights = sum(t.n_weights for t in table.tensors)
                 res[name] = {"bytes": size, "ppl": ppl, "proxy": proxy_cost(table, alloc),
-                             "bpw": alloc["bits_per_weight"]}
+                             "bpw": 8 * sum(t["bytes"] for t in alloc["tensors"]) / n_weights}
             row = {"model": model.name, "budget": uni, "bpw": bpw, "sac_apply_s": sac_s, **{
                 f"{k}_{f}": v for k, r in res.items() for f, v in r.items()}}
             rows.append(row)

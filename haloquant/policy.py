@@ -88,10 +88,19 @@ class AllocationProblem:
 
 @dataclass(frozen=True)
 class BitsScale:
-    """Bits normalised to the policy's format range: lowest format → 0, highest → 1."""
+    """The policy's fixed input/output scaling: bits normalised to its format range (lowest → 0,
+    highest → 1), and features standardised by the training model's mean and std (kept in the
+    policy card, so a new model is seen through the same lens)."""
 
     lo: float
     hi: float
+    feature_mean: tuple[float, ...] | None = None
+    feature_std: tuple[float, ...] | None = None
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        if self.feature_mean is None:
+            return x
+        return (x - np.asarray(self.feature_mean)) / np.asarray(self.feature_std)
 
     def norm(self, bits: float) -> float:
         return (bits - self.lo) / (self.hi - self.lo)
@@ -112,7 +121,7 @@ def observation(p: AllocationProblem, t: int, target_bpw: float, used: float, bu
     affordable = affordable_bits(p, t, used, budget)
     extra = [scale.norm(target_bpw), float(np.clip(scale.norm(affordable), -2, 3)), t / len(p.names),
              scale.norm(prev_bits)]
-    return np.concatenate([p.features[t], extra]).astype(np.float32)
+    return np.concatenate([scale.features(p.features[t]), extra]).astype(np.float32)
 
 
 def nearest_format(p: AllocationProblem, t: int, bits: float) -> int:
@@ -219,7 +228,8 @@ def proxy_regret(p: AllocationProblem, picks: list[int], target_bpw: float) -> f
 
 
 def train_sac(problems: list[AllocationProblem], budgets: list[float], scale: BitsScale, timesteps: int, seed: int,
-              net_arch: list[int], eval_every: int, out_dir: Path) -> dict:
+              net_arch: list[int], eval_every: int, out_dir: Path, learning_rate: float = 3e-4,
+              batch_size: int = 256, gradient_steps: int = 1, gamma: float = 0.99) -> dict:
     """Train SAC on the problems; writes policy.zip, returns the learning curve and training cost."""
     import torch
     from stable_baselines3 import SAC
@@ -249,7 +259,8 @@ def train_sac(problems: list[AllocationProblem], budgets: list[float], scale: Bi
             return True
 
     model = SAC("MlpPolicy", env, seed=seed, policy_kwargs={"net_arch": list(net_arch)}, learning_starts=1000,
-                batch_size=256, gamma=0.99, device="cpu", verbose=0)
+                learning_rate=learning_rate, batch_size=batch_size, gradient_steps=gradient_steps, gamma=gamma,
+                device="cpu", verbose=0)
     t0 = time.perf_counter()
     model.learn(total_timesteps=timesteps, callback=Curve())
     seconds = time.perf_counter() - t0
@@ -276,7 +287,8 @@ class SACAllocator:
         from stable_baselines3 import SAC
 
         self.model = SAC.load(policy_dir / "policy.zip", device="cpu")
-        self.scale = BitsScale(*self.card["bits_range"])
+        self.scale = BitsScale(*self.card["bits_range"], tuple(self.card["feature_mean"]),
+                               tuple(self.card["feature_std"]))
 
     def allocate(self, p: AllocationProblem, target_bpw: float, budget: float) -> list[int]:
         return rollout(_sb3_predict(self.model), p, target_bpw, budget, self.scale)

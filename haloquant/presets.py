@@ -13,10 +13,18 @@ from schemas.artifacts import AllocationResult, TensorChoice
 
 def allocation_from_type_map(infos: list[TensorInfo], type_map: dict[str, str], solver: str) -> AllocationResult:
     """An allocation artifact that assigns each tensor the type `type_map` gives its GGUF name."""
-    choices = [TensorChoice(name=t.name, gguf_name=t.gguf_name, format=type_map[t.gguf_name], bytes=0,
-                            bits_per_weight=0, error=0) for t in infos]
-    return AllocationResult(solver=solver, budget_bytes=0, budget_spec={}, used_bytes=0, total_bytes=0,
-                            bits_per_weight=0, objective=0, min_feasible_bits_per_weight=0, tensors=choices, seconds=0)
+    from haloquant.formats import get_format
+
+    choices = []
+    for t in infos:
+        f = type_map[t.gguf_name]
+        nbytes = get_format(f).storage_bytes(t.shape)
+        choices.append(TensorChoice(name=t.name, gguf_name=t.gguf_name, format=f, bytes=nbytes,
+                                    bits_per_weight=8 * nbytes / t.n_weights, error=0))
+    used = sum(c.bytes for c in choices)
+    return AllocationResult(solver=solver, budget_bytes=used, budget_spec={}, used_bytes=used, total_bytes=used,
+                            bits_per_weight=8 * used / sum(t.n_weights for t in infos), objective=0,
+                            min_feasible_bits_per_weight=0, tensors=choices, seconds=0)
 
 
 def preset_type_map(f16_gguf: Path, preset: str, out: Path) -> dict[str, str]:

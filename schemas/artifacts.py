@@ -90,6 +90,8 @@ class PolicyCard(Artifact):
     features: list[str]
     obs_extra: list[str]
     bits_range: tuple[float, float]  # action [-1, 1] ↦ these bits per weight
+    feature_mean: list[float]  # the training model's, standardising every model's embedding
+    feature_std: list[float]
     formats: list[str]
     trained_on: list[dict]  # per training model: model path, metric, tensors
     budgets: list[float]

@@ -115,6 +115,7 @@ class TrainPolicySpec(Strict):
     budget_range: tuple[float, float] = Field((3.0, 6.0), description="training budgets, bits per weight")
     eval_every: PositiveInt = Field(2000, description="steps between learning-curve evaluations")
     net_arch: list[PositiveInt] = Field([128, 128], min_length=1, description="hidden layers of actor and critics")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam step size of actor, critics and entropy")
 
     @model_validator(mode="after")
     def _range(self) -> "TrainPolicySpec":

@@ -47,13 +47,17 @@ def train_policy(spec: TrainPolicySpec, sensitivity_dirs: list[Path], calib_dirs
     if not budgets:
         raise HaloquantError(f"train_policy.budget_range: no budget above the smallest feasible {floor_bpw:.3f} bpw")
     problems = [training_problem(t, e, budgets) for t, e in zip(tables, embs)]
-    scale = BitsScale(float(min(p.bpw.min() for p in problems)), float(max(p.bpw.max() for p in problems)))
-    res = train_sac(problems, budgets, scale, spec.timesteps, spec.seed, spec.net_arch, spec.eval_every, out_dir)
+    feats = np.concatenate([p.features for p in problems])
+    scale = BitsScale(float(min(p.bpw.min() for p in problems)), float(max(p.bpw.max() for p in problems)),
+                      tuple(feats.mean(0).tolist()), tuple(np.maximum(feats.std(0), 1e-3).tolist()))
+    res = train_sac(problems, budgets, scale, spec.timesteps, spec.seed, spec.net_arch, spec.eval_every, out_dir,
+                    learning_rate=spec.learning_rate)
     trained_on = [{"model_path": CalibrationReport.model_validate(read_json(c / "calibration.json")).model_path,
                    "metric": t.metric, "tensors": len(t.tensors)} for c, t in zip(calib_dirs, tables)]
     card = PolicyCard(
         algorithm=f"SAC (stable-baselines3 {stable_baselines3.__version__})", features=list(FEATURES),
-        obs_extra=list(OBS_EXTRA), bits_range=(scale.lo, scale.hi), formats=problems[0].formats,
+        obs_extra=list(OBS_EXTRA), bits_range=(scale.lo, scale.hi), feature_mean=list(scale.feature_mean),
+        feature_std=list(scale.feature_std), formats=problems[0].formats,
         trained_on=trained_on, budgets=budgets, timesteps=spec.timesteps, seed=spec.seed,
         net_arch=spec.net_arch, episodes=res["episodes"], seconds=res["seconds"], reward_evaluations=spec.timesteps,
         final_proxy_regret=res["curve"][-1]["proxy_regret"])

@@ -40,6 +40,12 @@ def test_check_passes_on_valid_spec(tmp_path):
     (lambda p: p.pop("model"), "model", "required key is missing"),
     (lambda p: p.update(sweep={"bits_per_weight": [3.5, 4]}), "sweep.bits_per_weight", "4.0, not 4"),
     (lambda p: p.update(sweep={"presets": ["Q4_K_X"]}), "sweep.presets", "unknown llama.cpp preset"),
+    (lambda p: p["allocation"].update(budget={"file_mb": 3.0, "bits_per_weight": 4.0}), "allocation.budget",
+     "exactly one"),
+    (lambda p: p["allocation"].update(solver="sac", policy="no/such/policy"), "allocation.policy",
+     "not a policy folder"),
+    (lambda p: p["sensitivity"].update(metric="none"), "allocation.solver", "needs measured costs"),
+    (lambda p: p.update(train_policy={"budget_range": [5.0, 3.0]}), "train_policy", "budget_range"),
 ])
 def test_bad_spec_names_the_key(tmp_path, mutate, path, expected):
     data = small_params()
