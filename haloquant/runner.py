@@ -21,9 +21,9 @@ def preflight(params: Params) -> None:
     read_text(params.calibration.text, "calibration.text")
     read_text(params.validate_.text, "validate.text")
     check_disjoint(params.calibration.text, params.validate_.text)
-    if params.sensitivity.metric == "none" and params.allocation.solver != "sac":
-        raise HaloquantError(f"allocation.solver: {params.allocation.solver} needs measured costs, but "
-                             "sensitivity.metric is none; measure a metric (e.g. kl_calibrated) or use solver sac")
+    from tasks.allocate import require_costs
+
+    require_costs(params.allocation.solver, params.sensitivity.metric)
     if params.allocation.solver == "sac":
         pol = params.allocation.policy
         if not (pol / "policy.zip").is_file() or not (pol / "policy.json").is_file():

@@ -129,6 +129,13 @@ def _solve_lagrangian(cands: Candidates, budget: int) -> list[str]:
     return _fill_greedy(cands, pick(hi), budget)
 
 
+def require_costs(solver: str, metric: str) -> None:
+    """Every solver but sac optimises the measured costs: refuse an unmeasured table."""
+    if metric == "none" and solver != "sac":
+        raise HaloquantError(f"allocation.solver: {solver} needs measured costs, but sensitivity.metric is "
+                             "none; measure a metric (e.g. kl_calibrated) or use solver sac")
+
+
 def _solve_sac(spec: AllocationSpec, table: SensitivityTable, embeddings: LayerEmbeddings | None,
                cands: Candidates, budget: int) -> list[str]:
     from haloquant.policy import AllocationProblem, SACAllocator
@@ -145,9 +152,7 @@ def _solve_sac(spec: AllocationSpec, table: SensitivityTable, embeddings: LayerE
 def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
                   embeddings: LayerEmbeddings | None = None) -> AllocationResult:
     t0 = time.perf_counter()
-    if table.metric == "none" and spec.solver != "sac":
-        raise HaloquantError(f"allocation.solver: {spec.solver} needs measured costs, but sensitivity.metric is "
-                             "none; measure a metric (e.g. kl_calibrated) or use solver sac")
+    require_costs(spec.solver, table.metric)
     cands = apply_rules(spec, table)
     n_weights = sum(t.n_weights for t in table.tensors)
     min_bytes = sum(min(c.bytes for c in cs.values()) for cs in cands)
