@@ -85,7 +85,7 @@ def test_dvc_yaml_is_generated_from_registry():
     assert r.stdout == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `haloquant dvc-yaml > dvc.yaml`"
     stages = yaml.safe_load(r.stdout)["stages"]
     assert list(stages) == ["calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf",
-                            "export_onnx", "validate", "sweep", "preset", "pareto"]
+                            "export_onnx", "validate", "train_policy", "sweep", "preset", "pareto"]
     assert stages["sweep"]["foreach"] == "${sweep.bits_per_weight}"
     # the budget is read by allocate alone: editing it can never re-run calibrate or sensitivity
     params_of = {n: s.get("params") or s["do"]["params"] for n, s in stages.items()}
