@@ -1,14 +1,16 @@
-"""Issue 6's bench: RAMP's SAC allocator trained on one model, applied zero-shot to others, against
-the exact MILP allocation and uniform k-quants of the same size.
+"""Issue 6's bench: RAMP's SAC allocator trained on some models, applied zero-shot to others,
+against the exact MILP allocation and uniform k-quants of the same size.
 
-    python bench/sac_transfer.py --train-model ../shared/models/ref-llama-a \\
-        --models ../shared/models/ref-llama-a data/models/ref-llama-tiny /tmp/ref-llama-gqa \\
-        --policy policies/sac-ref-llama-a --timesteps 20000 --chunks 100
+    M=/work/models   # bench/make_models.py: the training family fam-* and the test model gqa
+    python bench/sac_transfer.py --train-models ../shared/models/ref-llama-a $M/ref-llama-fam-shallow \\
+            $M/ref-llama-fam-mqa $M/ref-llama-fam-deep $M/ref-llama-fam-untied \\
+        --models ../shared/models/ref-llama-a data/models/ref-llama-tiny $M/ref-llama-gqa \\
+        --policy policies/sac-llama-family --timesteps 100000 --chunks 100
 
-(/tmp/ref-llama-gqa: bench/make_gqa_model.py — 10 layers, GQA 8:2, a shape not trained on.)
+ref-llama-tiny and ref-llama-gqa (10 layers, GQA 8:2) are never trained on: zero-shot.
 Per model: calibrate; `kl_calibrated` sensitivity (what MILP needs: T forward passes) and `none`
 sensitivity (what SAC needs: embeddings and sizes only), both timed. The policy is trained on the
-first model's table unless the policy folder already exists. Budgets are the sizes of uniform
+training models' tables unless the policy folder already exists. Budgets are the sizes of uniform
 Q3_K, Q4_K and Q5_K, so the uniform files are exactly the budget. Every file: RTN quantizer,
 GGUF, llama.cpp perplexity on WikiText-2 test at ctx 512. Also printed: each allocation's proxy
 cost / MILP's (the reward's quality term), SAC's apply time, and the training cost.
@@ -55,46 +57,51 @@ def build_and_score(spec, calib, alloc_dir: Path, out: Path, text: str, chunks: 
     return gguf.stat().st_size, llama_cpp_perplexity(gguf, text, 512, chunks)["ppl"]
 
 
+_prepared: dict[Path, dict] = {}
+
+
+def prepare(model: Path, out: Path) -> dict:
+    """Calibrate and measure `model` once (cached in out/<model>): the `kl_calibrated` table MILP and
+    training need, and the `none` table (embeddings and sizes) SAC needs, each timed."""
+    if model in _prepared:
+        return _prepared[model]
+    d = out / model.name
+    spec, calib, text = setup(model, d)
+    info = {"spec": spec, "calib": calib, "text": text, "dir": d}
+    for metric in ("kl_calibrated", "none"):
+        sens = d / f"sensitivity-{metric}"
+        if not (sens / "embeddings.json").is_file():
+            score_sensitivity(spec, SensitivitySpec(formats=FORMATS, metric=metric), QuantizeSpec(), calib, sens)
+        info[f"{metric}_s"] = read_json(sens / "sensitivity.json")["seconds"]
+        info[metric] = sens
+    _prepared[model] = info
+    return info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--train-model", type=Path, default=REPO.parent / "shared/models/ref-llama-a")
+    ap.add_argument("--train-models", nargs="+", type=Path, default=[REPO.parent / "shared/models/ref-llama-a"],
+                    help="the policy's training models (not the test models, for a zero-shot test)")
     ap.add_argument("--models", nargs="+", type=Path,
                     default=[REPO.parent / "shared/models/ref-llama-a", REPO / "data/models/ref-llama-tiny",
                              Path("/tmp/ref-llama-gqa")])
-    ap.add_argument("--policy", type=Path, default=REPO / "policies/sac-ref-llama-a")
+    ap.add_argument("--policy", type=Path, default=REPO / "policies/sac-llama-family")
     ap.add_argument("--timesteps", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-sac"))
     args = ap.parse_args()
 
-    prepared: dict[Path, dict] = {}
-
-    def prepare(model: Path) -> dict:
-        if model in prepared:
-            return prepared[model]
-        d = args.out / model.name
-        spec, calib, text = setup(model, d)
-        info = {"spec": spec, "calib": calib, "text": text, "dir": d}
-        for metric in ("kl_calibrated", "none"):
-            sens = d / f"sensitivity-{metric}"
-            if not (sens / "embeddings.json").is_file():
-                score_sensitivity(spec, SensitivitySpec(formats=FORMATS, metric=metric), QuantizeSpec(), calib, sens)
-            info[f"{metric}_s"] = read_json(sens / "sensitivity.json")["seconds"]
-            info[metric] = sens
-        prepared[model] = info
-        return info
-
-    train = prepare(args.train_model)
     if not (args.policy / "policy.json").is_file():
+        train = [prepare(m, args.out) for m in args.train_models]
         train_policy(TrainPolicySpec(timesteps=args.timesteps, seed=args.seed,
                                      eval_every=max(args.timesteps // 20, 500)),
-                     [train["kl_calibrated"]], [train["calib"]], args.policy)
+                     [t["kl_calibrated"] for t in train], [t["calib"] for t in train], args.policy)
     card = read_json(args.policy / "policy.json")
 
     rows = []
     for model in args.models:
-        m = prepare(model)
+        m = prepare(model, args.out)
         table = SensitivityTable.model_validate(read_json(m["kl_calibrated"] / "sensitivity.json"))
         infos = quantizable_tensors(load_model(model, "cpu"))
         for uni in UNIFORM:
@@ -131,10 +138,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     result = {"rows": rows, "card": card,
-              "measurement_s": {m.name: {"kl_calibrated": prepare(m)["kl_calibrated_s"], "none": prepare(m)["none_s"]}
+              "measurement_s": {m.name: {"kl_calibrated": prepare(m, args.out)["kl_calibrated_s"],
+                                       "none": prepare(m, args.out)["none_s"]}
                                 for m in args.models}}
     (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nSAC policy trained on {Path(card['trained_on'][0]['model_path']).name}: {card['timesteps']} steps "
+    trained_on = ", ".join(Path(t["model_path"]).name for t in card["trained_on"])
+    print(f"\nSAC policy trained on {trained_on}: {card['timesteps']} steps "
           f"({card['episodes']} episodes, {card['reward_evaluations']} reward look-ups), {card['seconds']:.0f} s wall "
           f"on this CPU; final proxy regret {card['final_proxy_regret']:.3f}\n")
     print(f"llama.cpp perplexity, WikiText-2 test, ctx 512, first {args.chunks} chunks; RTN quantizer for all\n")

@@ -2,9 +2,10 @@
 tensors in order and picks each one's bits from its 11-feature layer embedding and the budget
 left, trained once and applied to other models zero-shot.
 
-Environment (`AllocationEnv`, gymnasium): one episode = one model at one budget. Observation:
-the tensor's embedding (haloquant/embedding.py) + [target bits, bits per remaining weight still
-affordable, progress, previous bits], bits normalised to the policy's format range. Action: one
+Environment (`AllocationEnv`, gymnasium): one episode = one model (drawn from the training models)
+at one budget. Observation: the tensor's embedding (haloquant/embedding.py) + [target bits, bits
+per remaining weight still affordable, progress, previous bits, the tensor's share of the weights
+still to be allocated], bits normalised to the policy's format range. Action: one
 number a in [-1, 1], read relative to the running budget: desired bits = (bits per remaining weight
 still affordable) + a · (format range) / 2, clipped to the range → the supported format nearest.
 So a = 0 spends evenly and the policy learns where to deviate (which tensors deserve more), the
@@ -38,7 +39,7 @@ import numpy as np
 from haloquant import HaloquantError
 from haloquant.embedding import FEATURES
 
-OBS_EXTRA = ("target_bits", "affordable_bits", "progress", "previous_bits")
+OBS_EXTRA = ("target_bits", "affordable_bits", "progress", "previous_bits", "remaining_share")
 OVER_CLIFF, OVER_SLOPE, UNDER_SLOPE = 10.0, 100.0, 2.0
 
 
@@ -119,8 +120,11 @@ def affordable_bits(p: "AllocationProblem", t: int, used: float, budget: float) 
 def observation(p: AllocationProblem, t: int, target_bpw: float, used: float, budget: float, prev_bits: float,
                 scale: BitsScale) -> np.ndarray:
     affordable = affordable_bits(p, t, used, budget)
+    # what one extra bit here costs the tensors still to come: the tied embedding is 17 % of
+    # ref-llama-a but 40 % of ref-llama-tiny, and the embedding's param_share cannot tell them apart
+    remaining_share = float(p.n_weights[t] / p.n_weights[t:].sum())
     extra = [scale.norm(target_bpw), float(np.clip(scale.norm(affordable), -2, 3)), t / len(p.names),
-             scale.norm(prev_bits)]
+             scale.norm(prev_bits), remaining_share]
     return np.concatenate([scale.features(p.features[t]), extra]).astype(np.float32)
 
 

@@ -46,6 +46,8 @@ def input_paths(stage: Stage, params: Params, root: Path) -> list[Path]:
     out = []
     for item in stage.inputs:
         out.append(Path(_lookup(params, item[2:-1])) if item.startswith("${") else root / item)
+    for key in stage.listed_inputs:
+        out.extend(Path(x) for x in _lookup(params, key))
     return out
 
 

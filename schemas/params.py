@@ -102,7 +102,7 @@ class AllocationSpec(Strict):
     solver: Literal["milp", "greedy", "lagrangian", "sac"] = "milp"
     rules: list[TensorRule] = []
     time_limit_s: float = Field(60.0, gt=0)
-    policy: Path = Field(Path("policies/sac-ref-llama-a"),
+    policy: Path = Field(Path("policies/sac-llama-family"),
                          description="solver sac: a train_policy output folder (policy.zip + policy.json)")
 
 
@@ -116,6 +116,8 @@ class TrainPolicySpec(Strict):
     eval_every: PositiveInt = Field(2000, description="steps between learning-curve evaluations")
     net_arch: list[PositiveInt] = Field([128, 128], min_length=1, description="hidden layers of actor and critics")
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam step size of actor, critics and entropy")
+    also_on: list[Path] = Field([], description="other runs' artifacts folders (each with calibrate/ and a measured "
+                                "sensitivity/) to train on too: a policy meant for other models should see several")
 
     @model_validator(mode="after")
     def _range(self) -> "TrainPolicySpec":
@@ -267,6 +269,7 @@ def _resolve_paths(p: Params, base: Path) -> Params:
             "calibration": p.calibration.model_copy(update={"text": r(p.calibration.text)}),
             "validate_": p.validate_.model_copy(update={"text": r(p.validate_.text)}),
             "allocation": p.allocation.model_copy(update={"policy": r(p.allocation.policy)}),
+            "train_policy": p.train_policy.model_copy(update={"also_on": [r(x) for x in p.train_policy.also_on]}),
         }
     )
 

@@ -24,6 +24,9 @@ class Stage:
     run: Callable[[Params, Path], object] = field(repr=False, compare=False)
     metrics: tuple[str, ...] = ()
     plots: tuple[str, ...] = ()
+    # params keys holding lists of folders the stage reads: hashed by the Prefect cache key; DVC
+    # cannot interpolate a list into deps, so there the params entry itself is what triggers a re-run
+    listed_inputs: tuple[str, ...] = ()
     module: str = ""  # tasks/<module>.py holds its code; default: the stage's name
 
     @property
@@ -106,14 +109,17 @@ STAGES: tuple[Stage, ...] = (
 
 def _train_policy(p: Params, root: Path):
     from tasks.train_policy import train_policy
-    return train_policy(p.train_policy, [root / "sensitivity"], [root / "calibrate"], root / "train_policy")
+    roots = [root, *p.train_policy.also_on]
+    return train_policy(p.train_policy, [r / "sensitivity" for r in roots], [r / "calibrate" for r in roots],
+                        root / "train_policy")
 
 
 # Not part of the quantization pipeline (its own Prefect flow, `haloquant flow --train-policy`);
 # allocation.solver sac reads a policy folder, e.g. policies/ or artifacts/train_policy.
 TRAIN_POLICY = Stage("train_policy", ("train_policy",), ("calibrate/calibration.json", "sensitivity/sensitivity.json",
                      "sensitivity/embeddings.json"), ("train_policy/policy.zip", "train_policy/policy.json"),
-                     _train_policy, plots=("train_policy/learning_curve.json",))
+                     _train_policy, plots=("train_policy/learning_curve.json",),
+                     listed_inputs=("train_policy.also_on",))
 STAGE_BY_NAME = {s.name: s for s in STAGES + (TRAIN_POLICY,)}
 
 

@@ -37,6 +37,12 @@ def train_policy(spec: TrainPolicySpec, sensitivity_dirs: list[Path], calib_dirs
                  out_dir: Path) -> PolicyCard:
     import stable_baselines3
 
+    for i, (d, c) in enumerate(zip(sensitivity_dirs[1:], calib_dirs[1:])):
+        missing = [str(f) for f in (d / "sensitivity.json", d / "embeddings.json", c / "calibration.json")
+                   if not f.is_file()]
+        if missing:
+            raise HaloquantError(f"train_policy.also_on[{i}]: {str(d.parent)!r} is not a pipeline run's artifacts "
+                                 f"folder (missing {', '.join(missing)}; run its calibrate and sensitivity stages)")
     tables = [SensitivityTable.model_validate(read_json(d / "sensitivity.json")) for d in sensitivity_dirs]
     embs = [LayerEmbeddings.model_validate(read_json(d / "embeddings.json")) for d in sensitivity_dirs]
     lo, hi = spec.budget_range

@@ -11,7 +11,8 @@ import pytest
 from haloquant import HaloquantError
 from haloquant.artifacts import read_json
 from haloquant.embedding import FEATURES
-from haloquant.policy import AllocationEnv, AllocationProblem, BitsScale, SACAllocator, repair, rollout
+from haloquant.policy import (OBS_EXTRA, AllocationEnv, AllocationProblem, BitsScale, SACAllocator, observation,
+                              repair, rollout)
 from schemas.artifacts import LayerEmbeddings, SensitivityTable
 from schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec, TrainPolicySpec
 from tasks.allocate import allocate
@@ -94,6 +95,34 @@ def test_repair_fits_the_budget_and_spends_it(desire):
             assert all(used - p.nbytes[t, f] + p.nbytes[t, g] > budget for g in bigger)
 
 
+def test_observation_shows_each_tensors_share_of_the_weights_left():
+    """What an extra bit costs the rest differs by model (a tied embedding is 17 % of ref-llama-a,
+    40 % of ref-llama-tiny): the observation carries the tensor's share of the weights still to come."""
+    p = _random_problem(np.random.default_rng(1), n=6)
+    scale = BitsScale(2.625, 8.5)
+    share = [observation(p, t, 4.0, 0.0, 1e9, 4.0, scale)[11 + OBS_EXTRA.index("remaining_share")]
+             for t in range(6)]
+    assert share == pytest.approx([p.n_weights[t] / p.n_weights[t:].sum() for t in range(6)], rel=1e-6)
+    assert share[-1] == pytest.approx(1.0)
+
+
+def test_environment_draws_episodes_from_every_training_model():
+    rng = np.random.default_rng(2)
+    problems = [_random_problem(rng, n) for n in (5, 9, 13)]
+    for p in problems:
+        p.optimum[4.0] = float(p.costs.min(1).sum())
+    env = AllocationEnv(problems, [4.0], BitsScale(2.625, 8.5), seed=0)
+    lengths = set()
+    for _ in range(40):
+        env.reset()
+        done, n = False, 0
+        while not done:
+            _, _, done, _, _ = env.step(np.zeros(1, dtype=np.float32))
+            n += 1
+        lengths.add(n)
+    assert lengths == {5, 9, 13}
+
+
 def test_environment_penalises_overspending_with_a_cliff(tiny_tables):
     from stable_baselines3.common.env_checker import check_env
 
@@ -167,3 +196,34 @@ def test_rollout_respects_allocation_rules(tiny_tables):
     budget = np.floor(5.0 * p.total_weights / 8)
     picks = rollout(lambda obs: -1.0, p, 5.0, budget, BitsScale(2.625, 8.5))
     assert p.formats[picks[0]] == "Q6_K" and sum(p.nbytes[t, f] for t, f in enumerate(picks)) <= budget
+
+
+def test_train_policy_also_on_other_runs(tiny_tables, tmp_path):
+    """`train_policy.also_on` adds other runs' measured tables to the training set; their contents
+    are part of the stage's cache key; a folder that is not a run is refused by name."""
+    import shutil
+
+    from haloquant.runner import fingerprint
+    from schemas.params import parse_params
+    from tasks import TRAIN_POLICY
+
+    from tests.conftest import small_params
+
+    for name in ("this", "other"):
+        shutil.copytree(tiny_tables / "calibrate", tmp_path / name / "calibrate")
+        shutil.copytree(tiny_tables / "kl_calibrated", tmp_path / name / "sensitivity")
+    spec = {"timesteps": 600, "eval_every": 600, "net_arch": [16], "budget_range": [3.0, 4.0]}
+    params = parse_params(small_params(train_policy={**spec, "also_on": ["../other"]}), base_dir=tmp_path / "this")
+    assert params.train_policy.also_on == [tmp_path / "this" / ".." / "other"]
+    card = TRAIN_POLICY.run(params, tmp_path / "this")
+    assert len(card.trained_on) == 2 and card.episodes >= 600 // 29 - 1
+
+    key = fingerprint(TRAIN_POLICY, params, tmp_path / "this")
+    emb = tmp_path / "other" / "sensitivity" / "embeddings.json"
+    emb.write_text(emb.read_text().replace('"features"', '"features" ', 1))
+    assert fingerprint(TRAIN_POLICY, params, tmp_path / "this") != key
+
+    bad = parse_params(small_params(train_policy={**spec, "also_on": ["../nowhere"]}), base_dir=tmp_path / "this")
+    with pytest.raises(HaloquantError, match=r"train_policy.also_on\[0\]: .*nowhere.* is not a pipeline run"):
+        TRAIN_POLICY.run(bad, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
