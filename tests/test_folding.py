@@ -82,9 +82,12 @@ def test_alpha_search_never_increases_quantized_error(folded):
     groups = results["scale_fold"].groups
     assert groups and all(g["error_folded"] <= g["error_unfolded"] for g in groups)
     assert any(g["alpha"] > 0 for g in groups), "no group profited from folding"
-    folded_groups = [g for g in groups if g["alpha"] > 0]
-    assert all(g["after"]["channel_max_ratio"] <= g["before"]["channel_max_ratio"] * 1.0001 for g in folded_groups
-               if g["alpha"] >= 0.5)
+    # where the input had outliers to migrate (a channel ≥ 2× the typical one), α ≥ 0.5 flattens it;
+    # on an already flat input (ratio ≈ 1.4) the weights' own maxima set the scales and may raise it
+    # slightly — such a fold is kept only because it lowered the quantized error (asserted above)
+    with_outliers = [g for g in groups if g["alpha"] >= 0.5 and g["before"]["channel_max_ratio"] >= 2]
+    assert with_outliers and all(g["after"]["channel_max_ratio"] < g["before"]["channel_max_ratio"]
+                                 for g in with_outliers)
 
 
 def test_folded_model_runs_in_llama_cpp_and_onnxruntime(folded):
