@@ -108,7 +108,8 @@ STAGES: tuple[Stage, ...] = (
 
 
 def _train_policy(p: Params, root: Path):
-    from tasks.train_policy import train_policy
+    from tasks.train_policy import check_other_runs, train_policy
+    check_other_runs(p.train_policy.also_on)
     roots = [root, *p.train_policy.also_on]
     return train_policy(p.train_policy, [r / "sensitivity" for r in roots], [r / "calibrate" for r in roots],
                         root / "train_policy")

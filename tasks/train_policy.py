@@ -33,16 +33,20 @@ def training_problem(table: SensitivityTable, embeddings: LayerEmbeddings, budge
     return p
 
 
+def check_other_runs(also_on: list[Path]) -> None:
+    """Each `train_policy.also_on` entry must be a run's artifacts folder with a measured table."""
+    for i, root in enumerate(also_on):
+        missing = [str(root / f) for f in ("sensitivity/sensitivity.json", "sensitivity/embeddings.json",
+                                           "calibrate/calibration.json") if not (root / f).is_file()]
+        if missing:
+            raise HaloquantError(f"train_policy.also_on[{i}]: {str(root)!r} is not a pipeline run's artifacts "
+                                 f"folder (missing {', '.join(missing)}; run its calibrate and sensitivity stages)")
+
+
 def train_policy(spec: TrainPolicySpec, sensitivity_dirs: list[Path], calib_dirs: list[Path],
                  out_dir: Path) -> PolicyCard:
     import stable_baselines3
 
-    for i, (d, c) in enumerate(zip(sensitivity_dirs[1:], calib_dirs[1:])):
-        missing = [str(f) for f in (d / "sensitivity.json", d / "embeddings.json", c / "calibration.json")
-                   if not f.is_file()]
-        if missing:
-            raise HaloquantError(f"train_policy.also_on[{i}]: {str(d.parent)!r} is not a pipeline run's artifacts "
-                                 f"folder (missing {', '.join(missing)}; run its calibrate and sensitivity stages)")
     tables = [SensitivityTable.model_validate(read_json(d / "sensitivity.json")) for d in sensitivity_dirs]
     embs = [LayerEmbeddings.model_validate(read_json(d / "embeddings.json")) for d in sensitivity_dirs]
     lo, hi = spec.budget_range
