@@ -5,7 +5,7 @@ against the exact MILP allocation and uniform k-quants of the same size.
     python bench/sac_transfer.py --train-models ../shared/models/ref-llama-a $M/ref-llama-fam-shallow \\
             $M/ref-llama-fam-mqa $M/ref-llama-fam-deep $M/ref-llama-fam-untied \\
         --models ../shared/models/ref-llama-a data/models/ref-llama-tiny $M/ref-llama-gqa \\
-        --policy policies/sac-llama-family --timesteps 100000 --chunks 100
+        --policy policies/sac-llama-family --timesteps 80000 --chunks 100
 
 ref-llama-tiny and ref-llama-gqa (10 layers, GQA 8:2) are never trained on: zero-shot.
 Per model: calibrate; `kl_calibrated` sensitivity (what MILP needs: T forward passes) and `none`
@@ -84,7 +84,7 @@ def main() -> None:
                     help="the policy's training models (not the test models, for a zero-shot test)")
     ap.add_argument("--models", nargs="+", type=Path,
                     default=[REPO.parent / "shared/models/ref-llama-a", REPO / "data/models/ref-llama-tiny",
-                             Path("/tmp/ref-llama-gqa")])
+                             Path("/work/models/ref-llama-gqa")])  # make_models.py finish's default
     ap.add_argument("--policy", type=Path, default=REPO / "policies/sac-llama-family")
     ap.add_argument("--timesteps", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
