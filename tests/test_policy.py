@@ -23,7 +23,7 @@ from tasks.train_policy import train_policy, training_problem
 from tests.conftest import CALIB_TEXT, REPO, TINY
 
 KQ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
-SHIPPED = REPO / "policies" / "sac-ref-llama-a"
+SHIPPED = REPO / "policies" / "sac-llama-family"
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +167,10 @@ def test_train_policy_writes_a_policy_that_allocates_within_budget(tiny_tables, 
         assert picks == alloc.allocate(problem, bpw, budget)  # deterministic
 
 
-@pytest.mark.skipif(not (SHIPPED / "policy.zip").is_file(), reason="shipped policy missing")
 def test_sac_solver_on_an_unmeasured_model(tiny_tables, tmp_path):
-    """The shipped policy (trained on ref-llama-a) applied zero-shot to ref-llama-tiny, which it never
-    saw, from the `none` table: in budget, and it differs from uniform (it does allocate)."""
+    """The shipped policy (trained on ref-llama-a and four made models) applied zero-shot to
+    ref-llama-tiny, which it never saw, from the `none` table: in budget, and it differs from
+    uniform (it does allocate)."""
     for bpw in (3.5, 4.5):
         res = allocate(AllocationSpec(budget={"bits_per_weight": bpw}, solver="sac", policy=SHIPPED),
                        tiny_tables / "none", tmp_path / f"a{bpw}")
