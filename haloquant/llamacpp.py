@@ -35,7 +35,8 @@ def llama_cpp_tokens(gguf_path: Path, text: str) -> list[int]:
 
 def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int | None,
                          threads: int | None = None) -> dict:
-    """Perplexity of the GGUF on `text` as llama-perplexity computes it; also returns the token ids."""
+    """Perplexity of the GGUF on `text` as llama-perplexity computes it; also returns the token ids and
+    each chunk's summed NLL (for paired comparisons of two files on the same chunks)."""
     lc = _llama_cpp()
     t0 = time.perf_counter()
     llm = lc.Llama(str(gguf_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
@@ -46,7 +47,7 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
         n = min(n, max_chunks)
     bos = llm.token_bos()
     sl = scored_slice(ctx)
-    nll, count = 0.0, 0
+    nll, count, chunk_nll = 0.0, 0, []
     for c in range(n):
         chunk = tokens[c * ctx : (c + 1) * ctx]
         chunk[0] = bos
@@ -56,12 +57,13 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
         target = np.asarray(chunk[sl.start + 1 : sl.stop + 1])
         m = logits.max(-1, keepdims=True)
         logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
-        nll += float((logz - logits[np.arange(len(target)), target]).sum())
+        chunk_nll.append(float((logz - logits[np.arange(len(target)), target]).sum()))
+        nll += chunk_nll[-1]
         count += len(target)
     if count == 0:
         raise HaloquantError(f"validate.text: fewer than validate.ctx={ctx} tokens for llama.cpp")
     return {"ppl": math.exp(nll / count), "n_tokens": count, "n_chunks": n, "seconds": time.perf_counter() - t0,
-            "tokens": tokens}
+            "chunk_nll": chunk_nll, "tokens": tokens}
 
 
 @functools.lru_cache(maxsize=1)

@@ -52,6 +52,9 @@ def test_gguf_holds_every_format_and_llama_cpp_agrees(mixed):
     torch_ppl = score(load_quantized_model(TINY, out / "quantize", "cpu"), chunks)["ppl"]
     lc = llama_cpp_perplexity(out / "gguf" / "model.gguf", text, 256, 3)
     assert math.isfinite(lc["ppl"]) and abs(lc["ppl"] / torch_ppl - 1) < 0.01
+    # the per-chunk NLLs (paired comparisons in bench/) add up to the reported perplexity
+    assert len(lc["chunk_nll"]) == lc["n_chunks"] == 3
+    assert math.exp(sum(lc["chunk_nll"]) / lc["n_tokens"]) == pytest.approx(lc["ppl"], rel=1e-12)
 
 
 def test_onnx_holds_integer_weights_and_agrees(mixed):
