@@ -36,6 +36,56 @@ from tasks.scale_fold import scale_fold
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+CODECS = KQUANTS + ["IQ4_NL", "IQ4_XS"]  # haloquant's own encoders, compared with llama.cpp's
+
+
+def codec_errors(formats: list[str], infos, params, stats) -> list[dict]:
+    """Per-tensor weighted error Σ imp·(w−q)² of haloquant's encoder over llama.cpp's quantizer on
+    the model's real tensors, with the calibration imatrix and without (geometric means)."""
+    rows = []
+    for name in formats:
+        fmt = get_format(name)
+        ratios, ratios_plain = [], []
+        for t in infos:
+            w = params[t.name].detach().float().numpy()
+            imp = stats.importance(t)
+            e = lambda q: float((((q - w) ** 2) * imp).sum())  # noqa: E731
+            ratios.append(e(fmt.roundtrip(w, imp)) / e(fmt.decode(ggml_quantize(fmt, w, imp), w.shape)))
+            e2 = lambda q: float(((q - w) ** 2).sum())  # noqa: E731
+            ratios_plain.append(e2(fmt.roundtrip(w)) / e2(fmt.decode(ggml_quantize(fmt, w), w.shape)))
+        rows.append({"format": name, "imatrix_geomean_ratio": float(np.exp(np.mean(np.log(ratios)))),
+                     "imatrix_frac_ours_le": float(np.mean(np.array(ratios) <= 1)),
+                     "plain_geomean_ratio": float(np.exp(np.mean(np.log(ratios_plain)))),
+                     "plain_frac_ours_le": float(np.mean(np.array(ratios_plain) <= 1))})
+    return rows
+
+
+def encode_speed(formats: list[str], n: int) -> list[dict]:
+    """Seconds to encode an n×n float32 matrix, haloquant vs llama.cpp's quantizer (one thread each)."""
+    x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    imp = np.random.default_rng(1).lognormal(0, 1, n).astype(np.float32)
+    rows = []
+    for name in formats:
+        fmt = get_format(name)
+        weighted = imp if fmt.is_kquant or fmt.code_values is not None else None
+        t0 = time.perf_counter(); fmt.encode(x, weighted); t1 = time.perf_counter()  # noqa: E702
+        ggml_quantize(fmt, x, weighted); t2 = time.perf_counter()  # noqa: E702
+        rows.append({"format": name, "haloquant_s": t1 - t0, "llama.cpp_s": t2 - t1, "ratio": (t1 - t0) / (t2 - t1)})
+    return rows
+
+
+def print_codec_tables(err_rows: list[dict], speed: list[dict], n: int) -> None:
+    print("\nPer-tensor weighted error Σ imp·(w−q)², haloquant RTN / llama.cpp (geometric mean over tensors):")
+    print("| format | with imatrix | tensors where ours ≤ | no imatrix (unweighted) | tensors where ours ≤ |")
+    print("|---|---|---|---|---|")
+    for r in err_rows:
+        print(f"| {r['format']} | {r['imatrix_geomean_ratio']:.3f} | {100 * r['imatrix_frac_ours_le']:.0f} % | "
+              f"{r['plain_geomean_ratio']:.3f} | {100 * r['plain_frac_ours_le']:.0f} % |")
+    print(f"\nEncode time of a {n}×{n} float32 matrix (one thread each):")
+    print("| format | haloquant (s) | llama.cpp (s) | ratio |")
+    print("|---|---|---|---|")
+    for r in speed:
+        print(f"| {r['format']} | {r['haloquant_s']:.2f} | {r['llama.cpp_s']:.2f} | {r['ratio']:.1f}× |")
 
 
 def build(model_spec, infos, type_map, method, calib_dir, out) -> tuple[Path, float]:
@@ -66,12 +116,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-kquants"))
     ap.add_argument("--speed-size", type=int, default=4096)
     ap.add_argument("--metric", default="kl_calibrated", help="sensitivity metric for haloquant mixed")
+    ap.add_argument("--codecs-only", nargs="+", metavar="FORMAT",
+                    help="only the weighted-error and encode-speed tables, for these formats")
     args = ap.parse_args()
     spec, calib_dir, text = setup(args.model, args.out)
     stats = CalibrationStats(calib_dir)
     model = load_model(spec.path, "cpu")
     infos = quantizable_tensors(model)
     params = dict(model.named_parameters(remove_duplicate=False))
+    if args.codecs_only:
+        print_codec_tables(codec_errors(args.codecs_only, infos, params, stats),
+                           encode_speed(args.codecs_only, args.speed_size), args.speed_size)
+        return
 
     def ppl(path: Path) -> float:
         return llama_cpp_perplexity(path, text, 512, args.chunks)["ppl"]
@@ -114,34 +170,9 @@ def main() -> None:
                            args.out / "mixed-94pct-Q4_K_M")
         small = {"bytes": path.stat().st_size, "ppl": ppl(path)}
 
-    # per-tensor weighted error, haloquant RTN vs llama.cpp's quantizer (both with the same imatrix)
-    err_rows = []
-    for name in KQUANTS:
-        fmt = get_format(name)
-        ratios, ratios_plain = [], []
-        for t in infos:
-            w = params[t.name].detach().float().numpy()
-            imp = stats.importance(t)
-            e = lambda q: float((((q - w) ** 2) * imp).sum())  # noqa: E731
-            ours = e(fmt.roundtrip(w, imp))
-            theirs = e(fmt.decode(ggml_quantize(fmt, w, imp), w.shape))
-            ratios.append(ours / theirs)
-            e2 = lambda q: float(((q - w) ** 2).sum())  # noqa: E731
-            ratios_plain.append(e2(fmt.roundtrip(w)) / e2(fmt.decode(ggml_quantize(fmt, w), w.shape)))
-        err_rows.append({"format": name, "imatrix_geomean_ratio": float(np.exp(np.mean(np.log(ratios)))),
-                         "imatrix_frac_ours_le": float(np.mean(np.array(ratios) <= 1)),
-                         "plain_geomean_ratio": float(np.exp(np.mean(np.log(ratios_plain)))),
-                         "plain_frac_ours_le": float(np.mean(np.array(ratios_plain) <= 1))})
-
+    err_rows = codec_errors(CODECS, infos, params, stats)
     n = args.speed_size
-    x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    imp = np.random.default_rng(1).lognormal(0, 1, n).astype(np.float32)
-    speed = []
-    for name in KQUANTS + ["Q4_0", "Q8_0"]:
-        fmt = get_format(name)
-        t0 = time.perf_counter(); fmt.encode(x, imp if fmt.is_kquant else None); t1 = time.perf_counter()  # noqa: E702
-        ggml_quantize(fmt, x, imp if fmt.is_kquant else None); t2 = time.perf_counter()  # noqa: E702
-        speed.append({"format": name, "haloquant_s": t1 - t0, "llama.cpp_s": t2 - t1, "ratio": (t1 - t0) / (t2 - t1)})
+    speed = encode_speed(CODECS + ["Q4_0", "Q8_0"], n)
 
     (args.out / "results.json").write_text(json.dumps({"ppl": rows, "errors": err_rows, "speed": speed,
                                                        "gptq_seconds": gptq_seconds, "small": small}, indent=2))
@@ -166,17 +197,7 @@ def main() -> None:
               f"vs Q4_K_M {q4km['llama.cpp']:.3f} (llama.cpp) / {q4km['llama.cpp+imatrix']:.3f} (+imatrix)")
     print("\nSame type map ⇒ same tensor bytes: haloquant files differ from llama.cpp's only in metadata "
           f"({', '.join(str(r['haloquant GPTQ bytes'] - r['bytes']) for r in rows[1:])} bytes).")
-    print("\nPer-tensor weighted error Σ imp·(w−q)², haloquant RTN / llama.cpp (geometric mean over tensors):")
-    print("| format | with imatrix | tensors where ours ≤ | no imatrix (unweighted) | tensors where ours ≤ |")
-    print("|---|---|---|---|---|")
-    for r in err_rows:
-        print(f"| {r['format']} | {r['imatrix_geomean_ratio']:.3f} | {100 * r['imatrix_frac_ours_le']:.0f} % | "
-              f"{r['plain_geomean_ratio']:.3f} | {100 * r['plain_frac_ours_le']:.0f} % |")
-    print(f"\nEncode time of a {n}×{n} float32 matrix (one thread each):")
-    print("| format | haloquant (s) | llama.cpp (s) | ratio |")
-    print("|---|---|---|---|")
-    for r in speed:
-        print(f"| {r['format']} | {r['haloquant_s']:.2f} | {r['llama.cpp_s']:.2f} | {r['ratio']:.1f}× |")
+    print_codec_tables(err_rows, speed, n)
     print("\nGPTQ time, whole model, CPU (s): " + ", ".join(f"{k} {v:.1f}" for k, v in gptq_seconds.items()))
 
 

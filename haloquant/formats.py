@@ -6,8 +6,8 @@ candidate set is just a list of format names; the bytes the quantize stage store
 the GGUF holds, so what validation measures is what llama.cpp runs.
 
 Encoding of the classic block types goes through the `gguf` package's reference quantizers
-(ports of ggml's `quantize_row_*_ref`); the k-quants, which `gguf` cannot encode, through
-`haloquant.kquants`. Decoding always goes through `gguf.quants.dequantize`, the reference decoder.
+(ports of ggml's `quantize_row_*_ref`); the k-quants and IQ4_NL / IQ4_XS, which `gguf` cannot
+encode, through `haloquant.kquants` and `haloquant.iquants`. Decoding always goes through `gguf.quants.dequantize`, the reference decoder.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from haloquant import HaloquantError
+from haloquant.iquants import KVALUES, encode_iq4
 from haloquant.kquants import affine_kquant, encode_kquant, kquant_with_codes
 
 
@@ -106,7 +107,8 @@ class QuantFormat:
 
     def affine_blocks(self, data: np.ndarray, shape: tuple[int, ...]) -> "AffineBlocks | None":
         """The format's bytes as integer codes with a scale and zero point per group, such that
-        (q − zero) · scale = decode(data); None where the format is not of that form (floats)."""
+        (q − zero) · scale = decode(data) — (values[q] − zero) · scale for the IQ4 types, whose
+        codes index a fixed table; None where the format is not of that form (floats)."""
         blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size)
         if self.is_kquant:
             return AffineBlocks(*affine_kquant(self.name, blocks))
@@ -114,10 +116,15 @@ class QuantFormat:
         return None if parse is None else parse(blocks)
 
     @property
+    def code_values(self) -> np.ndarray | None:
+        """The table a code indexes (IQ4_NL, IQ4_XS); None where code q stands for q itself."""
+        return KVALUES if self.ggml_type in (GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS) else None
+
+    @property
     def max_code(self) -> int:
         """Largest integer code of the format's affine view."""
         return {"Q2_K": 3, "Q3_K": 7, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31,
-                "Q5_1": 31, "Q8_0": 255}[self.name]
+                "Q5_1": 31, "Q8_0": 255, "IQ4_NL": 15, "IQ4_XS": 15}[self.name]
 
     def with_codes(self, data: np.ndarray, shape: tuple[int, ...], q: np.ndarray) -> np.ndarray:
         """Block bytes with every code replaced by `q` (rows, groups, group size), scales kept —
@@ -146,9 +153,13 @@ class AffineBlocks:
     bits: int
     zero_is_integer: bool
     constant: np.ndarray | None = None  # (rows, groups): groups whose value ignores the codes (zero scale)
+    values: np.ndarray | None = None  # non-linear types: code q stands for values[q]
+
+    def level(self, q: np.ndarray) -> np.ndarray:
+        return q.astype(np.float32) if self.values is None else self.values[q]
 
     def dequantize(self) -> np.ndarray:
-        w = (self.q.astype(np.float32) - self.zero[..., None]) * self.scale[..., None]
+        w = (self.level(self.q) - self.zero[..., None]) * self.scale[..., None]
         return w.reshape(self.q.shape[0], -1)
 
 
@@ -200,6 +211,26 @@ def _affine_q8_0(b):
     return AffineBlocks(q, d, np.full_like(d, 128.0), 8, True)
 
 
+def _affine_iq4_nl(b):
+    d = _f16(b, 0)
+    return AffineBlocks(_nibbles(b[..., 2:18]), d, np.zeros_like(d), 4, True, values=KVALUES)
+
+
+def _affine_iq4_xs(b):
+    rows, n = b.shape[:2]
+    h = b[..., 2:4].copy().view(np.uint16)[..., 0, None] >> (2 * np.arange(8, dtype=np.uint16))
+    lo = np.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], axis=-1).reshape(rows, n, 8)
+    ls = (lo | ((h & 3) << 4).astype(np.uint8)).astype(np.float32) - 32
+    scale = (_f16(b, 0)[..., None] * ls).reshape(rows, n * 8)
+    q = _nibbles(b[..., 8:136].reshape(rows, n, 8, 16)).reshape(rows, n * 8, 32)
+    return AffineBlocks(q, scale, np.zeros_like(scale), 4, True, values=KVALUES)
+
+
+def _codes_iq4_xs(b, q):
+    rows, n = b.shape[:2]
+    b[..., 8:136] = _pack_nibbles(q.reshape(rows, n, 8, 32)).reshape(rows, n, 128)
+
+
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
 
@@ -242,9 +273,10 @@ def _llama_cpp_encoding(fmt: QuantFormat, w: np.ndarray, importance: np.ndarray 
 _WARNED: list[bool] = []
 _T = GGMLQuantizationType
 _CODE_WRITERS = {_T.Q4_0: _codes_q4(2), _T.Q4_1: _codes_q4(4), _T.Q5_0: _codes_q5(2, 6), _T.Q5_1: _codes_q5(4, 8),
-                 _T.Q8_0: _codes_q8_0}
+                 _T.Q8_0: _codes_q8_0, _T.IQ4_NL: _codes_q4(2), _T.IQ4_XS: _codes_iq4_xs}
 _AFFINE_PARSERS = {_T.Q4_0: _affine_q4_0, _T.Q4_1: _affine_q4_1, _T.Q5_0: _affine_q5_0,
-                   _T.Q5_1: _affine_q5_1, _T.Q8_0: _affine_q8_0}
+                   _T.Q5_1: _affine_q5_1, _T.Q8_0: _affine_q8_0, _T.IQ4_NL: _affine_iq4_nl,
+                   _T.IQ4_XS: _affine_iq4_xs}
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
@@ -253,6 +285,8 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("Q4_K", _T.Q4_K, lambda w, imp: encode_kquant("Q4_K", w, imp)),
         QuantFormat("Q5_K", _T.Q5_K, lambda w, imp: encode_kquant("Q5_K", w, imp)),
         QuantFormat("Q6_K", _T.Q6_K, lambda w, imp: encode_kquant("Q6_K", w, imp)),
+        QuantFormat("IQ4_NL", _T.IQ4_NL, lambda w, imp: encode_iq4("IQ4_NL", w, imp)),
+        QuantFormat("IQ4_XS", _T.IQ4_XS, lambda w, imp: encode_iq4("IQ4_XS", w, imp)),
         QuantFormat("Q4_0", _T.Q4_0),
         QuantFormat("Q4_1", _T.Q4_1),
         QuantFormat("Q5_0", _T.Q5_0),

@@ -5,7 +5,8 @@ column's rounding error is compensated in the columns not yet quantized through 
 Hessian H = E[xxᵀ] + λI from calibration. When a column starts a new format block (32 columns
 for the classic types, a 256-column super-block for k-quants), that block's scales and mins are
 fitted by the format's own encoder on the *current*, error-compensated weights and then fixed;
-every column of the block is rounded onto that grid (codes q ∈ [0, max], value (q − zero)·scale).
+every column of the block is rounded onto that grid (codes q ∈ [0, max], value (q − zero)·scale;
+for IQ4_NL / IQ4_XS the nearest of the format's 16 table values times the block scale).
 The codes are written back into the fitted block bytes, so the result is ordinary llama.cpp data.
 With act_order the blocks' grids are fitted up front on the original weights (static groups).
 """
@@ -27,6 +28,25 @@ def _grid(fmt: QuantFormat, data: np.ndarray, rows: int, cols: int):
     rep = lambda x: np.repeat(x, g, axis=1)  # noqa: E731
     const = rep(a.constant) if a.constant is not None else np.zeros((rows, cols), bool)
     return rep(a.scale), rep(a.zero), const
+
+
+class _Rounding:
+    """Nearest code of a format's grid: integers 0..max, or (IQ4 types) a table of values."""
+
+    def __init__(self, fmt: QuantFormat, device):
+        self.qmax = fmt.max_code
+        self.values = None if fmt.code_values is None else torch.tensor(fmt.code_values, device=device)
+        if self.values is not None:  # midpoints; ties go to the larger value, as ggml's best_index_int8
+            self.mid = (self.values[1:] + self.values[:-1]) / 2
+        self.level0 = 0.0 if self.values is None else float(self.values[0])  # the level of code 0
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x = w/scale + zero → (code, its level)."""
+        if self.values is None:
+            q = torch.clamp(torch.round(x), 0, self.qmax)
+            return q, q
+        q = torch.bucketize(x, self.mid, right=True)
+        return q, self.values[q]
 
 
 @torch.no_grad()
@@ -69,7 +89,7 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
     W = W[:, perm]
 
     block = -(-max(BLOCK, sb) // sb) * sb
-    qmax = fmt.max_code
+    nearest = _Rounding(fmt, device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
@@ -80,9 +100,9 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
                 fit(col, W1[:, i : i + sb])
             s, z, c = scale[:, col], zero[:, col], const[:, col]
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / torch.where(c, 1.0, s) + z), 0, qmax)
-            q = torch.where(c, 0.0, q)
-            deq = (q - z) * s
+            q, level = nearest(w / torch.where(c, 1.0, s) + z)
+            q = torch.where(c, 0, q)
+            deq = (torch.where(c, nearest.level0, level) - z) * s
             codes[:, perm[col]] = q.to(torch.int16)
             err = (w - deq) / Hinv[col, col]
             W1[:, i:] -= err[:, None] * Hinv[col, i1 + i : i2][None, :]

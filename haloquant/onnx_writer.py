@@ -47,8 +47,9 @@ def pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
 
 
 def ort_supports(blocks: AffineBlocks) -> bool:
+    """MatMulNBits decodes linear codes only: IQ4's table-indexed codes stay float MatMul."""
     group = blocks.q.shape[-1]
-    return (blocks.bits in (2, 4, 8) and 16 <= group <= 256 and group & (group - 1) == 0
+    return (blocks.values is None and blocks.bits in (2, 4, 8) and 16 <= group <= 256 and group & (group - 1) == 0
             and not (blocks.bits == 8 and not blocks.zero_is_integer))
 
 

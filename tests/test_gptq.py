@@ -11,7 +11,7 @@ from haloquant.gptq import gptq_quantize
 from haloquant.modelio import load_model, quantizable_tensors
 from tests.conftest import TINY
 
-FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q8_0"]
+FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q8_0"]
 
 
 @pytest.fixture(scope="module")
