@@ -1,0 +1,76 @@
+"""Is one GGUF's perplexity really lower than another's? llama.cpp perplexity of several files on
+the same chunks, and for each against the reference a paired bootstrap over chunks: the relative
+perplexity difference with its 95 % interval. Differences of a few hundredths of a percent (the
+Q6_K row of kquant_presets.py) are inside the noise of 100 chunks; this says how far.
+
+    python bench/paired_ppl.py --ref imatrix=/tmp/haloquant-kquants/Q6_K/llamacpp/gguf/model.gguf \\
+        rtn=/tmp/haloquant-kquants/Q6_K/rtn/gguf/model.gguf gptq=/tmp/haloquant-kquants/Q6_K/gptq/gguf/model.gguf \\
+        --chunks 0 --save /tmp/q6k_chunks.json          # 0 = the whole WikiText-2 test file
+    python bench/paired_ppl.py --load /tmp/q6k_chunks.json --ref imatrix --first 100   # re-analyse a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from common import EVAL_TEXT  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+
+def paired(x: np.ndarray, y: np.ndarray, tokens_per_chunk: int, n_boot: int = 4000, seed: int = 0):
+    """ppl(x)/ppl(y) − 1 over the same chunks, and its 95 % bootstrap interval (chunks resampled)."""
+    diff = (x - y) / tokens_per_chunk
+    rng = np.random.default_rng(seed)
+    boots = np.exp(diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(1)) - 1
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return math.exp(diff.mean()) - 1, lo, hi
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="*", help="label=path.gguf")
+    ap.add_argument("--ref", required=True, help="label=path.gguf, or with --load the reference's label")
+    ap.add_argument("--chunks", type=int, default=100, help="chunks of 512 tokens; 0 = the whole file")
+    ap.add_argument("--first", type=int, default=None, help="analyse only the first N chunks")
+    ap.add_argument("--save", type=Path)
+    ap.add_argument("--load", type=Path)
+    args = ap.parse_args()
+    ctx = 512
+    tokens_per_chunk = ctx // 2 - 1  # llama-perplexity scores positions ctx/2 … ctx−2
+    if args.load:
+        nll = {k: np.array(v) for k, v in json.loads(args.load.read_text()).items()}
+        ref = args.ref
+    else:
+        from haloquant.llamacpp import llama_cpp_perplexity
+        from haloquant.textdata import read_text
+
+        text = read_text(EVAL_TEXT, "eval")
+        files = dict(f.split("=", 1) for f in [args.ref, *args.files])
+        ref = args.ref.split("=", 1)[0]
+        nll = {}
+        for label, path in files.items():
+            r = llama_cpp_perplexity(Path(path), text, ctx, args.chunks or None)
+            nll[label] = np.array(r["chunk_nll"])
+            print(f"{label}: ppl {r['ppl']:.4f} over {r['n_chunks']} chunks ({r['seconds']:.0f} s)", flush=True)
+        if args.save:
+            args.save.write_text(json.dumps({k: v.tolist() for k, v in nll.items()}))
+    n = args.first or len(nll[ref])
+    nll = {k: v[:n] for k, v in nll.items()}
+    print(f"\nllama.cpp perplexity, WikiText-2 test, ctx {ctx}, {n} chunks; paired bootstrap over chunks vs {ref}\n")
+    print(f"| file | ppl | vs {ref} | 95 % interval |")
+    print("|---|---|---|---|")
+    for label, x in nll.items():
+        ppl = math.exp(x.sum() / (len(x) * tokens_per_chunk))
+        if label == ref:
+            print(f"| {label} | {ppl:.4f} | | |")
+            continue
+        rel, lo, hi = paired(x, nll[ref], tokens_per_chunk)
+        print(f"| {label} | {ppl:.4f} | {100 * rel:+.3f} % | {100 * lo:+.3f} … {100 * hi:+.3f} % |")
+
+
+if __name__ == "__main__":
+    main()
