@@ -7,7 +7,8 @@ type map. With that same map: llama.cpp's quantizer with an imatrix (ggml_quanti
 calibration E[x²], what llama-quantize --imatrix calls per tensor), haloquant RTN, haloquant GPTQ.
 Then haloquant's own allocation (sensitivity with the GPTQ quantizer → MILP) at exactly the
 preset's tensor bytes, quantized with GPTQ ("haloquant mixed"), and one at 94 % of Q4_K_M's.
-Every file is scored by llama.cpp's perplexity on WikiText-2 test at context 512.
+Every file is scored by llama.cpp's perplexity on WikiText-2 test at context 512; each haloquant
+file's difference from llama.cpp+imatrix gets a 95 % paired-bootstrap interval over the chunks.
 Then: per-tensor weighted error of haloquant RTN vs llama.cpp's quantizer, and encode speed on a
 4096×4096 matrix, and GPTQ time for the whole model.
 """
@@ -34,6 +35,7 @@ from tasks.quantize import quantize
 from tasks.scale_fold import scale_fold
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from paired_ppl import TOKENS_PER_CHUNK, paired  # noqa: E402
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 CODECS = KQUANTS + ["IQ4_NL", "IQ4_XS"]  # haloquant's own encoders, compared with llama.cpp's
@@ -129,8 +131,19 @@ def main() -> None:
                            encode_speed(args.codecs_only, args.speed_size), args.speed_size)
         return
 
-    def ppl(path: Path) -> float:
-        return llama_cpp_perplexity(path, text, 512, args.chunks)["ppl"]
+    chunk_nll: dict[str, list[float]] = {}  # "preset/label" → per-chunk NLL, for paired intervals
+
+    def ppl(path: Path, key: str | None = None) -> float:
+        r = llama_cpp_perplexity(path, text, 512, args.chunks)
+        if key is not None:
+            chunk_nll[key] = r["chunk_nll"]
+        return r["ppl"]
+
+    def interval(preset: str, label: str) -> str:
+        """95 % paired-bootstrap interval of label vs llama.cpp+imatrix over the same chunks."""
+        _, lo, hi = paired(np.array(chunk_nll[f"{preset}/{label}"]), np.array(chunk_nll[f"{preset}/llama.cpp+imatrix"]),
+                           TOKENS_PER_CHUNK)
+        return f"{100 * lo:+.2f} … {100 * hi:+.2f} %"
 
     sens_dir = args.out / "sensitivity"
     t0 = time.perf_counter()
@@ -153,12 +166,12 @@ def main() -> None:
                "types": dict(sorted({v: list(type_map.values()).count(v) for v in set(type_map.values())}.items()))}
         for label, method in (("llama.cpp+imatrix", "llamacpp"), ("haloquant RTN", "rtn"), ("haloquant GPTQ", "gptq")):
             path, secs = build(spec, infos, type_map, method, calib_dir, d / method)
-            row[label] = ppl(path)
+            row[label] = ppl(path, f"{preset}/{label}")
             row[f"{label} bytes"] = path.stat().st_size
             if method == "gptq":
                 gptq_seconds[preset] = secs
         mixed = build_mixed(spec, sens_dir, tensor_data_bytes(ref), calib_dir, d / "mixed")
-        row["haloquant mixed"] = ppl(mixed)
+        row["haloquant mixed"] = ppl(mixed, f"{preset}/haloquant mixed")
         row["haloquant mixed bytes"] = mixed.stat().st_size
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -175,22 +188,27 @@ def main() -> None:
     speed = encode_speed(CODECS + ["Q4_0", "Q8_0"], n)
 
     (args.out / "results.json").write_text(json.dumps({"ppl": rows, "errors": err_rows, "speed": speed,
-                                                       "gptq_seconds": gptq_seconds, "small": small}, indent=2))
+                                                       "gptq_seconds": gptq_seconds, "small": small,
+                                                       "chunk_nll": chunk_nll}, indent=2))
     print(f"\n{args.model.name}: llama.cpp perplexity, WikiText-2 test, ctx 512, first {args.chunks} chunks\n")
-    print("| preset | llama.cpp bytes | llama.cpp | llama.cpp+imatrix | haloquant RTN | haloquant GPTQ | GPTQ vs +imatrix |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| F16 | {rows[0]['bytes']:,} | {rows[0]['llama.cpp']:.3f} | | | | |")
+    print("| preset | llama.cpp bytes | llama.cpp | llama.cpp+imatrix | haloquant RTN | haloquant GPTQ | GPTQ vs +imatrix "
+          "| 95 % interval (paired over chunks) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| F16 | {rows[0]['bytes']:,} | {rows[0]['llama.cpp']:.3f} | | | | | |")
     for r in rows[1:]:
         print(f"| {r['preset']} | {r['bytes']:,} | {r['llama.cpp']:.3f} | {r['llama.cpp+imatrix']:.3f} | "
               f"{r['haloquant RTN']:.3f} | {r['haloquant GPTQ']:.3f} | "
-              f"{100 * (r['haloquant GPTQ'] / r['llama.cpp+imatrix'] - 1):+.2f} % |")
+              f"{100 * (r['haloquant GPTQ'] / r['llama.cpp+imatrix'] - 1):+.2f} % | "
+              f"{interval(r['preset'], 'haloquant GPTQ')} |")
     print("\nhaloquant's own allocation (sensitivity with GPTQ → MILP → GPTQ) at the same tensor bytes:")
-    print("| preset | llama.cpp+imatrix bytes | llama.cpp+imatrix | haloquant mixed bytes | haloquant mixed | vs +imatrix |")
-    print("|---|---|---|---|---|---|")
+    print("| preset | llama.cpp+imatrix bytes | llama.cpp+imatrix | haloquant mixed bytes | haloquant mixed | vs +imatrix "
+          "| 95 % interval |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows[1:]:
         print(f"| {r['preset']} | {r['llama.cpp+imatrix bytes']:,} | {r['llama.cpp+imatrix']:.3f} | "
               f"{r['haloquant mixed bytes']:,} | {r['haloquant mixed']:.3f} | "
-              f"{100 * (r['haloquant mixed'] / r['llama.cpp+imatrix'] - 1):+.2f} % |")
+              f"{100 * (r['haloquant mixed'] / r['llama.cpp+imatrix'] - 1):+.2f} % | "
+              f"{interval(r['preset'], 'haloquant mixed')} |")
     if small is not None:
         print(f"\n94 % of Q4_K_M's tensor bytes: haloquant mixed {small['bytes']:,} bytes "
               f"({100 * small['bytes'] / q4km['bytes']:.1f} % of Q4_K_M's file), ppl {small['ppl']:.3f} "

@@ -20,6 +20,9 @@ import numpy as np
 
 from common import EVAL_TEXT  # noqa: E402  (bench/ is on sys.path when run as a script)
 
+CTX = 512
+TOKENS_PER_CHUNK = CTX // 2 - 1  # llama-perplexity scores positions ctx/2 … ctx−2
+
 
 def paired(x: np.ndarray, y: np.ndarray, tokens_per_chunk: int, n_boot: int = 4000, seed: int = 0):
     """ppl(x)/ppl(y) − 1 over the same chunks, and its 95 % bootstrap interval (chunks resampled)."""
@@ -39,8 +42,7 @@ def main() -> None:
     ap.add_argument("--save", type=Path)
     ap.add_argument("--load", type=Path)
     args = ap.parse_args()
-    ctx = 512
-    tokens_per_chunk = ctx // 2 - 1  # llama-perplexity scores positions ctx/2 … ctx−2
+    ctx, tokens_per_chunk = CTX, TOKENS_PER_CHUNK
     if args.load:
         nll = {k: np.array(v) for k, v in json.loads(args.load.read_text()).items()}
         ref = args.ref
