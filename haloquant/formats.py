@@ -7,7 +7,8 @@ the GGUF holds, so what validation measures is what llama.cpp runs.
 
 Encoding of the classic block types goes through the `gguf` package's reference quantizers
 (ports of ggml's `quantize_row_*_ref`); the k-quants and IQ4_NL / IQ4_XS, which `gguf` cannot
-encode, through `haloquant.kquants` and `haloquant.iquants`. Decoding always goes through `gguf.quants.dequantize`, the reference decoder.
+encode, through `haloquant.kquants` and `haloquant.iquants`. Decoding always goes through
+`gguf.quants.dequantize`, the reference decoder.
 """
 
 from __future__ import annotations

@@ -74,12 +74,18 @@ def _fp16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16)
 
 
+def _inverse(v: np.ndarray) -> np.ndarray:
+    """1/v, and 0 where v is 0 (an all-zero block decodes to zeros whatever its indices)."""
+    nz = v != 0
+    return np.where(nz, 1 / np.where(nz, v, 1), 0)
+
+
 def _encode_nl(x: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
     x = x.reshape(-1, _BLOCK)
     w = _weights(x, imp, _BLOCK)
     d = _fp16(block_scales(x, w))
     df = d.astype(np.float32)
-    idx = nearest_index(x * np.where(df != 0, 1 / np.where(df != 0, df, 1), 0)[:, None])
+    idx = nearest_index(x * _inverse(df)[:, None])
     return np.concatenate([d.view(np.uint8).reshape(-1, 2), _pack(idx)], axis=1)
 
 
@@ -91,10 +97,9 @@ def _encode_xs(x: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
     mx = np.take_along_axis(sc, np.abs(sc).argmax(-1)[:, None], -1)[:, 0]
     d = _fp16(-mx / 32)
     df = d.astype(np.float32)
-    inv = np.where(df != 0, 1 / np.where(df != 0, df, 1), 0)
-    ls = np.clip(np.rint(inv[:, None] * sc), -32, 31).astype(np.int32)
+    ls = np.clip(np.rint(_inverse(df)[:, None] * sc), -32, 31).astype(np.int32)
     dl = (df[:, None] * ls).reshape(-1)
-    idx = nearest_index(xb * np.where(dl != 0, 1 / np.where(dl != 0, dl, 1), 0)[:, None])
+    idx = nearest_index(xb * _inverse(dl)[:, None])
     u = (ls + 32).astype(np.uint16)  # (n, 8) 6-bit block scales
     scales_l = ((u[:, 0::2] & 0xF) | ((u[:, 1::2] & 0xF) << 4)).astype(np.uint8)
     scales_h = np.bitwise_or.reduce((u >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=-1).astype(np.uint16)
