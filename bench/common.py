@@ -1,12 +1,17 @@
-"""What every bench script needs first: the model spec, the evaluation text, one calibration."""
+"""What every bench script needs: the model spec, the evaluation text, one calibration, and an
+allocation turned into a scored GGUF."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.textdata import read_text
-from schemas.params import CalibrationSpec, ModelSpec
+from schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec
 from tasks.calibrate import calibrate
+from tasks.export_gguf import export_gguf
+from tasks.quantize import quantize
+from tasks.scale_fold import scale_fold
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_TEXT = REPO / "data/wikitext-2-raw/wiki.test.raw"
@@ -21,3 +26,13 @@ def setup(model: Path, out: Path) -> tuple[ModelSpec, Path, str]:
     if not (calib / "calibration.json").is_file():
         calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=64, seq_len=256), calib)
     return spec, calib, read_text(EVAL_TEXT, "eval")
+
+
+def build_and_score(spec, calib, alloc_dir: Path, out: Path, text: str, chunks: int) -> tuple[int, float]:
+    """An allocation folder → RTN quantize (no folding) → GGUF; returns its bytes and llama.cpp's
+    perplexity on `chunks` chunks of 512."""
+    scale_fold(spec, FoldSpec(), calib, alloc_dir, out / "scale_fold")
+    quantize(spec, QuantizeSpec(), calib, alloc_dir, out / "scale_fold", out / "quantize")
+    export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
+    gguf = out / "gguf" / "model.gguf"
+    return gguf.stat().st_size, llama_cpp_perplexity(gguf, text, 512, chunks)["ppl"]

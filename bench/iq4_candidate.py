@@ -13,16 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 from haloquant.artifacts import read_json
-from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.presets import tensor_data_bytes
-from schemas.params import AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec, SensitivitySpec
+from schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec
 from tasks.allocate import allocate
-from tasks.export_gguf import export_gguf
-from tasks.quantize import quantize
-from tasks.scale_fold import scale_fold
 from tasks.sensitivity import score_sensitivity
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, build_and_score, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 R = Path("/tmp/haloquant-kquants")
 O = Path("/tmp/haloquant-iq4-candidate")
@@ -40,9 +36,6 @@ for label, fmts in [("base", BASE), ("iq4xs", BASE + ["IQ4_XS"])]:
         allocate(AllocationSpec(budget={"total_bytes": b}), sens, d / "allocate")
         a = read_json(d / "allocate/allocation.json")
         used = Counter(t["format"] for t in a["tensors"])
-        scale_fold(spec, FoldSpec(), calib, d / "allocate", d / "scale_fold")
-        quantize(spec, QuantizeSpec(), calib, d / "allocate", d / "scale_fold", d / "quantize")
-        export_gguf(spec, GGUFSpec(), d / "quantize", d / "gguf")
-        p = llama_cpp_perplexity(d / "gguf/model.gguf", text, 512, 100)["ppl"]
+        _, p = build_and_score(spec, calib, d / "allocate", d, text, 100)
         print(json.dumps({"formats": label, "at_bytes_of": preset, "budget": b, "used": a["used_bytes"], "ppl": p,
                           "proxy_objective": a["objective"], "types": used}), flush=True)

@@ -27,7 +27,7 @@ from haloquant.formats import get_format
 from haloquant.llamacpp import ggml_quantize, llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import allocation_from_type_map, preset_type_map, tensor_data_bytes
-from schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
+from schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec,
                             SensitivitySpec)
 from tasks.allocate import allocate
 from tasks.export_gguf import export_gguf

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from haloquant.textdata import scored_slice
+
 from common import EVAL_TEXT  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 CTX = 512
-TOKENS_PER_CHUNK = CTX // 2 - 1  # llama-perplexity scores positions ctx/2 … ctx−2
+TOKENS_PER_CHUNK = len(range(CTX)[scored_slice(CTX)])  # the positions llama-perplexity scores
 
 
 def paired(x: np.ndarray, y: np.ndarray, tokens_per_chunk: int, n_boot: int = 4000, seed: int = 0):

@@ -26,20 +26,15 @@ from pathlib import Path
 import numpy as np
 from haloquant.artifacts import read_json, write_json
 from haloquant.formats import get_format
-from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import allocation_from_type_map
 from schemas.artifacts import SensitivityTable
-from schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec, SensitivitySpec,
-                            TrainPolicySpec)
+from schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec, TrainPolicySpec
 from tasks.allocate import allocate
-from tasks.export_gguf import export_gguf
-from tasks.quantize import quantize
-from tasks.scale_fold import scale_fold
 from tasks.sensitivity import score_sensitivity
 from tasks.train_policy import train_policy
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, build_and_score, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 UNIFORM = ["Q3_K", "Q4_K", "Q5_K"]
 
@@ -47,14 +42,6 @@ UNIFORM = ["Q3_K", "Q4_K", "Q5_K"]
 def proxy_cost(table: SensitivityTable, alloc: dict) -> float:
     fmt = {t["gguf_name"]: t["format"] for t in alloc["tensors"]}
     return sum(t.candidates[fmt[t.gguf_name]].error for t in table.tensors)
-
-
-def build_and_score(spec, calib, alloc_dir: Path, out: Path, text: str, chunks: int) -> tuple[int, float]:
-    scale_fold(spec, FoldSpec(), calib, alloc_dir, out / "scale_fold")
-    quantize(spec, QuantizeSpec(), calib, alloc_dir, out / "scale_fold", out / "quantize")
-    export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
-    gguf = out / "gguf" / "model.gguf"
-    return gguf.stat().st_size, llama_cpp_perplexity(gguf, text, 512, chunks)["ppl"]
 
 
 _prepared: dict[Path, dict] = {}
