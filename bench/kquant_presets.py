@@ -7,8 +7,10 @@ type map. With that same map: llama.cpp's quantizer with an imatrix (ggml_quanti
 calibration E[x²], what llama-quantize --imatrix calls per tensor), haloquant RTN, haloquant GPTQ.
 Then haloquant's own allocation (sensitivity with the GPTQ quantizer → MILP) at exactly the
 preset's tensor bytes, quantized with GPTQ ("haloquant mixed"), and one at 94 % of Q4_K_M's.
-Every file is scored by llama.cpp's perplexity on WikiText-2 test at context 512; each haloquant
-file's difference from llama.cpp+imatrix gets a 95 % paired-bootstrap interval over the chunks.
+Every file is scored by llama.cpp on WikiText-2 test at context 512: perplexity, and KL from the
+F16 file's token distributions (llama-perplexity --kl-divergence's measure, far less noisy at the
+high-bit rows); each haloquant file's difference from llama.cpp+imatrix gets a 95 % paired-bootstrap
+interval over the chunks.
 Then: per-tensor weighted error of haloquant RTN vs llama.cpp's quantizer, and encode speed on a
 4096×4096 matrix, and GPTQ time for the whole model.
 """
@@ -35,7 +37,7 @@ from tasks.quantize import quantize
 from tasks.scale_fold import scale_fold
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
-from paired_ppl import TOKENS_PER_CHUNK, paired  # noqa: E402
+from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 CODECS = KQUANTS + ["IQ4_NL", "IQ4_XS"]  # haloquant's own encoders, compared with llama.cpp's
@@ -132,11 +134,14 @@ def main() -> None:
         return
 
     chunk_nll: dict[str, list[float]] = {}  # "preset/label" → per-chunk NLL, for paired intervals
+    chunk_kl: dict[str, list[float]] = {}  # "preset/label" → per-chunk summed KL from the F16 file
+    kl: dict[str, float] = {}
+    f16_logprobs = None
 
     def ppl(path: Path, key: str | None = None) -> float:
-        r = llama_cpp_perplexity(path, text, 512, args.chunks)
+        r = llama_cpp_perplexity(path, text, 512, args.chunks, reference=f16_logprobs)
         if key is not None:
-            chunk_nll[key] = r["chunk_nll"]
+            chunk_nll[key], chunk_kl[key], kl[key] = r["chunk_nll"], r["chunk_kl"], r["kl"]
         return r["ppl"]
 
     def interval(preset: str, label: str) -> str:
@@ -144,6 +149,11 @@ def main() -> None:
         _, lo, hi = paired(np.array(chunk_nll[f"{preset}/{label}"]), np.array(chunk_nll[f"{preset}/llama.cpp+imatrix"]),
                            TOKENS_PER_CHUNK)
         return f"{100 * lo:+.2f} … {100 * hi:+.2f} %"
+
+    def kl_cells(preset: str, label: str) -> str:
+        """KL of label, its ratio to llama.cpp+imatrix's and that ratio's 95 % paired interval."""
+        rel, lo, hi = paired_ratio(np.array(chunk_kl[f"{preset}/{label}"]), np.array(chunk_kl[f"{preset}/llama.cpp+imatrix"]))
+        return f"{kl[f'{preset}/{label}']:.5f} | {100 * rel:+.1f} % ({100 * lo:+.1f} … {100 * hi:+.1f})"
 
     sens_dir = args.out / "sensitivity"
     t0 = time.perf_counter()
@@ -154,7 +164,9 @@ def main() -> None:
                           QuantizeSpec(method="gptq"), calib_dir, sens_dir)
     print(f"sensitivity ({args.metric}, GPTQ quantizer): {time.perf_counter() - t0:.1f} s", flush=True)
     f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib_dir, args.out / "F16")
-    rows = [{"preset": "F16", "bytes": f16.stat().st_size, "llama.cpp": ppl(f16)}]
+    r = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=True)
+    f16_logprobs = r.pop("logprobs")
+    rows = [{"preset": "F16", "bytes": f16.stat().st_size, "llama.cpp": r["ppl"]}]
     print(f"F16: {rows[0]}", flush=True)
     gptq_seconds = {}
     for preset in args.presets:
@@ -162,7 +174,7 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
         ref = d / "llama.cpp.gguf"
         type_map = preset_type_map(f16, preset, ref)
-        row = {"preset": preset, "bytes": ref.stat().st_size, "llama.cpp": ppl(ref),
+        row = {"preset": preset, "bytes": ref.stat().st_size, "llama.cpp": ppl(ref, f"{preset}/llama.cpp"),
                "types": dict(sorted({v: list(type_map.values()).count(v) for v in set(type_map.values())}.items()))}
         for label, method in (("llama.cpp+imatrix", "llamacpp"), ("haloquant RTN", "rtn"), ("haloquant GPTQ", "gptq")):
             path, secs = build(spec, infos, type_map, method, calib_dir, d / method)
@@ -174,7 +186,7 @@ def main() -> None:
         row["haloquant mixed"] = ppl(mixed, f"{preset}/haloquant mixed")
         row["haloquant mixed bytes"] = mixed.stat().st_size
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row | {"kl": {k: v for k, v in kl.items() if k.startswith(preset + "/")}}), flush=True)
 
     q4km = next((r for r in rows if r["preset"] == "Q4_K_M"), None)
     small = None
@@ -189,7 +201,8 @@ def main() -> None:
 
     (args.out / "results.json").write_text(json.dumps({"ppl": rows, "errors": err_rows, "speed": speed,
                                                        "gptq_seconds": gptq_seconds, "small": small,
-                                                       "chunk_nll": chunk_nll}, indent=2))
+                                                       "kl": kl, "chunk_nll": chunk_nll, "chunk_kl": chunk_kl},
+                                                      indent=2))
     print(f"\n{args.model.name}: llama.cpp perplexity, WikiText-2 test, ctx 512, first {args.chunks} chunks\n")
     print("| preset | llama.cpp bytes | llama.cpp | llama.cpp+imatrix | haloquant RTN | haloquant GPTQ | GPTQ vs +imatrix "
           "| 95 % interval (paired over chunks) |")
@@ -200,15 +213,23 @@ def main() -> None:
               f"{r['haloquant RTN']:.3f} | {r['haloquant GPTQ']:.3f} | "
               f"{100 * (r['haloquant GPTQ'] / r['llama.cpp+imatrix'] - 1):+.2f} % | "
               f"{interval(r['preset'], 'haloquant GPTQ')} |")
+    print(f"\nKL from the F16 file's distribution (nats per token, same positions), and vs llama.cpp+imatrix "
+          "with its 95 % paired interval:\n")
+    print("| preset | llama.cpp | llama.cpp+imatrix | haloquant RTN | vs +imatrix | haloquant GPTQ | vs +imatrix |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows[1:]:
+        p = r["preset"]
+        print(f"| {p} | {kl[p + '/llama.cpp']:.5f} | {kl[p + '/llama.cpp+imatrix']:.5f} | {kl_cells(p, 'haloquant RTN')} | "
+              f"{kl_cells(p, 'haloquant GPTQ')} |")
     print("\nhaloquant's own allocation (sensitivity with GPTQ → MILP → GPTQ) at the same tensor bytes:")
     print("| preset | llama.cpp+imatrix bytes | llama.cpp+imatrix | haloquant mixed bytes | haloquant mixed | vs +imatrix "
-          "| 95 % interval |")
-    print("|---|---|---|---|---|---|---|")
+          "| 95 % interval | KL | KL vs +imatrix |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
         print(f"| {r['preset']} | {r['llama.cpp+imatrix bytes']:,} | {r['llama.cpp+imatrix']:.3f} | "
               f"{r['haloquant mixed bytes']:,} | {r['haloquant mixed']:.3f} | "
               f"{100 * (r['haloquant mixed'] / r['llama.cpp+imatrix'] - 1):+.2f} % | "
-              f"{interval(r['preset'], 'haloquant mixed')} |")
+              f"{interval(r['preset'], 'haloquant mixed')} | {kl_cells(r['preset'], 'haloquant mixed')} |")
     if small is not None:
         print(f"\n94 % of Q4_K_M's tensor bytes: haloquant mixed {small['bytes']:,} bytes "
               f"({100 * small['bytes'] / q4km['bytes']:.1f} % of Q4_K_M's file), ppl {small['ppl']:.3f} "

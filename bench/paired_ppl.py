@@ -35,6 +35,14 @@ def paired(x: np.ndarray, y: np.ndarray, tokens_per_chunk: int, n_boot: int = 40
     return math.exp(diff.mean()) - 1, lo, hi
 
 
+def paired_ratio(x: np.ndarray, y: np.ndarray, n_boot: int = 4000, seed: int = 0):
+    """Σx/Σy − 1 for per-chunk sums (e.g. KL) over the same chunks, and its 95 % bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), (n_boot, len(x)))
+    lo, hi = np.percentile(x[idx].sum(1) / y[idx].sum(1) - 1, [2.5, 97.5])
+    return x.sum() / y.sum() - 1, lo, hi
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="*", help="label=path.gguf")

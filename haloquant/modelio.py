@@ -29,6 +29,7 @@ class TensorInfo:
     shape: tuple[int, int]  # (out_features, in_features) — rows are GGUF rows
     layer: int  # decoder block index; -1 for embedding / output
     kind: str  # attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, token_embd, output
+    tied: bool = False  # a token embedding that is also the output head (one weight, two roles)
 
     @property
     def n_weights(self) -> int:
@@ -97,6 +98,8 @@ def quantizable_tensors(model) -> list[TensorInfo]:
     """Every 2-D weight that gets a storage format, in model order; tied output is not repeated."""
     cfg = model.config
     tmap = gguf.get_tensor_name_map(gguf_arch(cfg), cfg.num_hidden_layers)
+    head = model.get_output_embeddings()
+    head_id = id(head.weight) if head is not None else None
     seen: set[int] = set()
     out: list[TensorInfo] = []
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -112,7 +115,8 @@ def quantizable_tensors(model) -> list[TensorInfo]:
         kind = _KIND_OF_GGUF.get(parts[-1])
         if kind is None:
             raise HaloquantError(f"model.path: tensor {name!r} ({gname}) has no known role")
-        out.append(TensorInfo(name, gname, tuple(param.shape), layer, kind))
+        out.append(TensorInfo(name, gname, tuple(param.shape), layer, kind,
+                              tied=kind == "token_embd" and id(param) == head_id))
     return out
 
 

@@ -99,7 +99,6 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     model = load_model(model_spec.path, model_spec.device)
     device = next(model.parameters()).device
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = model.config.tie_word_embeddings
     token_freq = stats.token_freq().to(device)
     probe = KLProbe(model, stats, spec.kl_sequences) if spec.metric.startswith("kl_") else None
     local = diagonal_error if spec.metric == "hessian_trace" else output_error
@@ -123,7 +122,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             err = local(delta, gram)  # as a linear (for embeddings: the output head)
             if t.kind == "token_embd":
                 lookup = lookup_error(delta, token_freq)
-                err = err + lookup if tied else lookup
+                err = err + lookup if t.tied else lookup
             if spec.metric == "kl_end_to_end":
                 err = probe.kl(t.name, decoded[fmt.name])
             cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=err)

@@ -57,6 +57,32 @@ def test_gguf_holds_every_format_and_llama_cpp_agrees(mixed):
     assert math.exp(sum(lc["chunk_nll"]) / lc["n_tokens"]) == pytest.approx(lc["ppl"], rel=1e-12)
 
 
+
+def test_llama_cpp_kl_against_f16_matches_torch_kl(mixed, pipeline_run, tmp_path):
+    """KL(F16 file ‖ mixed file) in llama.cpp is what torch measures between the float model and
+    the decoded weights (F16 rounding aside), and a file against its own log-probs has none."""
+    out, _ = mixed
+    spec = ModelSpec(path=TINY, device="cpu")
+    infos = quantizable_tensors(load_model(TINY, "cpu"))
+    write_json(tmp_path / "allocate" / "allocation.json",
+               allocation_from_type_map(infos, {t.gguf_name: "F16" for t in infos}, "test").model_dump())
+    scale_fold(spec, FoldSpec(), None, None, tmp_path / "scale_fold")
+    quantize(spec, QuantizeSpec(), pipeline_run[0] / "artifacts" / "calibrate", tmp_path / "allocate",
+             tmp_path / "scale_fold", tmp_path / "quantize")
+    export_gguf(spec, GGUFSpec(), tmp_path / "quantize", tmp_path / "gguf")
+    text = read_text(EVAL_TEXT, "eval")
+    f16 = llama_cpp_perplexity(tmp_path / "gguf" / "model.gguf", text, 256, 3, keep_logprobs=True)
+    assert f16["logprobs"].shape == (3, 127, load_tokenizer(TINY).vocab_size)
+    lc = llama_cpp_perplexity(out / "gguf" / "model.gguf", text, 256, 3, reference=f16["logprobs"])
+    tok = load_tokenizer(TINY)
+    chunks = eval_chunks(tokenize(tok, text), 256, 3, tok.bos_token_id)
+    torch_kl = score(load_quantized_model(TINY, out / "quantize", "cpu"), chunks, load_model(TINY, "cpu"))["kl_mean"]
+    assert lc["kl"] > 0.01 and lc["kl"] == pytest.approx(torch_kl, rel=0.05)
+    assert sum(lc["chunk_kl"]) / lc["n_tokens"] == pytest.approx(lc["kl"], rel=1e-12)
+    same = llama_cpp_perplexity(tmp_path / "gguf" / "model.gguf", text, 256, 3, reference=f16["logprobs"])
+    assert abs(same["kl"]) < 1e-6
+
+
 def test_onnx_holds_integer_weights_and_agrees(mixed):
     out, _ = mixed
     import json

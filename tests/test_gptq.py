@@ -64,3 +64,51 @@ def test_gptq_refuses_rows_not_fitting_the_block():
 
     with pytest.raises(HaloquantError, match="multiple of 256"):
         gptq_quantize(np.zeros((4, 288), np.float32), get_format("Q4_K"), torch.eye(288))
+
+
+@pytest.fixture(scope="module")
+def embedding(pipeline_run):
+    folder, _, _ = pipeline_run
+    stats = CalibrationStats(folder / "artifacts" / "calibrate")
+    model = load_model(TINY, "cpu")
+    t = next(t for t in quantizable_tensors(model) if t.kind == "token_embd")
+    return t, model.get_input_embeddings().weight.detach().numpy(), stats
+
+
+def test_tied_embedding_gets_gptq_with_the_head_hessian(embedding):
+    """ref-llama-tiny ties its head to the embedding: one weight, quantized with GPTQ over the head's
+    input, which must lower the head's output error below rounding's."""
+    from haloquant.quantizer import encode_tensor
+    from schemas.params import QuantizeSpec
+
+    t, w, stats = embedding
+    assert t.tied
+    fmt = get_format("Q6_K")
+    gram = stats.gram(t)
+    q = fmt.decode(encode_tensor(t, w, fmt, QuantizeSpec(method="gptq"), stats), w.shape)
+    rtn = fmt.decode(encode_tensor(t, w, fmt, QuantizeSpec(method="rtn"), stats), w.shape)
+    assert out_err(w, q, gram) < 0.9 * out_err(w, rtn, gram)
+
+
+def test_untied_embedding_stays_round_to_nearest(embedding):
+    import dataclasses
+
+    from haloquant.quantizer import encode_tensor
+    from schemas.params import QuantizeSpec
+
+    t, w, stats = embedding
+    untied = dataclasses.replace(t, tied=False)
+    fmt = get_format("Q4_K")
+    np.testing.assert_array_equal(encode_tensor(untied, w, fmt, QuantizeSpec(method="gptq"), stats),
+                                  encode_tensor(untied, w, fmt, QuantizeSpec(method="rtn"), stats))
+
+
+def test_only_a_shared_head_marks_the_embedding_tied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=2)
+    for tie in (True, False):
+        infos = quantizable_tensors(LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=tie)))
+        assert [t.tied for t in infos if t.kind == "token_embd"] == [tie]
+        assert [t.kind for t in infos].count("output") == (0 if tie else 1)
