@@ -25,19 +25,24 @@ from tests.conftest import EVAL_TEXT, TINY
 ALL = [f for f in FORMATS if f != "F32"]
 
 
-@pytest.fixture(scope="module")
-def mixed(pipeline_run, tmp_path_factory):
-    folder, _, results = pipeline_run
-    out = tmp_path_factory.mktemp("mixed")
-    model = load_model(TINY, "cpu")
-    infos = quantizable_tensors(model)
-    allocation = allocation_from_type_map(infos, {t.gguf_name: ALL[i % len(ALL)] for i, t in enumerate(infos)}, "test")
-    write_json(out / "allocate" / "allocation.json", allocation.model_dump())
+def build(pipeline_run, formats: list[str], out):
+    """ref-llama-tiny with its tensors in `formats` (cycled), quantized (RTN) and exported to GGUF."""
     spec = ModelSpec(path=TINY, device="cpu")
+    infos = quantizable_tensors(load_model(TINY, "cpu"))
+    allocation = allocation_from_type_map(
+        infos, {t.gguf_name: formats[i % len(formats)] for i, t in enumerate(infos)}, "test")
+    write_json(out / "allocate" / "allocation.json", allocation.model_dump())
     scale_fold(spec, FoldSpec(), None, None, out / "scale_fold")
-    quantize(spec, QuantizeSpec(), folder / "artifacts" / "calibrate", out / "allocate", out / "scale_fold",
+    quantize(spec, QuantizeSpec(), pipeline_run[0] / "artifacts" / "calibrate", out / "allocate", out / "scale_fold",
              out / "quantize")
     export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
+    return spec, allocation
+
+
+@pytest.fixture(scope="module")
+def mixed(pipeline_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed")
+    spec, allocation = build(pipeline_run, ALL, out)
     export_onnx(spec, ONNXSpec(), out / "quantize", out / "onnx")
     return out, allocation.tensors
 
@@ -62,14 +67,7 @@ def test_llama_cpp_kl_against_f16_matches_torch_kl(mixed, pipeline_run, tmp_path
     """KL(F16 file ‖ mixed file) in llama.cpp is what torch measures between the float model and
     the decoded weights (F16 rounding aside), and a file against its own log-probs has none."""
     out, _ = mixed
-    spec = ModelSpec(path=TINY, device="cpu")
-    infos = quantizable_tensors(load_model(TINY, "cpu"))
-    write_json(tmp_path / "allocate" / "allocation.json",
-               allocation_from_type_map(infos, {t.gguf_name: "F16" for t in infos}, "test").model_dump())
-    scale_fold(spec, FoldSpec(), None, None, tmp_path / "scale_fold")
-    quantize(spec, QuantizeSpec(), pipeline_run[0] / "artifacts" / "calibrate", tmp_path / "allocate",
-             tmp_path / "scale_fold", tmp_path / "quantize")
-    export_gguf(spec, GGUFSpec(), tmp_path / "quantize", tmp_path / "gguf")
+    build(pipeline_run, ["F16"], tmp_path)
     text = read_text(EVAL_TEXT, "eval")
     f16 = llama_cpp_perplexity(tmp_path / "gguf" / "model.gguf", text, 256, 3, keep_logprobs=True)
     assert f16["logprobs"].shape == (3, 127, load_tokenizer(TINY).vocab_size)

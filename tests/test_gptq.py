@@ -14,13 +14,17 @@ from tests.conftest import TINY
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q8_0"]
 
 
+def calibrated_tensor(pipeline_run, gguf_name: str):
+    """(tensor info, float weight, calibration stats) of one ref-llama-tiny tensor."""
+    stats = CalibrationStats(pipeline_run[0] / "artifacts" / "calibrate")
+    model = load_model(TINY, "cpu")
+    t = next(t for t in quantizable_tensors(model) if t.gguf_name == gguf_name)
+    return t, dict(model.named_parameters())[t.name].detach().numpy(), stats
+
+
 @pytest.fixture(scope="module")
 def layer(pipeline_run):
-    folder, _, _ = pipeline_run
-    stats = CalibrationStats(folder / "artifacts" / "calibrate")
-    model = load_model(TINY, "cpu")
-    t = next(t for t in quantizable_tensors(model) if t.gguf_name == "blk.1.ffn_down.weight")
-    w = dict(model.named_parameters())[t.name].detach().numpy()
+    t, w, stats = calibrated_tensor(pipeline_run, "blk.1.ffn_down.weight")
     return w, stats.gram(t)
 
 
@@ -68,11 +72,7 @@ def test_gptq_refuses_rows_not_fitting_the_block():
 
 @pytest.fixture(scope="module")
 def embedding(pipeline_run):
-    folder, _, _ = pipeline_run
-    stats = CalibrationStats(folder / "artifacts" / "calibrate")
-    model = load_model(TINY, "cpu")
-    t = next(t for t in quantizable_tensors(model) if t.kind == "token_embd")
-    return t, model.get_input_embeddings().weight.detach().numpy(), stats
+    return calibrated_tensor(pipeline_run, "token_embd.weight")
 
 
 def test_tied_embedding_gets_gptq_with_the_head_hessian(embedding):
