@@ -213,7 +213,7 @@ def main() -> None:
               f"{r['haloquant RTN']:.3f} | {r['haloquant GPTQ']:.3f} | "
               f"{100 * (r['haloquant GPTQ'] / r['llama.cpp+imatrix'] - 1):+.2f} % | "
               f"{interval(r['preset'], 'haloquant GPTQ')} |")
-    print(f"\nKL from the F16 file's distribution (nats per token, same positions), and vs llama.cpp+imatrix "
+    print("\nKL from the F16 file's distribution (nats per token, same positions), and vs llama.cpp+imatrix "
           "with its 95 % paired interval:\n")
     print("| preset | llama.cpp | llama.cpp+imatrix | haloquant RTN | vs +imatrix | haloquant GPTQ | vs +imatrix |")
     print("|---|---|---|---|---|---|---|")
