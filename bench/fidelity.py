@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from haloquant.evaluation import score
-from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.llamacpp import llama_cpp_perplexity, same_tokens_as_torch
 from haloquant.modelio import load_tokenizer
 from haloquant.quantized import load_quantized_model, read_quantized
 from haloquant.textdata import eval_chunks, read_text, tokenize
@@ -39,8 +39,7 @@ def main() -> None:
         folder = Path(folder)
         t = score(load_quantized_model(args.model, folder / "quantize", "cpu"), chunks)["ppl"]
         lc = llama_cpp_perplexity(folder / "gguf" / "model.gguf", text, 512, args.chunks)
-        n = chunks.numel()
-        assert lc["tokens"][:n] == ([tok.bos_token_id] + ids)[:n], "llama.cpp's tokens differ from torch's"
+        assert same_tokens_as_torch(lc["tokens"], tok.bos_token_id, ids, chunks.numel()), "llama.cpp's tokens differ"
         print(f"| {label} | {read_quantized(folder / 'quantize')[0].bits_per_weight:.3f} | {t:.3f} | {lc['ppl']:.3f} | "
               f"{100 * abs(lc['ppl'] / t - 1):.3f} % |", flush=True)
 

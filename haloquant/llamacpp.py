@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 from haloquant import HaloquantError
 from haloquant.textdata import scored_slice
@@ -64,7 +65,7 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
         llm.eval(chunk)
         logits = np.asarray(llm.scores[: ctx], dtype=np.float64)[sl]
         target = np.asarray(chunk[sl.start + 1 : sl.stop + 1])
-        logp = logits - _logsumexp(logits)[:, None]
+        logp = log_softmax(logits, axis=-1)
         chunk_nll.append(float(-logp[np.arange(len(target)), target].sum()))
         if reference is not None:
             ref = reference[c].astype(np.float64)
@@ -83,9 +84,10 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
     return out
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1, keepdims=True)
-    return m[:, 0] + np.log(np.exp(x - m).sum(-1))
+def same_tokens_as_torch(llama_tokens: list[int], bos_id: int, ids: list[int], n: int) -> bool:
+    """llama.cpp tokenizes the text itself (BOS first): its first n tokens must be torch's, or the
+    two perplexities are not of the same text."""
+    return llama_tokens[:n] == ([bos_id] + ids)[:n]
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,7 +14,7 @@ from pathlib import Path
 from haloquant import HaloquantError
 from haloquant.artifacts import read_json, sha256_file, write_json
 from haloquant.evaluation import score
-from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.llamacpp import llama_cpp_perplexity, same_tokens_as_torch
 from haloquant.modelio import load_model, load_tokenizer
 from haloquant.onnxrt import onnx_check
 from haloquant.quantized import load_quantized_model, read_quantized
@@ -62,8 +62,7 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
     runtimes: dict[str, dict] = {}
     if "llama_cpp" in spec.runtimes:
         lc = llama_cpp_perplexity(gguf_path, text, spec.ctx, spec.max_chunks)
-        n = chunks.numel()  # llama.cpp's own tokenization of the scored text must equal torch's
-        same_tokens = lc.pop("tokens")[:n] == ([tokenizer.bos_token_id] + ids)[:n]
+        same_tokens = same_tokens_as_torch(lc.pop("tokens"), tokenizer.bos_token_id, ids, chunks.numel())
         runtimes["llama_cpp"] = {**lc, "ppl_gap_vs_torch": abs(lc["ppl"] / torch_scores["ppl"] - 1),
                                  "same_tokens_as_torch": same_tokens}
     if "onnxruntime" in spec.runtimes:
