@@ -18,10 +18,20 @@ EVAL_TEXT = REPO / "data/wikitext-2-raw/wiki.test.raw"
 CALIB_TEXT = REPO / "data/wikitext-2-raw/wiki.valid.raw"
 
 
-def setup(model: Path, out: Path) -> tuple[ModelSpec, Path, str]:
+def model_add_bos(model: Path) -> bool | None:
+    """model.add_bos for a bench model: the reference models (ref-llama-*, and the ones
+    make_models.py trains like them) start sequences with <|endoftext|>, which their tokenizer does
+    not add itself; any other model as its own tokenizer does."""
+    return True if Path(model).resolve().name.startswith("ref-llama") else None
+
+
+def setup(model: Path, out: Path, add_bos: bool | None = None) -> tuple[ModelSpec, Path, str]:
     """(model spec, calibration dir, evaluation text); calibrates into out/calibrate once
-    (64 × 256 tokens of WikiText-2 validation, as the default params.yaml)."""
-    spec = ModelSpec(path=model.resolve(), device="cpu")
+    (64 × 256 tokens of WikiText-2 validation, as the default params.yaml). `add_bos`: model.add_bos
+    (default: model_add_bos)."""
+    if add_bos is None:
+        add_bos = model_add_bos(model)
+    spec = ModelSpec(path=model.resolve(), device="cpu", add_bos=add_bos)
     calib = out / "calibrate"
     if not (calib / "calibration.json").is_file():
         calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=64, seq_len=256), calib)

@@ -17,9 +17,9 @@ from haloquant.evaluation import score
 from haloquant.llamacpp import llama_cpp_perplexity, same_tokens_as_torch
 from haloquant.modelio import load_tokenizer
 from haloquant.quantized import load_quantized_model, read_quantized
-from haloquant.textdata import eval_chunks, read_text, tokenize
+from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
 
-from common import EVAL_TEXT, REPO  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import EVAL_TEXT, REPO, model_add_bos  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def main() -> None:
@@ -31,7 +31,8 @@ def main() -> None:
     text = read_text(EVAL_TEXT, "eval")
     tok = load_tokenizer(args.model)
     ids = tokenize(tok, text)
-    chunks = eval_chunks(ids, 512, args.chunks, tok.bos_token_id)
+    bos = sequence_bos(tok, model_add_bos(args.model))
+    chunks = eval_chunks(ids, 512, args.chunks, bos)
     print(f"{args.model.name}: WikiText-2 test, ctx 512, {len(chunks)} chunks\n")
     print("| build | bits/weight (quantized tensors) | torch ppl | llama.cpp ppl | gap |")
     print("|---|---|---|---|---|")
@@ -39,7 +40,7 @@ def main() -> None:
         folder = Path(folder)
         t = score(load_quantized_model(args.model, folder / "quantize", "cpu"), chunks)["ppl"]
         lc = llama_cpp_perplexity(folder / "gguf" / "model.gguf", text, 512, args.chunks)
-        assert same_tokens_as_torch(lc["tokens"], tok.bos_token_id, ids, chunks.numel()), "llama.cpp's tokens differ"
+        assert same_tokens_as_torch(lc["tokens"], lc["bos_id"], bos, ids, chunks.numel()), "llama.cpp's tokens differ"
         print(f"| {label} | {read_quantized(folder / 'quantize')[0].bits_per_weight:.3f} | {t:.3f} | {lc['ppl']:.3f} | "
               f"{100 * abs(lc['ppl'] / t - 1):.3f} % |", flush=True)
 

@@ -25,7 +25,7 @@ class CalibrationStats:
 
     def _key(self, t: TensorInfo) -> str:
         """The linear whose input multiplies this weight; embeddings are judged as the output head."""
-        module = "lm_head" if t.kind in ("token_embd", "output") else t.module
+        module = self.report.output_head if t.kind in ("token_embd", "output") else t.module
         return self.report.input_of[module]
 
     def gram(self, t: TensorInfo) -> torch.Tensor:

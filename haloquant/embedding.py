@@ -37,6 +37,8 @@ from haloquant.modelio import TensorInfo
 FEATURES = ("depth", "kind", "fan_in_ratio", "param_share", "act_peak", "act_outliers", "act_concentration",
             "act_anisotropy", "w_kurtosis", "w_peak", "hessian_proxy")
 KIND_ORDER = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd")
+# roles outside Llama's, coded as the role they stand first in (a fused qkv_proj starts with q rows)
+KIND_ALIASES = {"output": "token_embd", "attn_qkv": "attn_q"}
 _EPS = 1e-12
 
 
@@ -62,7 +64,7 @@ def tensor_features(t: TensorInfo, w: torch.Tensor, stats: CalibrationStats, n_l
     e = torch.diagonal(g).clamp_min(0)
     rms = math.sqrt(float(e.mean()) + _EPS)
     ch_rms = e.sqrt()
-    kind = "token_embd" if t.kind in ("token_embd", "output") else t.kind
+    kind = KIND_ALIASES.get(t.kind, t.kind)
     std = float(w.std()) + _EPS
     centred = w - w.mean()
     kurt = float(centred.pow(4).mean()) / (float(centred.pow(2).mean()) ** 2 + _EPS)

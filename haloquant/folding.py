@@ -1,12 +1,14 @@
 """Scale-Fold: migrate activation outliers into the weights, exactly.
 
 For a group "source → linears" and per-channel scales s > 0 (over the linears' input channels):
-- norm → linears (input_layernorm → q,k,v; post_attention_layernorm → gate,up):
-  W ← W·diag(s), norm weight ← norm weight / s.
-- v_proj → o_proj: o_proj columns · s, v_proj rows / s. Attention mixes tokens, not channels, so
+- norm → linears (input_layernorm → q,k,v; the MLP's input norm → gate,up):
+  W ← W·diag(s), norm weight ← norm weight / s (a (1 + w) norm, Gemma's: 1 + w ← (1 + w) / s).
+- v_proj → o_proj: o_proj columns · s, v_proj rows / s (the v rows of a fused qkv_proj). Attention mixes tokens, not channels, so
   this is exact; under grouped-query attention the o_proj columns of every query head that shares a
   kv head get that kv head's scales.
-- up_proj → down_proj: down_proj columns · s, up_proj rows / s (the gate multiplies elementwise).
+- up_proj → down_proj: down_proj columns · s, up_proj rows / s (the gate multiplies elementwise;
+  the up rows of a fused gate_up_proj).
+Which norm feeds which linears is the model family's knowledge (haloquant/families).
 In float arithmetic the model computes the same function; only where quantization error falls moves.
 
 s_j = max|x_j|^α / max_i|W_ij|^(1−α) (SmoothQuant / AWQ form), α chosen per group from a grid to
@@ -16,17 +18,14 @@ allocation chose, with x's calibration statistics (max |x| and E[xxᵀ]).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from haloquant import HaloquantError
+from haloquant.families import family
 from haloquant.formats import get_format
 from haloquant.modelio import head_dim
-
-FOLDABLE_ARCHS = ("llama", "mistral")
-
 
 @dataclass
 class FoldGroup:
@@ -36,27 +35,22 @@ class FoldGroup:
     targets: list[str]  # linear modules whose columns are multiplied by s
     stats_module: str  # module whose input statistics describe x
     expand: int = 1  # GQA: each source channel feeds `expand` target channel blocks (v → o)
+    rows: slice = field(default_factory=lambda: slice(None))  # "rows": the source's rows that feed the targets (a fused linear's part)
+    norm_offset: float = 0.0  # "norm": the norm multiplies by (norm_offset + weight)
 
 
 def fold_groups(model) -> list[FoldGroup]:
-    """The exact folds of a Llama-style decoder, refusing architectures it does not know."""
+    """The exact folds of the model's family (haloquant/families), layer by layer."""
     cfg = model.config
-    if cfg.model_type not in FOLDABLE_ARCHS:
-        raise HaloquantError(f"fold.method: scale folding does not know architecture {cfg.model_type!r}")
-    groups = []
+    fam = family(model)
     n_rep = cfg.num_attention_heads // (cfg.num_key_value_heads or cfg.num_attention_heads)
+    groups = []
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        groups += [
-            FoldGroup(f"layers.{i}.attn_in", f"{p}.input_layernorm.weight", "norm",
-                      [f"{p}.self_attn.{x}_proj" for x in "qkv"], f"{p}.self_attn.q_proj"),
-            FoldGroup(f"layers.{i}.mlp_in", f"{p}.post_attention_layernorm.weight", "norm",
-                      [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_proj"),
-            FoldGroup(f"layers.{i}.v_o", f"{p}.self_attn.v_proj", "rows", [f"{p}.self_attn.o_proj"],
-                      f"{p}.self_attn.o_proj", expand=n_rep),
-            FoldGroup(f"layers.{i}.up_down", f"{p}.mlp.up_proj", "rows", [f"{p}.mlp.down_proj"],
-                      f"{p}.mlp.down_proj"),
-        ]
+        p = fam.layer(i)
+        groups += [FoldGroup(f"layers.{i}.{f.label}", f"{p}.{f.norm}.weight", "norm", [f"{p}.{t}" for t in f.linears],
+                             f"{p}.{f.linears[0]}", norm_offset=fam.norm_offset) for f in fam.norm_feeds]
+        groups += [FoldGroup(f"layers.{i}.{f.label}", f"{p}.{f.source}", "rows", [f"{p}.{f.target}"], f"{p}.{f.target}",
+                             expand=n_rep if f.per_kv_head else 1, rows=f.rows(cfg)) for f in fam.rows_feeds]
     return groups
 
 
@@ -77,13 +71,14 @@ def apply_fold(model, group: FoldGroup, s_source: torch.Tensor) -> None:
     s_tgt = expand_scales(s_src, group, model)
     for t in group.targets:
         mods[t].weight.mul_(s_tgt[None, :])
-    if group.source_kind == "norm":
-        params[group.source].div_(s_src)
+    if group.source_kind == "norm":  # offset + w ← (offset + w) / s
+        w = params[group.source]
+        w.copy_((group.norm_offset + w) / s_src - group.norm_offset)
     else:
         src = mods[group.source]
-        src.weight.div_(s_src[:, None])
+        src.weight[group.rows].div_(s_src[:, None])
         if src.bias is not None:
-            src.bias.div_(s_src)
+            src.bias[group.rows].div_(s_src)
 
 
 def source_scales(group: FoldGroup, model, x_max: torch.Tensor, alpha: float) -> torch.Tensor:

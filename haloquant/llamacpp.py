@@ -1,7 +1,8 @@
 """llama.cpp as the judge of a GGUF: perplexity by llama-perplexity's protocol, via llama-cpp-python.
 
-llama.cpp tokenizes the text itself (its tokenizer is part of what is being checked), chunks it
-exactly as `textdata.eval_chunks` does and scores the second half of every chunk.
+llama.cpp tokenizes the text itself (its tokenizer is part of what is being checked), places BOS
+where the file says so (tokenizer.ggml.add_bos_token, as llama-perplexity), chunks it exactly as
+`textdata.eval_chunks` does and scores the second half of every chunk.
 """
 
 from __future__ import annotations
@@ -29,19 +30,22 @@ def _llama_cpp():
     return llama_cpp
 
 
-def llama_cpp_tokens(gguf_path: Path, text: str) -> list[int]:
+def llama_cpp_tokens(gguf_path: Path, text: str, special: bool = False) -> tuple[list[int], bool]:
+    """llama.cpp's tokens of `text` as it would feed them (BOS first where the file adds one), and
+    whether it adds BOS."""
     llm = _llama_cpp().Llama(str(gguf_path), n_ctx=16, vocab_only=True, verbose=False)
-    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=special), llm._model.add_bos_token()
 
 
 def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int | None,
-                         threads: int | None = None, keep_logprobs: bool = False,
+                         threads: int | None = None, keep_logprobs: bool | Path = False,
                          reference: np.ndarray | None = None) -> dict:
     """Perplexity of the GGUF on `text` as llama-perplexity computes it; also returns the token ids and
     each chunk's summed NLL (for paired comparisons of two files on the same chunks).
 
     keep_logprobs: also return "logprobs", float32 (chunks, scored positions, vocab) — for the
-    reference file (chunks × ctx/2 × vocab × 4 bytes: 0.8 GB for 100 chunks of an 8k vocabulary).
+    reference file (chunks × ctx/2 × vocab × 4 bytes: 0.8 GB for 100 chunks of an 8k vocabulary);
+    a path instead of True keeps them in a .npy file there, memory-mapped (15 GB for a 152k one).
     reference: such an array from another file; returns each chunk's summed KL(reference ‖ this) and
     the mean per token, what llama-perplexity --kl-divergence reports: far less noisy than perplexity
     for telling two close files apart."""
@@ -49,7 +53,8 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
     t0 = time.perf_counter()
     llm = lc.Llama(str(gguf_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
                    n_threads=threads or os.cpu_count(), seed=0)
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)  # add_bos: as the file says
+    add_bos = llm._model.add_bos_token()
     n = len(tokens) // ctx
     if max_chunks is not None:
         n = min(n, max_chunks)
@@ -58,9 +63,13 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
     bos = llm.token_bos()
     sl = scored_slice(ctx)
     chunk_nll, chunk_kl, kept = [], [], []
+    if isinstance(keep_logprobs, Path):
+        kept = np.lib.format.open_memmap(keep_logprobs, mode="w+", dtype=np.float32,
+                                         shape=(n, len(range(ctx)[sl]), llm.n_vocab()))
     for c in range(n):
         chunk = tokens[c * ctx : (c + 1) * ctx]
-        chunk[0] = bos
+        if add_bos:
+            chunk[0] = bos
         llm.reset()
         llm.eval(chunk)
         logits = np.asarray(llm.scores[: ctx], dtype=np.float64)[sl]
@@ -70,24 +79,32 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
         if reference is not None:
             ref = reference[c].astype(np.float64)
             chunk_kl.append(float((np.exp(ref) * (ref - logp)).sum()))
-        if keep_logprobs:
+        if isinstance(keep_logprobs, Path):
+            kept[c] = logp
+        elif keep_logprobs:
             kept.append(logp.astype(np.float32))
     count = n * len(range(ctx)[sl])
     if count == 0:
         raise HaloquantError(f"validate.text: fewer than validate.ctx={ctx} tokens for llama.cpp")
     out = {"ppl": math.exp(sum(chunk_nll) / count), "n_tokens": count, "n_chunks": n,
-           "seconds": time.perf_counter() - t0, "chunk_nll": chunk_nll, "tokens": tokens}
+           "seconds": time.perf_counter() - t0, "chunk_nll": chunk_nll, "tokens": tokens,
+           "bos_id": bos if add_bos else None}
     if reference is not None:
         out.update(kl=sum(chunk_kl) / count, chunk_kl=chunk_kl)
-    if keep_logprobs:
+    if isinstance(keep_logprobs, Path):
+        kept.flush()
+        out["logprobs"] = kept
+    elif keep_logprobs:
         out["logprobs"] = np.stack(kept)
     return out
 
 
-def same_tokens_as_torch(llama_tokens: list[int], bos_id: int, ids: list[int], n: int) -> bool:
-    """llama.cpp tokenizes the text itself (BOS first): its first n tokens must be torch's, or the
-    two perplexities are not of the same text."""
-    return llama_tokens[:n] == ([bos_id] + ids)[:n]
+def same_tokens_as_torch(llama_tokens: list[int], llama_bos: int | None, torch_bos: int | None, ids: list[int],
+                         n: int) -> bool:
+    """llama.cpp tokenizes the text itself and places BOS as its file says: its first n tokens must be
+    the HF tokenizer's with torch's BOS decision, or the two perplexities are not of the same text."""
+    expected = ([] if torch_bos is None else [torch_bos]) + ids[:n]
+    return llama_bos == torch_bos and llama_tokens[:n] == expected[:n]
 
 
 @functools.lru_cache(maxsize=1)

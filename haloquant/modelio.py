@@ -1,7 +1,9 @@
 """Hugging Face causal-LM folders: loading, the inventory of quantizable tensors, GGUF names.
 
-haloquant quantizes every 2-D weight of the decoder (attention and MLP projections, the token
-embedding and an untied output head); 1-D tensors (norms, biases) stay float32 as in llama.cpp.
+haloquant quantizes every 2-D weight of the decoder (attention and MLP projections, fused ones
+included, the token embedding and an untied output head); 1-D tensors (norms, biases) stay
+float32 as in llama.cpp. A folder's family (haloquant/families) is looked up by its HF
+architecture; GGUF names are those llama.cpp's converter gives that architecture.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import gguf
 import torch
 
 from haloquant import HaloquantError
+from haloquant.families import architecture_of, family_of_architecture
+from haloquant.families.base import head_dim  # noqa: F401  (re-exported: used across the library)
+from haloquant.hfcompat import model_view
 
-# HF model_type → GGUF architecture. Mistral checkpoints are Llama-architecture in llama.cpp.
-SUPPORTED_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA}
-REQUIRED_FILES = ("config.json", "tokenizer.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # a fast tokenizer, or SentencePiece's model
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,8 @@ class TensorInfo:
     gguf_name: str  # e.g. blk.0.attn_q.weight
     shape: tuple[int, int]  # (out_features, in_features) — rows are GGUF rows
     layer: int  # decoder block index; -1 for embedding / output
-    kind: str  # attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, token_embd, output
+    kind: str  # GGUF role: attn_q, attn_k, attn_v, attn_qkv, attn_output, ffn_gate, ffn_up, ffn_down,
+    #            token_embd, output
     tied: bool = False  # a token embedding that is also the output head (one weight, two roles)
 
     @property
@@ -40,22 +44,30 @@ class TensorInfo:
         return self.name.removesuffix(".weight")
 
 
+def read_config(path: Path) -> dict:
+    p = Path(path) / "config.json"
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HaloquantError(f"model.path: {p} is not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise HaloquantError(f"model.path: {p} is not a JSON object")
+    return cfg
+
+
 def check_model_dir(path: str | Path) -> Path:
-    """Fail early and clearly on a missing or unsupported model folder."""
+    """Fail early and clearly on a missing, incomplete or unsupported model folder."""
     p = Path(path)
     if not p.is_dir():
         raise HaloquantError(f"model.path: folder {str(p)!r} does not exist")
-    for f in REQUIRED_FILES:
-        if not (p / f).is_file():
-            raise HaloquantError(f"model.path: {str(p)!r} has no {f} (expected a Hugging Face model folder)")
+    if not (p / "config.json").is_file():
+        raise HaloquantError(f"model.path: {str(p)!r} has no config.json (expected a Hugging Face model folder)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise HaloquantError(f"model.path: {str(p)!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise HaloquantError(f"model.path: {str(p)!r} holds no weights (*.safetensors or *.bin)")
-    cfg = json.loads((p / "config.json").read_text())
-    mt = cfg.get("model_type")
-    if mt not in SUPPORTED_ARCHS:
-        raise HaloquantError(
-            f"model.path: architecture {mt!r} is not supported yet; supported: {', '.join(SUPPORTED_ARCHS)}"
-        )
+    archs = read_config(p).get("architectures") or [None]
+    family_of_architecture(archs[0])
     return p
 
 
@@ -67,12 +79,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def load_config(path: str | Path):
+    from transformers import AutoConfig
+
+    with model_view(check_model_dir(path)) as view:
+        return AutoConfig.from_pretrained(view)
+
+
 def load_model(path: str | Path, device: str = "auto"):
     """Load a causal LM in float32 (quantization error is measured against exact float weights)."""
     from transformers import AutoModelForCausalLM
 
-    p = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    with model_view(check_model_dir(path)) as view:
+        model = AutoModelForCausalLM.from_pretrained(view, dtype=torch.float32)
     return model.to(resolve_device(device)).eval()
 
 
@@ -80,24 +99,29 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     # whole texts are tokenized at once and cut into windows by the callers
-    return AutoTokenizer.from_pretrained(check_model_dir(path), model_max_length=1 << 62)
+    with model_view(check_model_dir(path)) as view:
+        return AutoTokenizer.from_pretrained(view, model_max_length=1 << 62)
 
 
-def gguf_arch(config) -> gguf.MODEL_ARCH:
-    return SUPPORTED_ARCHS[config.model_type]
+def gguf_arch(model) -> gguf.MODEL_ARCH:
+    """The llama.cpp architecture llama.cpp's converter writes this (registered) model as."""
+    from haloquant.converter import gguf_arch as converter_arch
+
+    arch = architecture_of(model)
+    family_of_architecture(arch)  # refuses an unregistered family first
+    return converter_arch(arch)
 
 
-_KIND_OF_GGUF = {
-    "attn_q": "attn_q", "attn_k": "attn_k", "attn_v": "attn_v", "attn_output": "attn_output",
-    "ffn_gate": "ffn_gate", "ffn_up": "ffn_up", "ffn_down": "ffn_down",
-    "token_embd": "token_embd", "output": "output",
-}
+def output_head_module(model) -> str | None:
+    """Module name of the output head (lm_head for every registered family), None if absent."""
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
 def quantizable_tensors(model) -> list[TensorInfo]:
     """Every 2-D weight that gets a storage format, in model order; tied output is not repeated."""
     cfg = model.config
-    tmap = gguf.get_tensor_name_map(gguf_arch(cfg), cfg.num_hidden_layers)
+    tmap = gguf.get_tensor_name_map(gguf_arch(model), cfg.num_hidden_layers)
     head = model.get_output_embeddings()
     head_id = id(head.weight) if head is not None else None
     seen: set[int] = set()
@@ -108,26 +132,18 @@ def quantizable_tensors(model) -> list[TensorInfo]:
         seen.add(id(param))
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise HaloquantError(f"model.path: no GGUF name for tensor {name!r}; the architecture is not supported")
+            raise HaloquantError(f"model.path: llama.cpp has no GGUF name for tensor {name!r} of this architecture")
         base = gname.removesuffix(".weight")
         parts = base.split(".")
         layer = int(parts[1]) if parts[0] == "blk" else -1
-        kind = _KIND_OF_GGUF.get(parts[-1])
-        if kind is None:
-            raise HaloquantError(f"model.path: tensor {name!r} ({gname}) has no known role")
-        out.append(TensorInfo(name, gname, tuple(param.shape), layer, kind,
-                              tied=kind == "token_embd" and id(param) == head_id))
+        out.append(TensorInfo(name, gname, tuple(param.shape), layer, parts[-1],
+                              tied=parts[-1] == "token_embd" and id(param) == head_id))
     return out
 
 
 def float_tensors(model) -> dict[str, torch.Tensor]:
     """Parameters kept in float32 (norm weights, biases), by HF name."""
     return {n: p.detach() for n, p in model.named_parameters() if p.ndim != 2}
-
-
-def head_dim(config) -> int:
-    """Per-head width: explicit in newer configs, hidden_size / heads otherwise."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def n_params(model) -> int:

@@ -118,8 +118,10 @@ def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, t
     from optimum.exporters.onnx import main_export
 
     weight_of_module = {n.removesuffix(".weight"): n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if model.config.tie_word_embeddings:
-        weight_of_module["lm_head"] = "model.embed_tokens.weight"
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embedding.weight:  # a tied head holds the embedding's codes
+        names = {id(m): n for n, m in model.named_modules()}
+        weight_of_module[names[id(head)]] = f"{names[id(embedding)]}.weight"
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir, onnx_dir = Path(tmp) / "hf", Path(tmp) / "onnx"
         model.save_pretrained(hf_dir)

@@ -39,6 +39,21 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def sequence_bos(tokenizer, add_bos: bool | None) -> int | None:
+    """The token every sequence starts with (calibration windows, evaluation chunks), or None.
+    `add_bos` is model.add_bos; None means: as the model's own tokenizer does (Llama 3 and Gemma add
+    BOS, Qwen2 does not). The GGUF says the same (the converter reads the same tokenizer files, or
+    model.add_bos overrides it), and validate checks that llama.cpp agrees."""
+    if add_bos is None:
+        ids = tokenizer("a")["input_ids"]
+        add_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+    if not add_bos:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise HaloquantError("model.add_bos: true, but the model's tokenizer has no BOS token")
+    return tokenizer.bos_token_id
+
+
 def calibration_batch(ids: list[int], n: int, seq_len: int, seed: int, bos_id: int | None) -> torch.Tensor:
     """n windows of seq_len tokens at seeded random offsets, each starting with BOS (as at inference)."""
     body = seq_len - (1 if bos_id is not None else 0)

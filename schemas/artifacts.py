@@ -20,6 +20,8 @@ class CalibrationReport(Artifact):
     stats_file: str
     # HF linear module name → key of its input statistics in the stats file (q/k/v share one)
     input_of: dict[str, str]
+    output_head: str | None = "lm_head"  # the output head's module (its input is the tied embedding's)
+    bos_id: int | None = None  # the token every calibration window starts with (None: none)
     device: str
     seconds: float
 
@@ -137,6 +139,7 @@ class ExportReport(Artifact):
     sha256: str
     tensor_types: dict[str, int]  # format → number of tensors
     seconds: float
+    writer: str | None = None  # GGUF: llama.cpp's converter release and code hash
 
 
 class ValidationReport(Artifact):

@@ -26,6 +26,8 @@ def _known_names(values: list[str], known, what: str) -> list[str]:
 class ModelSpec(Strict):
     path: Path = Field(description="Hugging Face causal-LM folder (config.json, tokenizer.json, weights)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    add_bos: bool | None = Field(None, description="start every sequence with BOS (calibration, evaluation, the "
+                                 "GGUF's tokenizer.ggml.add_bos_token); null: as the model's own tokenizer does")
 
     @field_validator("device")
     @classmethod
@@ -42,12 +44,18 @@ class CalibrationSpec(Strict):
     seed: int = 0
 
 
+FALLBACK_FORMATS = ["IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
 class SensitivitySpec(Strict):
     formats: list[str] = Field(min_length=1, description="candidate storage formats")
+    fallback_formats: list[str] = Field(
+        FALLBACK_FORMATS, description="candidates too, for a tensor whose rows a listed format does not fit (the "
+        "k-quants need rows that are a multiple of 256): llama.cpp's fallback types")
     metric: Literal["output_error", "kl_calibrated", "hessian_trace", "kl_end_to_end", "none"] = "kl_calibrated"
     kl_sequences: PositiveInt = Field(8, description="calibration sequences for kl_calibrated's measurements")
 
-    @field_validator("formats")
+    @field_validator("formats", "fallback_formats")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         from haloquant.formats import FORMATS

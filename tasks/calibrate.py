@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from haloquant.artifacts import atomic_path, sha256_file, write_json
-from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
-from haloquant.textdata import calibration_batch, read_text, tokenize
+from haloquant.modelio import load_model, load_tokenizer, output_head_module, quantizable_tensors
+from haloquant.textdata import calibration_batch, read_text, sequence_bos, tokenize
 from schemas.artifacts import CalibrationReport
 from schemas.params import CalibrationSpec, ModelSpec
 
@@ -51,7 +51,8 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
     tokenizer = load_tokenizer(model_spec.path)
     device = next(model.parameters()).device
     ids = tokenize(tokenizer, text)
-    batch = calibration_batch(ids, spec.n_sequences, spec.seq_len, spec.seed, tokenizer.bos_token_id)
+    bos = sequence_bos(tokenizer, model_spec.add_bos)
+    batch = calibration_batch(ids, spec.n_sequences, spec.seq_len, spec.seed, bos)
 
     # every linear whose weight is quantized (the tied output head shares the embedding's weight)
     weight_ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
@@ -98,7 +99,8 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
     report = CalibrationReport(
         model_path=str(model_spec.path), text=str(spec.text), text_sha256=sha256_file(spec.text),
         n_sequences=spec.n_sequences, seq_len=spec.seq_len, seed=spec.seed, n_tokens=int(batch.numel()),
-        stats_file=STATS_FILE, input_of=input_of, device=str(device), seconds=time.perf_counter() - t0,
+        stats_file=STATS_FILE, input_of=input_of, output_head=output_head_module(model), bos_id=bos,
+        device=str(device), seconds=time.perf_counter() - t0,
     )
     write_json(out_dir / REPORT_FILE, report.model_dump())
     return report

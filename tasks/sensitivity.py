@@ -10,7 +10,9 @@ Metrics (cost of each, for T tensors and F formats):
   measurement — KL(float ‖ model with only that tensor quantized, at the candidate nearest 4 bits)
   on `kl_sequences` calibration sequences: cost = KL_ref · err(f) / err(ref). T forward passes.
 - `kl_end_to_end`: that KL measured for every tensor and format — T·F forward passes.
-For a tied embedding the error of its lookup (token-frequency weighted) is added to the head's.
+For a tied embedding the error of its lookup (token-frequency weighted, times the family's embedding
+scale², e.g. Gemma's √hidden) is added to the head's. Candidates: the listed formats that fit a
+tensor's rows, plus `fallback_formats` where a listed one does not (candidate_formats).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch.nn.functional as F
 from haloquant.artifacts import write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.embedding import FEATURES, layer_embeddings
-from haloquant.formats import get_format
-from haloquant.gguf_writer import gguf_overhead_bytes
-from haloquant.modelio import float_tensors, gguf_arch, load_model, load_tokenizer, quantizable_tensors
+from haloquant import HaloquantError
+from haloquant.families import family
+from haloquant.formats import QuantFormat, get_format
+from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
+from haloquant.modelio import float_tensors, load_model, load_tokenizer, quantizable_tensors
 from haloquant.quantizer import encode_tensor
 from haloquant.textdata import calibration_batch, read_text, tokenize
 from schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
@@ -65,7 +69,7 @@ class KLProbe:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         device = next(model.parameters()).device
         self.batch = calibration_batch(ids, min(n_sequences, cal.n_sequences), cal.seq_len, cal.seed,
-                                       tok.bos_token_id).to(device)
+                                       cal.bos_id).to(device)
         self.ref_logp = F.log_softmax(model(self.batch).logits.float(), -1)
 
     @torch.no_grad()
@@ -80,14 +84,22 @@ class KLProbe:
         return float((self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean())
 
 
-def _gguf_overhead(model_spec: ModelSpec, model, infos, floats) -> int:
+def _gguf_overhead(model_spec: ModelSpec, infos, floats) -> int:
     """What a GGUF of this model holds beyond tensor data (for allocation.budget.file_bytes)."""
-    import gguf
+    return gguf_overhead_bytes(Path(model_spec.path), {t.name: t.shape for t in infos},
+                               {n: v.cpu().numpy() for n, v in floats.items()}, Path(model_spec.path).name,
+                               gguf_add_bos(model_spec))
 
-    tmap = gguf.get_tensor_name_map(gguf_arch(model.config), model.config.num_hidden_layers)
-    names = [(t.gguf_name, t.shape) for t in infos]
-    names += [(tmap.get_name(n, try_suffixes=(".weight", ".bias")), tuple(v.shape)) for n, v in floats.items()]
-    return gguf_overhead_bytes(Path(model_spec.path), model.config, names, Path(model_spec.path).name)
+
+def candidate_formats(spec: SensitivitySpec, shape: tuple[int, int]) -> list[QuantFormat]:
+    """The listed formats that fit the tensor's rows, and where one of them does not (rows that
+    are not a multiple of 256 for the k-quants), the fallback formats that do — llama.cpp's own
+    fallbacks for such widths."""
+    listed = [get_format(f) for f in spec.formats]
+    out = [f for f in listed if f.supports(shape)]
+    if len(out) < len(listed):
+        out += [g for g in map(get_format, spec.fallback_formats) if g.supports(shape) and g not in out]
+    return out
 
 
 @torch.no_grad()
@@ -103,16 +115,15 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     probe = KLProbe(model, stats, spec.kl_sequences) if spec.metric.startswith("kl_") else None
     local = diagonal_error if spec.metric == "hessian_trace" else output_error
 
-    formats = [get_format(f) for f in spec.formats]
+    # a looked-up row's error in residual-stream units (Gemma multiplies the embedding by √hidden)
+    lookup_scale = family(model).embedding_scale(model.config) ** 2
     rows: list[TensorSensitivity] = []
     for t in quantizable_tensors(model):
         w = params[t.name].detach().float()
         gram = stats.gram(t).to(device)
         cands: dict[str, FormatCost] = {}
         decoded: dict[str, torch.Tensor] = {}
-        for fmt in formats:
-            if not fmt.supports(t.shape):
-                continue
+        for fmt in candidate_formats(spec, t.shape):
             if spec.metric == "none":
                 cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=0.0)
                 continue
@@ -121,13 +132,14 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             delta = w - decoded[fmt.name]
             err = local(delta, gram)  # as a linear (for embeddings: the output head)
             if t.kind == "token_embd":
-                lookup = lookup_error(delta, token_freq)
+                lookup = lookup_scale * lookup_error(delta, token_freq)
                 err = err + lookup if t.tied else lookup
             if spec.metric == "kl_end_to_end":
                 err = probe.kl(t.name, decoded[fmt.name])
             cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=err)
         if not cands:
-            raise ValueError(f"sensitivity.formats: no listed format fits tensor {t.name} of shape {t.shape}")
+            raise HaloquantError(f"sensitivity.formats: no listed or fallback format fits tensor {t.name} of shape "
+                                 f"{t.shape}")
         if spec.metric == "kl_calibrated":
             ref = min(cands, key=lambda f: abs(get_format(f).bits_per_weight - REFERENCE_BITS))
             scale = probe.kl(t.name, decoded[ref]) / cands[ref].error if cands[ref].error > 0 else 0.0
@@ -142,7 +154,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     floats = float_tensors(model)
     fixed = sum(p.numel() * 4 for p in floats.values())
     table = SensitivityTable(metric=spec.metric, formats=spec.formats, fixed_bytes=fixed, tensors=rows,
-                             gguf_overhead_bytes=_gguf_overhead(model_spec, model, infos, floats),
+                             gguf_overhead_bytes=_gguf_overhead(model_spec, infos, floats),
                              seconds=time.perf_counter() - t0)
     write_json(out_dir / TABLE_FILE, table.model_dump())
     return table

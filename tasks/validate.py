@@ -2,7 +2,8 @@
 
 Torch: perplexity of the float and the quantized model on held-out text (llama-perplexity's
 protocol) and mean per-token KL(float ‖ quantized). llama.cpp: perplexity of the exported GGUF,
-tokenized by llama.cpp itself. onnxruntime: perplexity of the ONNX export and its largest logit
+tokenized by llama.cpp itself — that its tokens (and BOS) are the model tokenizer's is a gate that
+always applies. onnxruntime: perplexity of the ONNX export and its largest logit
 deviation from torch. A gate in the spec turns any of these into a failed run.
 """
 
@@ -18,7 +19,7 @@ from haloquant.llamacpp import llama_cpp_perplexity, same_tokens_as_torch
 from haloquant.modelio import load_model, load_tokenizer
 from haloquant.onnxrt import onnx_check
 from haloquant.quantized import load_quantized_model, read_quantized
-from haloquant.textdata import eval_chunks, read_text, tokenize
+from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
 from schemas.artifacts import CalibrationReport, ValidationReport
 from schemas.params import ModelSpec, ValidateSpec
 
@@ -30,6 +31,10 @@ PLOT_FILE = "size_ppl.json"
 def _gate(spec: ValidateSpec, report: dict) -> dict:
     g = spec.gate
     checks = {}
+    if "llama_cpp" in report["runtimes"]:  # always: otherwise the two runtimes score different texts
+        same = report["runtimes"]["llama_cpp"]["same_tokens_as_torch"]
+        checks["llama_cpp_tokens"] = {"limit": "llama.cpp's tokens and BOS = the model tokenizer's", "value": same,
+                                      "passed": same}
     if g.max_ppl_ratio is not None:
         checks["max_ppl_ratio"] = {"limit": g.max_ppl_ratio, "value": report["ppl_ratio"],
                                    "passed": report["ppl_ratio"] <= g.max_ppl_ratio}
@@ -51,7 +56,8 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
         raise HaloquantError(f"validate.text: {spec.text} is the calibration text; evaluate on held-out text")
     tokenizer = load_tokenizer(model_spec.path)
     ids = tokenize(tokenizer, text)
-    chunks = eval_chunks(ids, spec.ctx, spec.max_chunks, tokenizer.bos_token_id)
+    bos = sequence_bos(tokenizer, model_spec.add_bos)
+    chunks = eval_chunks(ids, spec.ctx, spec.max_chunks, bos)
     float_model = load_model(model_spec.path, model_spec.device)
     quant_model = load_quantized_model(model_spec.path, quant_dir, model_spec.device)
     torch_scores = score(quant_model, chunks, ref_model=float_model, batch_size=spec.batch_size)
@@ -62,7 +68,7 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
     runtimes: dict[str, dict] = {}
     if "llama_cpp" in spec.runtimes:
         lc = llama_cpp_perplexity(gguf_path, text, spec.ctx, spec.max_chunks)
-        same_tokens = same_tokens_as_torch(lc.pop("tokens"), tokenizer.bos_token_id, ids, chunks.numel())
+        same_tokens = same_tokens_as_torch(lc.pop("tokens"), lc.pop("bos_id"), bos, ids, chunks.numel())
         runtimes["llama_cpp"] = {**lc, "ppl_gap_vs_torch": abs(lc["ppl"] / torch_scores["ppl"] - 1),
                                  "same_tokens_as_torch": same_tokens}
     if "onnxruntime" in spec.runtimes:
@@ -96,6 +102,7 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
         rows.append({"model": "quantized (llama.cpp)", "bytes": report["gguf_bytes"], "ppl": runtimes["llama_cpp"]["ppl"]})
     write_json(out_dir / PLOT_FILE, rows)
     if not result.passed:
-        failed = [f"{k}: {c['value']:.4g} > {c['limit']}" for k, c in checks.items() if not c["passed"]]
+        failed = [f"{k}: {c['value']:.4g} > {c['limit']}" if isinstance(c["value"], float) else f"{k}: failed ({c['limit']})"
+                  for k, c in checks.items() if not c["passed"]]
         raise HaloquantError(f"validate.gate failed ({'; '.join(failed)}); report in {out_dir / REPORT_FILE}")
     return result

@@ -25,7 +25,7 @@ SHARED_A = REPO.parent / "shared" / "models" / "ref-llama-a"
 def small_params(sweep: dict | None = None, **overrides) -> dict:
     """A fast spec on the real tiny model: few calibration sequences, few evaluation chunks."""
     p = {
-        "model": {"path": str(TINY), "device": "cpu"},
+        "model": {"path": str(TINY), "device": "cpu", "add_bos": True},
         "calibration": {"text": str(CALIB_TEXT), "n_sequences": 8, "seq_len": 128, "seed": 0},
         "sensitivity": {"formats": ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"], "metric": "output_error"},
         "allocation": {"budget": {"bits_per_weight": 5.0}},

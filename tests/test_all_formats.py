@@ -27,7 +27,7 @@ ALL = [f for f in FORMATS if f != "F32"]
 
 def build(pipeline_run, formats: list[str], out):
     """ref-llama-tiny with its tensors in `formats` (cycled), quantized (RTN) and exported to GGUF."""
-    spec = ModelSpec(path=TINY, device="cpu")
+    spec = ModelSpec(path=TINY, device="cpu", add_bos=True)  # the reference models start with BOS
     infos = quantizable_tensors(load_model(TINY, "cpu"))
     allocation = allocation_from_type_map(
         infos, {t.gguf_name: formats[i % len(formats)] for i, t in enumerate(infos)}, "test")

@@ -98,7 +98,7 @@ def test_file_size_budget_fits_the_written_gguf(tmp_path):
 
     from tests.conftest import CALIB_TEXT, TINY
 
-    spec = ModelSpec(path=TINY, device="cpu")
+    spec = ModelSpec(path=TINY, device="cpu", add_bos=True)  # the reference models start with BOS
     calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), tmp_path / "cal")
     table = score_sensitivity(spec, SensitivitySpec(formats=["Q3_K", "Q4_K", "Q5_K", "Q6_K"], metric="output_error"),
                               QuantizeSpec(), tmp_path / "cal", tmp_path / "sens")

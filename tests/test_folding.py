@@ -32,7 +32,7 @@ def fold_everything_randomly(model, seed=1):
         if g.source_kind == "norm":
             n = dict(model.named_parameters())[g.source].numel()
         else:
-            n = dict(model.named_modules())[g.source].weight.shape[0]
+            n = dict(model.named_modules())[g.source].weight[g.rows].shape[0]
         apply_fold(model, g, torch.exp(torch.randn(n, generator=gen) * 1.0))
 
 
@@ -58,8 +58,9 @@ def test_folding_is_exact(which):
 
 def test_unknown_architecture_is_refused():
     model = random_gqa_model()
-    model.config.model_type = "gpt_neox"
-    with pytest.raises(HaloquantError, match="fold.method: scale folding does not know architecture 'gpt_neox'"):
+    model.config.architectures = ["GPTNeoXForCausalLM"]
+    with pytest.raises(HaloquantError, match="architecture 'GPTNeoXForCausalLM' is not supported; supported: "
+                                             "Gemma2ForCausalLM, .*LlamaForCausalLM"):
         fold_groups(model)
 
 

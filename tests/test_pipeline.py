@@ -123,7 +123,7 @@ def test_kl_calibrated_sensitivity(pipeline_run, tmp_path):
 
     folder, _, results = pipeline_run
     raw = results["sensitivity"]
-    table = score_sensitivity(ModelSpec(path=results["calibrate"].model_path, device="cpu"),
+    table = score_sensitivity(ModelSpec(path=results["calibrate"].model_path, device="cpu", add_bos=True),
                               SensitivitySpec(formats=raw.formats, metric="kl_calibrated", kl_sequences=2),
                               QuantizeSpec(), folder / "artifacts" / "calibrate", tmp_path)
     assert (tmp_path / "sensitivity.json").is_file()

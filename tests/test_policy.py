@@ -32,7 +32,7 @@ def tiny_tables(tmp_path_factory):
     from schemas.params import CalibrationSpec, ModelSpec
 
     root = tmp_path_factory.mktemp("policy")
-    spec = ModelSpec(path=TINY, device="cpu")
+    spec = ModelSpec(path=TINY, device="cpu", add_bos=True)  # the reference models start with BOS
     calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=8, seq_len=128), root / "calibrate")
     for metric in ("kl_calibrated", "none"):
         score_sensitivity(spec, SensitivitySpec(formats=KQ, metric=metric, kl_sequences=2), QuantizeSpec(),

@@ -1,0 +1,75 @@
+"""What haloquant needs to know of a decoder family beyond what llama.cpp's converter knows.
+
+GGUF names, hyper-parameters, tokenizers and every GGUF-side tensor transform come from the
+converter (haloquant/converter.py). A family adds the torch-side knowledge:
+- the exact Scale-Fold folds: which norm's output is the input of which linears (`NormFeeds`),
+  and which linear's output rows are another linear's input columns, elementwise (`RowsFeed`:
+  v → o, up → down), with the row range inside a fused linear (Phi-3's qkv_proj, gate_up_proj);
+- the norm's form: RMSNorm multiplies by `norm_offset + weight` (Gemma: 1 + w);
+- the scale the embedding is multiplied by before the first block (Gemma: √hidden), so that a
+  looked-up row's error is counted in residual-stream units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+def head_dim(config) -> int:
+    """Per-head width: explicit in newer configs, hidden_size / heads otherwise."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def all_rows(config) -> slice:
+    return slice(None)
+
+
+@dataclass(frozen=True)
+class NormFeeds:
+    """`norm`'s output is the input of `linears` (names relative to a decoder layer)."""
+
+    norm: str
+    linears: tuple[str, ...]
+    label: str  # the fold group's name in scales.safetensors: layers.<i>.<label>
+
+
+@dataclass(frozen=True)
+class RowsFeed:
+    """Output rows `rows(config)` of `source` are, elementwise, the input columns of `target`."""
+
+    source: str
+    target: str
+    label: str
+    rows: Callable[[object], slice] = all_rows
+    per_kv_head: bool = False  # source rows are kv heads, each read by several query heads (GQA)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]  # HF `architectures` names
+    norm_feeds: tuple[NormFeeds, ...]
+    rows_feeds: tuple[RowsFeed, ...]
+    norm_offset: float = 0.0
+    embedding_scale: Callable[[object], float] = field(default=lambda config: 1.0)
+    layers: str = "model.layers"  # prefix of decoder layer i: <layers>.<i>.
+
+    def layer(self, i: int) -> str:
+        return f"{self.layers}.{i}"
+
+
+def sqrt_hidden(config) -> float:
+    return math.sqrt(config.hidden_size)
+
+
+# the Llama-style decoder layer most families share
+LLAMA_NORM_FEEDS = (
+    NormFeeds("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn_in"),
+    NormFeeds("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp_in"),
+)
+LLAMA_ROWS_FEEDS = (
+    RowsFeed("self_attn.v_proj", "self_attn.o_proj", "v_o", per_kv_head=True),
+    RowsFeed("mlp.up_proj", "mlp.down_proj", "up_down"),
+)

@@ -1,0 +1,160 @@
+"""Conformance of every registered family (tests/modelzoo.py: widths that are a multiple of 256 and
+widths that are not, tied and untied heads, real tokenizers of the family's kind, random weights):
+the exported GGUF loads in llama.cpp, tokenizes like the model's own tokenizer, computes what torch
+computes from the same decoded weights, carries the model's chat template; the ONNX export agrees
+with torch; Scale-Fold's folds are exact; and the default pipeline runs end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from gguf import GGUFReader
+
+from haloquant.artifacts import write_json
+from haloquant.evaluation import score
+from haloquant.families import FAMILIES
+from haloquant.folding import apply_fold, fold_groups
+from haloquant.formats import get_format
+from haloquant.llamacpp import llama_cpp_perplexity, llama_cpp_tokens
+from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
+from haloquant.onnxrt import onnx_check
+from haloquant.presets import allocation_from_type_map
+from haloquant.quantized import load_quantized_model
+from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
+from schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec
+from tasks.calibrate import calibrate
+from tasks.export_gguf import export_gguf
+from tasks.export_onnx import export_onnx
+from tasks.quantize import quantize
+from tasks.scale_fold import scale_fold
+from tests.conftest import CALIB_TEXT, EVAL_TEXT, small_params, write_params
+from tests.modelzoo import CASES, make_model
+
+# per tensor, the first of these its rows fit, in turn: k-quants where the width allows, llama.cpp's
+# block-32 fallbacks where it does not
+FORMATS = ["Q4_K", "Q5_0", "Q6_K", "IQ4_NL", "Q8_0", "Q4_1", "Q3_K", "Q5_1"]
+CTX, CHUNKS = 128, 3
+
+
+def test_every_registered_family_has_a_case():
+    assert {c.family if c.family != "mistral" else "llama" for c in CASES} == {f.name for f in FAMILIES.values()}
+    assert {c.hidden % 256 == 0 for c in CASES} == {True, False}
+    assert {c.tied for c in CASES} == {True, False}
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.id)
+def exported(request, zoo):
+    """The case's model with GPTQ-quantized mixed formats, exported to GGUF and ONNX."""
+    case = request.param
+    folder = make_model(case, zoo)
+    out = zoo / f"{case.id}-out"
+    spec = ModelSpec(path=folder, device="cpu")
+    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), out / "calibrate")
+    infos = quantizable_tensors(load_model(folder, "cpu"))
+    type_map = {}
+    for i, t in enumerate(infos):
+        fits = [f for f in FORMATS if get_format(f).supports(t.shape)]
+        type_map[t.gguf_name] = fits[i % len(fits)]
+    write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, "test").model_dump())
+    scale_fold(spec, FoldSpec(), out / "calibrate", out / "allocate", out / "scale_fold")
+    quantize(spec, QuantizeSpec(method="gptq"), out / "calibrate", out / "allocate", out / "scale_fold", out / "quantize")
+    export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
+    export_onnx(spec, ONNXSpec(), out / "quantize", out / "onnx")
+    return case, folder, out, type_map
+
+
+def _chunks(folder):
+    tok = load_tokenizer(folder)
+    text = read_text(EVAL_TEXT, "eval")
+    bos = sequence_bos(tok, None)
+    return text, tok, bos, eval_chunks(tokenize(tok, text), CTX, CHUNKS, bos)
+
+
+def test_gguf_holds_the_types_and_loads_in_llama_cpp(exported):
+    case, folder, out, type_map = exported
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out / "gguf" / "model.gguf").tensors}
+    for name, fmt in type_map.items():
+        assert types[name] == fmt
+    if case.hidden % 256:  # k-quants do not fit these rows: the fallbacks are really used
+        assert {"Q5_0", "IQ4_NL", "Q4_1"} & set(types.values())
+
+
+def test_llama_cpp_tokenizes_like_the_model_tokenizer(exported):
+    case, folder, out, _ = exported
+    tok = load_tokenizer(folder)
+    text = read_text(EVAL_TEXT, "eval")[:20000]
+    ids, adds_bos = llama_cpp_tokens(out / "gguf" / "model.gguf", text)
+    hf = tok(text)["input_ids"]  # the model's own tokenizer, its special tokens included
+    assert ids == hf
+    assert adds_bos == (sequence_bos(tok, None) is not None)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Name a river."}], tokenize=False,
+                                   add_generation_prompt=True)
+    special_ids, _ = llama_cpp_tokens(out / "gguf" / "model.gguf", chat, special=True)
+    assert special_ids == tok(chat, add_special_tokens=False)["input_ids"] or \
+        special_ids == tok(chat)["input_ids"]
+
+
+def test_gguf_carries_the_chat_template(exported):
+    case, folder, out, _ = exported
+    reader = GGUFReader(out / "gguf" / "model.gguf")
+    template = reader.fields["tokenizer.chat_template"].contents()
+    assert template == load_tokenizer(folder).chat_template
+
+
+def test_llama_cpp_computes_what_torch_computes(exported):
+    case, folder, out, _ = exported
+    text, tok, bos, chunks = _chunks(folder)
+    torch_ppl = score(load_quantized_model(folder, out / "quantize", "cpu"), chunks)["ppl"]
+    lc = llama_cpp_perplexity(out / "gguf" / "model.gguf", text, CTX, CHUNKS)
+    assert lc["bos_id"] == bos
+    assert math.isfinite(lc["ppl"]) and abs(lc["ppl"] / torch_ppl - 1) < 0.01, (lc["ppl"], torch_ppl)
+
+
+def test_onnx_agrees_with_torch(exported):
+    case, folder, out, _ = exported
+    _, _, _, chunks = _chunks(folder)
+    r = onnx_check(out / "onnx" / "model.onnx", chunks[:1, :64], load_quantized_model(folder, out / "quantize", "cpu"))
+    assert r["max_abs_logit_error"] < 1e-3, r
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_scale_folds_are_exact(case, zoo):
+    model = load_model(make_model(case, zoo), "cpu")
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    groups = fold_groups(model)
+    assert {g.source_kind for g in groups} == {"norm", "rows"}
+    with torch.no_grad():
+        before = model(ids).logits
+        for g in groups:
+            src = dict(model.named_parameters())[g.source] if g.source_kind == "norm" else \
+                dict(model.named_modules())[g.source].weight[g.rows]
+            apply_fold(model, g, torch.exp(0.5 * torch.randn(src.shape[0], generator=gen)))
+        after = model(ids).logits
+    assert (after - before).abs().max() / before.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.hidden % 256], ids=lambda c: c.id)
+def test_default_pipeline_runs_at_any_width(case, zoo, tmp_path):
+    """The default spec (k-quant candidates; llama.cpp's fallbacks where the rows need them), only
+    model.path changed: end to end, validated in llama.cpp and onnxruntime."""
+    from haloquant.runner import run_all
+
+    params = small_params(**{"model.path": str(make_model(case, zoo)), "model.add_bos": None,
+                             "sensitivity": {"formats": ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"],
+                                             "kl_sequences": 2},
+                             "allocation.budget": {"bits_per_weight": 5.0}, "validate.ctx": CTX,
+                             "validate.max_chunks": 2, "validate.gate": {"max_runtime_ppl_gap": 0.01}})
+    results = run_all(write_params(tmp_path, params))
+    v = results["validate"]
+    assert v.passed and v.runtimes["llama_cpp"]["same_tokens_as_torch"]
+    assert v.runtimes["onnxruntime"]["max_abs_logit_error"] < 1e-3
+    formats = {c.format for c in results["allocate"].tensors}
+    assert formats & {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1"}, formats
