@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 from haloquant.llamacpp import llama_cpp_perplexity
-from schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec,
+from haloquant.schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec,
                             SensitivitySpec)
-from tasks.allocate import allocate
-from tasks.export_gguf import export_gguf
-from tasks.quantize import quantize
-from tasks.scale_fold import scale_fold
-from tasks.sensitivity import score_sensitivity
+from haloquant.tasks.allocate import allocate
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
+from haloquant.tasks.sensitivity import score_sensitivity
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 METRICS = ["output_error", "hessian_trace", "kl_calibrated", "kl_end_to_end"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.textdata import read_text
-from schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec
-from tasks.calibrate import calibrate
-from tasks.export_gguf import export_gguf
-from tasks.quantize import quantize
-from tasks.scale_fold import scale_fold
+from haloquant.schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec
+from haloquant.tasks.calibrate import calibrate
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_TEXT = REPO / "data/wikitext-2-raw/wiki.test.raw"

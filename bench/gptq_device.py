@@ -22,8 +22,8 @@ from haloquant.calibstats import CalibrationStats
 from haloquant.formats import get_format
 from haloquant.gptq import gptq_quantize
 from haloquant.modelio import load_model, quantizable_tensors
-from schemas.params import CalibrationSpec, ModelSpec
-from tasks.calibrate import calibrate
+from haloquant.schemas.params import CalibrationSpec, ModelSpec
+from haloquant.tasks.calibrate import calibrate
 
 REPO = Path(__file__).resolve().parent.parent
 

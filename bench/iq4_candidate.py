@@ -14,9 +14,9 @@ from pathlib import Path
 
 from haloquant.artifacts import read_json
 from haloquant.presets import tensor_data_bytes
-from schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec
-from tasks.allocate import allocate
-from tasks.sensitivity import score_sensitivity
+from haloquant.schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec
+from haloquant.tasks.allocate import allocate
+from haloquant.tasks.sensitivity import score_sensitivity
 
 from common import REPO, build_and_score, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 

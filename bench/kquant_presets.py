@@ -29,12 +29,12 @@ from haloquant.formats import get_format
 from haloquant.llamacpp import ggml_quantize, llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import allocation_from_type_map, preset_type_map, tensor_data_bytes
-from schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec,
+from haloquant.schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec,
                             SensitivitySpec)
-from tasks.allocate import allocate
-from tasks.export_gguf import export_gguf
-from tasks.quantize import quantize
-from tasks.scale_fold import scale_fold
+from haloquant.tasks.allocate import allocate
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
@@ -158,7 +158,7 @@ def main() -> None:
     sens_dir = args.out / "sensitivity"
     t0 = time.perf_counter()
     if not (sens_dir / "sensitivity.json").is_file():
-        from tasks.sensitivity import score_sensitivity
+        from haloquant.tasks.sensitivity import score_sensitivity
 
         score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"], metric=args.metric),
                           QuantizeSpec(method="gptq"), calib_dir, sens_dir)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from haloquant.runner import preflight
-from schemas.params import load_params
-from tasks import STAGES
+from haloquant.tasks.runner import preflight
+from haloquant.schemas.params import load_params
+from haloquant.tasks import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 UNIFORM = {4.5: "Q4_K", 3.5: "Q3_K"}

@@ -23,8 +23,8 @@ from haloquant.artifacts import read_json, write_json
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map, tensor_data_bytes
-from schemas.params import QuantizeSpec, SensitivitySpec
-from tasks.sensitivity import score_sensitivity
+from haloquant.schemas.params import QuantizeSpec, SensitivitySpec
+from haloquant.tasks.sensitivity import score_sensitivity
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import KQUANTS, build, build_mixed  # noqa: E402

@@ -31,8 +31,8 @@ import yaml
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map, tensor_data_bytes
-from schemas.params import QuantizeSpec, SensitivitySpec
-from tasks.sensitivity import score_sensitivity
+from haloquant.schemas.params import QuantizeSpec, SensitivitySpec
+from haloquant.tasks.sensitivity import score_sensitivity
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import KQUANTS, build, build_mixed  # noqa: E402
@@ -63,7 +63,7 @@ def default_pipeline(model: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "haloquant.cli", "run", "--params", str(out / "params.yaml")],
+    r = subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "run", "--params", str(out / "params.yaml")],
                        capture_output=True, text=True, cwd=REPO)
     if r.returncode != 0:
         return {"returncode": r.returncode, "stderr": r.stderr[-2000:]}

@@ -28,11 +28,11 @@ from haloquant.artifacts import read_json, write_json
 from haloquant.formats import get_format
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import allocation_from_type_map
-from schemas.artifacts import SensitivityTable
-from schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec, TrainPolicySpec
-from tasks.allocate import allocate
-from tasks.sensitivity import score_sensitivity
-from tasks.train_policy import train_policy
+from haloquant.schemas.artifacts import SensitivityTable
+from haloquant.schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec, TrainPolicySpec
+from haloquant.tasks.allocate import allocate
+from haloquant.tasks.sensitivity import score_sensitivity
+from haloquant.tasks.train_policy import train_policy
 
 from common import REPO, build_and_score, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]

@@ -58,9 +58,9 @@ def prepare() -> None:
     """Every model's AllocationProblem with the MILP optimum and picks at each budget."""
     from haloquant.artifacts import read_json
     from haloquant.policy import AllocationProblem
-    from schemas.artifacts import LayerEmbeddings, SensitivityTable
-    from schemas.params import AllocationSpec
-    from tasks.allocate import allocate_bits
+    from haloquant.schemas.artifacts import LayerEmbeddings, SensitivityTable
+    from haloquant.schemas.params import AllocationSpec
+    from haloquant.tasks.allocate import allocate_bits
 
     out = {}
     for m in TRAIN + TEST:

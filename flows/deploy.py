@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.pipeline import haloquant_pipeline
+from haloquant.flows.pipeline import haloquant_pipeline
 
 DEPLOYMENT_NAME = "haloquant-scheduled"
 

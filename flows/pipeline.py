@@ -18,9 +18,9 @@ from prefect.cache_policies import CachePolicy
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from haloquant.artifacts import read_json, sha256_tree, write_json
-from haloquant.runner import artifacts_root, describe, fingerprint, preflight
-from schemas.params import load_params
-from tasks import STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
+from haloquant.tasks.runner import artifacts_root, describe, fingerprint, preflight, timed
+from haloquant.schemas.params import load_params
+from haloquant.tasks import STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
 
 RECORD_DIR = ".flow"  # under the artifacts root: what each stage last wrote, and for which key
 
@@ -43,7 +43,7 @@ def outputs_intact(root: Path, stage: Stage, key: str) -> bool:
 
 
 class StageFingerprint(CachePolicy):
-    """Prefect cache key = the stage's fingerprint (spec sections + input hashes + code)."""
+    """Prefect cache key = the stage's fingerprint (spec sections + input hashes + code + runtimes)."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         return inputs["key"]
@@ -55,7 +55,7 @@ def run_stage_task(name: str, params_file: str, key: str) -> str:
     params = load_params(params_path)
     root = artifacts_root(params_path)
     stage = find_stage(name, params)
-    summary = describe(stage.run(params, root))
+    summary = describe(stage.name, timed(stage, params, root))
     write_json(_record_path(root, stage), {"key": key, "outputs": _outputs(root, stage)})
     return summary
 

@@ -1,8 +1,12 @@
 """Atomic artifact writing and content hashing.
 
-Every file a stage produces goes through these helpers: it is written to a temporary file in
-the same folder and renamed into place, so a crash or an error never leaves a half-written
-artifact and never clobbers the previous good one.
+Every file a stage produces goes through these helpers: it is written to a hidden temporary file
+in the same folder (`.NAME.*.tmp`) and renamed into place, so a crash, a kill -9 or an error never
+leaves a half-written artifact under its name and never clobbers the previous good one. A stage
+whose output is a folder writes it whole under a hidden temporary name and swaps it in
+(`atomic_dir`). Temporaries a killed process left behind are removed before the stage runs again
+(`remove_leftovers`). A write that fails (disk full, folder not writable) is a `HaloquantError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -11,26 +15,89 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from haloquant import HaloquantError
+
+TMP_SUFFIX = ".tmp"
+
+
+def _write_error(path: Path, e: Exception) -> HaloquantError:
+    return HaloquantError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}")
+
+
+def _write_failures() -> tuple[type[Exception], ...]:
+    """What a failed write raises: OSError, and safetensors' own error (it writes in Rust)."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(folder, e) from e
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _mkdir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, path)
+    except _write_failures() as e:
+        raise _write_error(path, e) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` whole.
+    (Two renames: a kill between them leaves `path` absent, never mixed.)"""
+    path = Path(path)
+    _mkdir(path.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    except OSError as e:
+        raise _write_error(path, e) from e
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{TMP_SUFFIX}")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(path: str | Path) -> None:
+    """Delete the temporaries a killed writer of `path` left beside it."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for f in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+            shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -40,7 +107,27 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise HaloquantError(f"{p} does not exist: run the stage that writes it first") from None
+    except json.JSONDecodeError as e:
+        raise HaloquantError(f"{p} is not valid JSON ({e}); re-run the stage that writes it") from None
+
+
+def read_artifact(path: str | Path, schema):
+    """A JSON artifact validated against its schema (a pydantic model class); a stale or edited
+    file is named, with what does not fit."""
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(read_json(path))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "<root>"
+        raise HaloquantError(f"{path} does not match the {schema.__name__} schema ({where}: {first['msg']}); re-run "
+                             "the stage that writes it") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -52,12 +139,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def sha256_tree(path: str | Path) -> str:
-    """Hash of a file, or of a folder's files (relative names and contents), in sorted order."""
+    """Hash of a file, or of a folder's files (relative names and contents), in sorted order;
+    hidden temporaries and __pycache__ are not part of it."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                    and not any(part.startswith(".") and part.endswith(TMP_SUFFIX) for part in p.relative_to(path).parts)):
         h.update(str(f.relative_to(path)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()

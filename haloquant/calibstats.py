@@ -8,14 +8,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from haloquant.artifacts import read_json
+from haloquant.artifacts import read_artifact
 from haloquant.modelio import TensorInfo
-from schemas.artifacts import CalibrationReport
+from haloquant.schemas.artifacts import CalibrationReport
 
 
 class CalibrationStats:
     def __init__(self, calib_dir: Path, input_scales: dict[str, torch.Tensor] | None = None):
-        self.report = CalibrationReport.model_validate(read_json(Path(calib_dir) / "calibration.json"))
+        self.report = read_artifact(Path(calib_dir) / "calibration.json", CalibrationReport)
         self._tensors = load_file(str(Path(calib_dir) / self.report.stats_file))
         # after Scale-Fold, module m's input is x / s: its E[xxᵀ] becomes E[xxᵀ] / (s sᵀ)
         self._input_scales = input_scales or {}

@@ -13,7 +13,6 @@ encode, through `haloquant.kquants` and `haloquant.iquants`. Decoding always goe
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,8 +82,7 @@ class QuantFormat:
         else:
             own = self.encoder(w, importance) if self.encoder is not None else gq.quantize(w, self.ggml_type)
             own = np.ascontiguousarray(own).view(np.uint8).reshape(w.shape[0], -1)
-            reference = _llama_cpp_encoding(self, w, importance)
-            out = own if reference is None else self.best_blocks(w, importance, own, reference)
+            out = self.best_blocks(w, importance, own, _llama_cpp_encoding(self, w, importance))
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
     def best_blocks(self, w: np.ndarray, importance: np.ndarray | None, *candidates: np.ndarray) -> np.ndarray:
@@ -258,20 +256,14 @@ def _codes_q8_0(b, q):
     b[..., 2:34] = (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
 
 
-def _llama_cpp_encoding(fmt: QuantFormat, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray | None:
-    """llama.cpp's own encoding, or None (with one warning) where its library is not installed."""
+def _llama_cpp_encoding(fmt: QuantFormat, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """llama.cpp's own encoding (ggml_quantize_chunk): the second candidate of every block. Its
+    library is required, and its build is part of the quantize and sensitivity cache keys
+    (haloquant/environment.py): the bytes are a function of it."""
     from haloquant.llamacpp import ggml_quantize
 
-    try:
-        return ggml_quantize(fmt, w, importance)
-    except HaloquantError as e:
-        if not _WARNED:
-            warnings.warn(f"{e}; encoding without llama.cpp's quantizer as a second candidate", stacklevel=3)
-            _WARNED.append(True)
-        return None
+    return ggml_quantize(fmt, w, importance)
 
-
-_WARNED: list[bool] = []
 _T = GGMLQuantizationType
 _CODE_WRITERS = {_T.Q4_0: _codes_q4(2), _T.Q4_1: _codes_q4(4), _T.Q5_0: _codes_q5(2, 6), _T.Q5_1: _codes_q5(4, 8),
                  _T.Q8_0: _codes_q8_0, _T.IQ4_NL: _codes_q4(2), _T.IQ4_XS: _codes_iq4_xs}

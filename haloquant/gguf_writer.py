@@ -16,7 +16,7 @@ from haloquant.converter import EncodedTensor, GGUFPlan, header_bytes, write_ggu
 from haloquant.formats import get_format
 from haloquant.modelio import load_tokenizer
 from haloquant.textdata import sequence_bos
-from schemas.artifacts import QuantizedManifest
+from haloquant.schemas.artifacts import QuantizedManifest
 
 
 def file_type(formats: Counter) -> gguf.LlamaFileType:

@@ -107,15 +107,22 @@ def same_tokens_as_torch(llama_tokens: list[int], llama_bos: int | None, torch_b
     return llama_bos == torch_bos and llama_tokens[:n] == expected[:n]
 
 
+def ggml_library_files() -> list[Path]:
+    """llama-cpp-python's compiled ggml/llama libraries (their bytes are its build)."""
+    libdir = Path(_llama_cpp().__file__).parent / "lib"
+    files = sorted(p for p in libdir.iterdir() if p.name.startswith(("libggml", "libllama", "ggml", "llama"))
+                   and not p.is_symlink()) if libdir.is_dir() else []
+    if not any("ggml-base" in p.name for p in files):
+        raise HaloquantError(f"llama-cpp-python's ggml library is not in {libdir}")
+    return files
+
+
 @functools.lru_cache(maxsize=1)
 def _ggml_lib():
     import ctypes
 
-    libdir = Path(_llama_cpp().__file__).parent / "lib"
-    found = [p for n in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll") if (p := libdir / n).exists()]
-    if not found:
-        raise HaloquantError(f"llama-cpp-python's ggml library is not in {libdir}")
-    lib = ctypes.CDLL(str(found[0]))
+    base = next(p for p in ggml_library_files() if "ggml-base" in p.name)
+    lib = ctypes.CDLL(str(base))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from haloquant import HaloquantError
 from haloquant.formats import AffineBlocks, get_format
-from schemas.artifacts import QuantizedManifest
+from haloquant.schemas.artifacts import QuantizedManifest
 
 MS_DOMAIN = "com.microsoft"
 
@@ -114,7 +114,8 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
 
 def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, tensors: dict[str, np.ndarray],
                       out_dir: Path, opset: int) -> dict[str, str]:
-    """optimum export of `model` (already holding decoded weights) + integer rewrite, into out_dir."""
+    """optimum export of `model` (already holding decoded weights) + integer rewrite, into out_dir
+    (an existing, empty folder: the caller swaps it in whole)."""
     from optimum.exporters.onnx import main_export
 
     weight_of_module = {n.removesuffix(".weight"): n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -133,11 +134,7 @@ def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, t
         onnx_model = onnx.load(str(onnx_dir / "model.onnx"))
         stored = rewrite_linears(onnx_model, manifest, tensors, weight_of_module)
         onnx.checker.check_model(onnx_model)
-        onnx.save(onnx_model, str(onnx_dir / "model.onnx.tmp"))
-        (onnx_dir / "model.onnx").unlink()
-        out_dir.mkdir(parents=True, exist_ok=True)
+        onnx.save(onnx_model, str(onnx_dir / "model.onnx"))
         for f in sorted(onnx_dir.iterdir()):
-            name = "model.onnx" if f.name == "model.onnx.tmp" else f.name
-            shutil.copy(f, out_dir / f".{name}.tmp")
-            (out_dir / f".{name}.tmp").replace(out_dir / name)
+            shutil.copy(f, out_dir / f.name)
     return stored

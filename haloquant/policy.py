@@ -275,19 +275,30 @@ def train_sac(problems: list[AllocationProblem], budgets: list[float], scale: Bi
     return {"seconds": seconds, "episodes": len(episodes), "curve": curve, "eval_budgets": eval_budgets}
 
 
+def check_policy_folder(policy_dir: Path) -> dict:
+    """A train_policy output made for this haloquant's features; returns its card."""
+    policy_dir = Path(policy_dir)
+    card_file = policy_dir / "policy.json"
+    if not card_file.is_file() or not (policy_dir / "policy.zip").is_file():
+        raise HaloquantError(f"allocation.policy: {str(policy_dir)!r} is not a train_policy output "
+                             "(expected policy.zip and policy.json in it)")
+    try:
+        card = json.loads(card_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HaloquantError(f"allocation.policy: {card_file} is not valid JSON ({e})") from None
+    if card.get("features") != list(FEATURES) or card.get("obs_extra") != list(OBS_EXTRA):
+        raise HaloquantError(f"allocation.policy: {str(policy_dir)!r} was trained on other features "
+                             f"({card.get('features')}, {card.get('obs_extra')}); expected {list(FEATURES)}, "
+                             f"{list(OBS_EXTRA)}: retrain it with this haloquant (train_policy)")
+    return card
+
+
 class SACAllocator:
     """A trained policy folder (policy.zip + policy.json), applied to any model."""
 
     def __init__(self, policy_dir: Path):
         policy_dir = Path(policy_dir)
-        card_file = policy_dir / "policy.json"
-        if not card_file.is_file() or not (policy_dir / "policy.zip").is_file():
-            raise HaloquantError(f"allocation.policy: {str(policy_dir)!r} is not a train_policy output "
-                                 "(expected policy.zip and policy.json in it)")
-        self.card = json.loads(card_file.read_text())
-        if self.card.get("features") != list(FEATURES) or self.card.get("obs_extra") != list(OBS_EXTRA):
-            raise HaloquantError(f"allocation.policy: {str(policy_dir)!r} was trained on other features "
-                                 f"({self.card.get('features')}); retrain it with this haloquant (train_policy)")
+        self.card = check_policy_folder(policy_dir)
         from stable_baselines3 import SAC
 
         self.model = SAC.load(policy_dir / "policy.zip", device="cpu")

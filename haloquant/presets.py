@@ -8,7 +8,7 @@ from gguf import GGUFReader
 
 from haloquant.llamacpp import llama_quantize_preset
 from haloquant.modelio import TensorInfo
-from schemas.artifacts import AllocationResult, TensorChoice
+from haloquant.schemas.artifacts import AllocationResult, TensorChoice
 
 
 def allocation_from_type_map(infos: list[TensorInfo], type_map: dict[str, str], solver: str) -> AllocationResult:
@@ -24,7 +24,7 @@ def allocation_from_type_map(infos: list[TensorInfo], type_map: dict[str, str], 
     used = sum(c.bytes for c in choices)
     return AllocationResult(solver=solver, budget_bytes=used, budget_spec={}, used_bytes=used, total_bytes=used,
                             bits_per_weight=8 * used / sum(t.n_weights for t in infos), objective=0,
-                            min_feasible_bits_per_weight=0, tensors=choices, seconds=0)
+                            min_feasible_bits_per_weight=0, tensors=choices)
 
 
 def preset_type_map(f16_gguf: Path, preset: str, out: Path) -> dict[str, str]:

@@ -12,17 +12,17 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from haloquant.artifacts import read_json
+from haloquant.artifacts import read_artifact
 from haloquant.formats import get_format
 from haloquant.modelio import load_model
-from schemas.artifacts import QuantizedManifest
+from haloquant.schemas.artifacts import QuantizedManifest
 
 MANIFEST_FILE = "quantized.json"
 TENSORS_FILE = "tensors.safetensors"
 
 
 def read_quantized(quant_dir: Path) -> tuple[QuantizedManifest, dict[str, np.ndarray]]:
-    manifest = QuantizedManifest.model_validate(read_json(Path(quant_dir) / MANIFEST_FILE))
+    manifest = read_artifact(Path(quant_dir) / MANIFEST_FILE, QuantizedManifest)
     return manifest, load_file(str(Path(quant_dir) / manifest.tensors_file))
 
 

@@ -10,7 +10,7 @@ from haloquant.formats import QuantFormat
 from haloquant.gptq import gptq_quantize
 from haloquant.llamacpp import ggml_quantize
 from haloquant.modelio import TensorInfo
-from schemas.params import QuantizeSpec
+from haloquant.schemas.params import QuantizeSpec
 
 
 def uses_gptq(t: TensorInfo, fmt: QuantFormat, spec: QuantizeSpec) -> bool:

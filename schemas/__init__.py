@@ -1,6 +1,6 @@
 """Pydantic models of every spec (params.yaml) and every artifact a stage writes."""
 
-from schemas.artifacts import (  # noqa: F401
+from haloquant.schemas.artifacts import (  # noqa: F401
     AllocationResult,
     CalibrationReport,
     ExportReport,
@@ -9,4 +9,4 @@ from schemas.artifacts import (  # noqa: F401
     SensitivityTable,
     ValidationReport,
 )
-from schemas.params import Params, load_params  # noqa: F401
+from haloquant.schemas.params import Params, load_params  # noqa: F401

@@ -1,4 +1,9 @@
-"""Schemas of the artifacts stages write under artifacts/<stage>/ (JSON side of each)."""
+"""Schemas of the artifacts stages write under artifacts/<stage>/ (JSON side of each).
+
+An artifact is a function of its stage's inputs, spec, code and runtimes, so it holds nothing else:
+no absolute paths (models and texts by name and content hash), no wall times (the runner keeps
+those in artifacts/.timing/, outside every cache key). Two runs in two checkouts give the same
+bytes."""
 
 from __future__ import annotations
 
@@ -10,8 +15,7 @@ class Artifact(BaseModel):
 
 
 class CalibrationReport(Artifact):
-    model_path: str
-    text: str
+    model: str  # the model folder's name
     text_sha256: str
     n_sequences: int
     seq_len: int
@@ -23,7 +27,6 @@ class CalibrationReport(Artifact):
     output_head: str | None = "lm_head"  # the output head's module (its input is the tied embedding's)
     bos_id: int | None = None  # the token every calibration window starts with (None: none)
     device: str
-    seconds: float
 
 
 class FormatCost(Artifact):
@@ -47,7 +50,6 @@ class SensitivityTable(Artifact):
     fixed_bytes: int  # tensors kept float32 (norms, biases), counted in every budget
     gguf_overhead_bytes: int = 0  # GGUF bytes beyond tensor data, upper bound (for file-size budgets)
     tensors: list[TensorSensitivity]
-    seconds: float
 
 
 class TensorEmbedding(Artifact):
@@ -82,7 +84,6 @@ class AllocationResult(Artifact):
     objective: float
     min_feasible_bits_per_weight: float
     tensors: list[TensorChoice]
-    seconds: float
 
 
 class PolicyCard(Artifact):
@@ -101,7 +102,7 @@ class PolicyCard(Artifact):
     seed: int
     net_arch: list[int]
     episodes: int
-    seconds: float  # wall time of SAC's learn()
+    seconds: float | None = None  # policies trained before wall times left the artifacts: SAC's learn()
     reward_evaluations: int  # reward lookups in the sensitivity table (one per step)
     final_proxy_regret: float  # cost / MILP optimum − 1 at the evaluation budgets, last curve point
 
@@ -122,14 +123,13 @@ class QuantizedTensor(Artifact):
 
 class QuantizedManifest(Artifact):
     method: str
-    model_path: str
+    model: str  # the model folder's name
     tensors_file: str
     quantized: list[QuantizedTensor]
     float_tensors: list[str]
     total_bytes: int
     n_weights: int
     bits_per_weight: float
-    seconds: float
 
 
 class ExportReport(Artifact):
@@ -138,12 +138,11 @@ class ExportReport(Artifact):
     bytes: int
     sha256: str
     tensor_types: dict[str, int]  # format → number of tensors
-    seconds: float
     writer: str | None = None  # GGUF: llama.cpp's converter release and code hash
 
 
 class ValidationReport(Artifact):
-    eval_text: str
+    eval_text_sha256: str
     ctx: int
     n_chunks: int
     n_tokens_scored: int
@@ -156,7 +155,6 @@ class ValidationReport(Artifact):
     runtimes: dict[str, dict]
     gate: dict
     passed: bool
-    seconds: float
 
 
 class SweepPoint(Artifact):

@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from haloquant import HaloquantError
-from schemas.base import Strict
+from haloquant.schemas.base import FilePath, Pair, Strict
 
 
 def _known_names(values: list[str], known, what: str) -> list[str]:
@@ -24,7 +24,7 @@ def _known_names(values: list[str], known, what: str) -> list[str]:
 
 
 class ModelSpec(Strict):
-    path: Path = Field(description="Hugging Face causal-LM folder (config.json, tokenizer.json, weights)")
+    path: FilePath = Field(description="Hugging Face causal-LM folder (config.json, tokenizer.json, weights)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     add_bos: bool | None = Field(None, description="start every sequence with BOS (calibration, evaluation, the "
                                  "GGUF's tokenizer.ggml.add_bos_token); null: as the model's own tokenizer does")
@@ -38,12 +38,16 @@ class ModelSpec(Strict):
 
 
 class CalibrationSpec(Strict):
-    text: Path = Field(description="plain-text calibration file; never the evaluation text")
+    text: FilePath = Field(description="plain-text calibration file; never the evaluation text")
     n_sequences: PositiveInt = 64
     seq_len: int = Field(256, ge=8, le=32768)
     seed: int = 0
 
 
+# llama.cpp tensor types haloquant encodes (haloquant/formats.py registers one codec for each; a
+# test keeps the two equal): the spec's vocabulary, kept here so the schemas need no library code
+FORMAT_NAMES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                "F16", "F32")
 FALLBACK_FORMATS = ["IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 
 
@@ -58,9 +62,7 @@ class SensitivitySpec(Strict):
     @field_validator("formats", "fallback_formats")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from haloquant.formats import FORMATS
-
-        _known_names(v, FORMATS, "format")
+        _known_names(v, FORMAT_NAMES, "format")
         if len(set(v)) != len(v):
             raise ValueError("formats are listed twice")
         return v
@@ -96,11 +98,9 @@ class TensorRule(Strict):
 
     @model_validator(mode="after")
     def _one(self) -> "TensorRule":
-        from haloquant.formats import FORMATS
-
         if (self.format is None) == (self.min_bits is None):
             raise ValueError("give exactly one of format or min_bits")
-        if self.format is not None and self.format not in FORMATS:
+        if self.format is not None and self.format not in FORMAT_NAMES:
             raise ValueError(f"unknown format {self.format!r}")
         return self
 
@@ -110,7 +110,7 @@ class AllocationSpec(Strict):
     solver: Literal["milp", "greedy", "lagrangian", "sac"] = "milp"
     rules: list[TensorRule] = []
     time_limit_s: float = Field(60.0, gt=0)
-    policy: Path = Field(Path("policies/sac-llama-family"),
+    policy: FilePath = Field(Path("policies/sac-llama-family"),
                          description="solver sac: a train_policy output folder (policy.zip + policy.json)")
 
 
@@ -120,11 +120,11 @@ class TrainPolicySpec(Strict):
 
     timesteps: PositiveInt = Field(20000, description="environment steps (one step = one tensor's format)")
     seed: int = 0
-    budget_range: tuple[float, float] = Field((3.0, 6.0), description="training budgets, bits per weight")
+    budget_range: Pair = Field((3.0, 6.0), description="training budgets, bits per weight")
     eval_every: PositiveInt = Field(2000, description="steps between learning-curve evaluations")
     net_arch: list[PositiveInt] = Field([128, 128], min_length=1, description="hidden layers of actor and critics")
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam step size of actor, critics and entropy")
-    also_on: list[Path] = Field([], description="other runs' artifacts folders (each with calibrate/ and a measured "
+    also_on: list[FilePath] = Field([], description="other runs' artifacts folders (each with calibrate/ and a measured "
                                 "sensitivity/) to train on too: a policy meant for other models should see several")
 
     @model_validator(mode="after")
@@ -176,7 +176,7 @@ class GateSpec(Strict):
 
 
 class ValidateSpec(Strict):
-    text: Path = Field(description="held-out evaluation text (e.g. WikiText-2 test)")
+    text: FilePath = Field(description="held-out evaluation text (e.g. WikiText-2 test)")
     ctx: int = Field(512, ge=16)
     max_chunks: PositiveInt | None = Field(40, description="chunks of ctx tokens scored; null = all")
     batch_size: PositiveInt = 4

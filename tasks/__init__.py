@@ -1,18 +1,27 @@
 """The pipeline's stages: one module per stage, one registry that both DVC and Prefect read.
 
-Each `Stage` names the params keys it reads, the files it depends on and the files it writes;
-`dvc.yaml` is generated from this registry (`haloquant dvc-yaml`), and the Prefect flow caches on
-the same declarations, so the two never drift.
+Each `Stage` names the params keys it reads, the files it depends on, the files it writes and the
+third-party runtimes whose versions decide its bytes; its code dependencies are *derived*: the
+project modules its run function can execute (haloquant/codedeps.py). `dvc.yaml` is generated from
+this registry (`haloquant dvc-yaml`), and the Prefect flow caches on the same declarations, so the
+two never drift. A stage with `foreach` is a template: one stage per item of a params list (the
+budget sweep, llama.cpp's presets), `foreach` in dvc.yaml and one mapped task each in Prefect.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import inspect
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from schemas.params import Params
+from haloquant.codedeps import imported_names, project_modules
+from haloquant.schemas.params import Params
+
+ITEM = "${item}"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -21,94 +30,117 @@ class Stage:
     params: tuple[str, ...]  # params.yaml keys this stage reads
     inputs: tuple[str, ...]  # files/folders read: "${key}" refers to a path in params.yaml
     outs: tuple[str, ...]  # files/folders written, relative to the artifacts root
-    run: Callable[[Params, Path], object] = field(repr=False, compare=False)
+    run: Callable[..., object] = field(repr=False, compare=False)  # (params, root[, item])
     metrics: tuple[str, ...] = ()
     plots: tuple[str, ...] = ()
     # params keys holding lists of folders the stage reads: hashed by the Prefect cache key; DVC
     # cannot interpolate a list into deps, so there the params entry itself is what triggers a re-run
     listed_inputs: tuple[str, ...] = ()
-    module: str = ""  # tasks/<module>.py holds its code; default: the stage's name
+    runtimes: tuple[str, ...] = ("torch",)  # haloquant/environment.py: third-party code in its cache key
+    foreach: str | None = None  # params key of a list: a template, one stage per item ("${item}" below)
+    item: object = None  # the item of a stage made from a template
 
     @property
     def code(self) -> tuple[str, ...]:
-        return (f"tasks/{self.module or self.name}.py", "haloquant", "schemas")
+        """Repository-relative files of every project module the run function can execute."""
+        return stage_code(self.run.func if isinstance(self.run, partial) else self.run)
 
     def all_outs(self) -> tuple[str, ...]:
         return self.outs + self.metrics + self.plots
 
+    def at(self, item) -> "Stage":
+        """The template's stage for one item (names and paths with the item as DVC renders it)."""
+        label = item_label(item)
+        sub = lambda xs: tuple(x.replace(ITEM, label) for x in xs)  # noqa: E731
+        return replace(self, name=f"{self.name}@{label}", inputs=sub(self.inputs), outs=sub(self.outs),
+                       metrics=sub(self.metrics), plots=sub(self.plots), run=partial(self.run, item=item),
+                       foreach=None, item=item)
+
+
+@functools.cache
+def stage_code(run: Callable) -> tuple[str, ...]:
+    roots = [__name__, *sorted(n for n in imported_names(inspect.getsource(run), __name__)
+                               if n.startswith("haloquant"))]
+    files = project_modules(roots).values()
+    return tuple(sorted(str(f.resolve().relative_to(REPO)) for f in files))
+
+
+def item_label(item) -> str:
+    """How DVC's foreach renders an item (a budget written 4.0 → "4.0"): stage and folder names
+    must match it (the schema rejects integer budgets for this reason)."""
+    return str(float(item)) if isinstance(item, float) else str(item)
+
 
 def _calibrate(p: Params, root: Path):
-    from tasks.calibrate import calibrate
+    from haloquant.tasks.calibrate import calibrate
     return calibrate(p.model, p.calibration, root / "calibrate")
 
 
 def _sensitivity(p: Params, root: Path):
-    from tasks.sensitivity import score_sensitivity
+    from haloquant.tasks.sensitivity import score_sensitivity
     return score_sensitivity(p.model, p.sensitivity, p.quantize, root / "calibrate", root / "sensitivity")
 
 
 def _allocate(p: Params, root: Path):
-    from tasks.allocate import allocate
+    from haloquant.tasks.allocate import allocate
     return allocate(p.allocation, root / "sensitivity", root / "allocate")
 
 
 def _scale_fold(p: Params, root: Path):
-    from tasks.scale_fold import scale_fold
+    from haloquant.tasks.scale_fold import scale_fold
     return scale_fold(p.model, p.fold, root / "calibrate", root / "allocate", root / "scale_fold")
 
 
 def _quantize(p: Params, root: Path):
-    from tasks.quantize import quantize
+    from haloquant.tasks.quantize import quantize
     return quantize(p.model, p.quantize, root / "calibrate", root / "allocate", root / "scale_fold",
                     root / "quantize")
 
 
 def _export_gguf(p: Params, root: Path):
-    from tasks.export_gguf import export_gguf
+    from haloquant.tasks.export_gguf import export_gguf
     return export_gguf(p.model, p.export.gguf, root / "quantize", root / "export_gguf")
 
 
 def _export_onnx(p: Params, root: Path):
-    from tasks.export_onnx import export_onnx
+    from haloquant.tasks.export_onnx import export_onnx
     return export_onnx(p.model, p.export.onnx, root / "quantize", root / "export_onnx")
 
 
 def _validate(p: Params, root: Path):
-    from tasks.validate import validate
+    from haloquant.tasks.validate import validate
     return validate(p.model, p.validate_, root / "calibrate", root / "quantize", root / "export_gguf",
                     root / "export_onnx", root / "validate")
 
 
+CALIB_OUTS = ("calibrate/stats.safetensors", "calibrate/calibration.json")
+SENS_OUTS = ("sensitivity/sensitivity.json", "sensitivity/embeddings.json")
 STAGES: tuple[Stage, ...] = (
-    Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"),
-          ("calibrate/stats.safetensors", "calibrate/calibration.json"), _calibrate),
-    Stage("sensitivity", ("model", "sensitivity", "quantize"), ("${model.path}", "calibrate/stats.safetensors",
-          "calibrate/calibration.json"), ("sensitivity/sensitivity.json", "sensitivity/embeddings.json"),
-          _sensitivity),
-    Stage("allocate", ("allocation",), ("sensitivity/sensitivity.json", "sensitivity/embeddings.json",
-                                        "${allocation.policy}"), ("allocate/allocation.json",),
+    Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"), CALIB_OUTS, _calibrate),
+    Stage("sensitivity", ("model", "sensitivity", "quantize"), ("${model.path}",) + CALIB_OUTS, SENS_OUTS, _sensitivity,
+          runtimes=("torch", "llama.cpp", "converter")),
+    Stage("allocate", ("allocation",), SENS_OUTS + ("${allocation.policy}",), ("allocate/allocation.json",),
           _allocate, plots=("allocate/bits_per_layer.json",)),
-    Stage("scale_fold", ("model", "fold"), ("${model.path}", "calibrate/stats.safetensors",
-          "calibrate/calibration.json", "allocate/allocation.json"),
-          ("scale_fold/fold.json", "scale_fold/scales.safetensors"), _scale_fold,
-          plots=("scale_fold/outliers.json",)),
-    Stage("quantize", ("model", "quantize"), ("${model.path}", "calibrate/stats.safetensors",
-          "calibrate/calibration.json", "allocate/allocation.json", "scale_fold/fold.json",
-          "scale_fold/scales.safetensors"),
-          ("quantize/tensors.safetensors", "quantize/quantized.json"), _quantize),
+    Stage("scale_fold", ("model", "fold"), ("${model.path}",) + CALIB_OUTS + ("allocate/allocation.json",),
+          ("scale_fold/fold.json", "scale_fold/scales.safetensors"), _scale_fold, plots=("scale_fold/outliers.json",),
+          runtimes=("torch", "llama.cpp")),
+    Stage("quantize", ("model", "quantize"), ("${model.path}",) + CALIB_OUTS + (
+          "allocate/allocation.json", "scale_fold/fold.json", "scale_fold/scales.safetensors"),
+          ("quantize/tensors.safetensors", "quantize/quantized.json"), _quantize, runtimes=("torch", "llama.cpp")),
     Stage("export_gguf", ("model", "export.gguf"), ("${model.path}", "quantize/tensors.safetensors",
-          "quantize/quantized.json"), ("export_gguf/model.gguf", "export_gguf/export.json"), _export_gguf),
+          "quantize/quantized.json"), ("export_gguf/model.gguf", "export_gguf/export.json"), _export_gguf,
+          runtimes=("torch", "converter")),
     Stage("export_onnx", ("model", "export.onnx"), ("${model.path}", "quantize/tensors.safetensors",
-          "quantize/quantized.json"), ("export_onnx",), _export_onnx),
+          "quantize/quantized.json"), ("export_onnx",), _export_onnx, runtimes=("torch", "onnx")),
     Stage("validate", ("model", "validate"), ("${model.path}", "${validate.text}", "calibrate/calibration.json",
           "quantize/tensors.safetensors", "quantize/quantized.json", "export_gguf/model.gguf", "export_onnx"),
           ("validate/report.json",), _validate, metrics=("validate/metrics.json",),
-          plots=("validate/size_ppl.json",)),
+          plots=("validate/size_ppl.json",), runtimes=("torch", "llama.cpp", "onnx")),
 )
 
 
 def _train_policy(p: Params, root: Path):
-    from tasks.train_policy import check_other_runs, train_policy
+    from haloquant.tasks.train_policy import check_other_runs, train_policy
     check_other_runs(p.train_policy.also_on)
     roots = [root, *p.train_policy.also_on]
     return train_policy(p.train_policy, [r / "sensitivity" for r in roots], [r / "calibrate" for r in roots],
@@ -117,56 +149,58 @@ def _train_policy(p: Params, root: Path):
 
 # Not part of the quantization pipeline (its own Prefect flow, `haloquant flow --train-policy`);
 # allocation.solver sac reads a policy folder, e.g. policies/ or artifacts/train_policy.
-TRAIN_POLICY = Stage("train_policy", ("train_policy",), ("calibrate/calibration.json", "sensitivity/sensitivity.json",
-                     "sensitivity/embeddings.json"), ("train_policy/policy.zip", "train_policy/policy.json"),
-                     _train_policy, plots=("train_policy/learning_curve.json",),
-                     listed_inputs=("train_policy.also_on",))
-STAGE_BY_NAME = {s.name: s for s in STAGES + (TRAIN_POLICY,)}
+TRAIN_POLICY = Stage("train_policy", ("train_policy",), ("calibrate/calibration.json",) + SENS_OUTS,
+                     ("train_policy/policy.zip", "train_policy/policy.json"), _train_policy,
+                     plots=("train_policy/learning_curve.json",), listed_inputs=("train_policy.also_on",))
 
 
 # ---------------------------------------------------------------- the budget sweep (Pareto front)
 
-def budget_label(bits: float) -> str:
-    """How DVC's foreach renders a budget written as a float literal (4.0 → "4.0"): stage and
-    folder names must match it (schemas reject integer literals for this reason)."""
-    return str(float(bits))
+def _sweep_point(p: Params, root: Path, item: float):
+    from haloquant.tasks.sweep import sweep_point
+    return sweep_point(p, item, root, root / "sweep" / f"bpw-{item_label(item)}")
 
 
-def _sweep_point(p: Params, root: Path, bits: float):
-    from tasks.sweep import sweep_point
-    return sweep_point(p, bits, root, root / "sweep" / f"bpw-{budget_label(bits)}")
-
-
-def _preset_point(p: Params, root: Path, preset: str):
-    from tasks.sweep import preset_point
-    return preset_point(p, preset, root, root / "sweep" / f"preset-{preset}")
+def _preset_point(p: Params, root: Path, item: str):
+    from haloquant.tasks.sweep import preset_point
+    return preset_point(p, item, root, root / "sweep" / f"preset-{item}")
 
 
 def _pareto(p: Params, root: Path):
-    from tasks.sweep import pareto
+    from haloquant.tasks.pareto import pareto
     return pareto(p, root / "sweep", root / "pareto")
 
 
-SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}", "calibrate/stats.safetensors", "calibrate/calibration.json",
-                      "sensitivity/sensitivity.json", "sensitivity/embeddings.json", "${allocation.policy}")
-# not allocation.budget (each point has its own) nor the lists of points (each point is a stage)
-SWEEP_POINT_PARAMS = ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "allocation.policy",
-                      "fold", "quantize",
-                      "validate", "export.gguf", "sweep.max_chunks")
-PRESET_PARAMS = ("model", "validate", "export.gguf", "sweep.max_chunks")
+SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}") + CALIB_OUTS + SENS_OUTS + ("${allocation.policy}",)
+SWEEP = Stage("sweep", ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "allocation.policy",
+                        "fold", "quantize", "validate", "export.gguf", "sweep.max_chunks"),  # not the budget: each
+              SWEEP_POINT_INPUTS, (f"sweep/bpw-{ITEM}",), _sweep_point,              # point has its own
+              runtimes=("torch", "llama.cpp", "converter"), foreach="sweep.bits_per_weight")
+PRESET = Stage("preset", ("model", "validate", "export.gguf", "sweep.max_chunks"), SWEEP_POINT_INPUTS[:4],
+               (f"sweep/preset-{ITEM}",), _preset_point, runtimes=("torch", "llama.cpp", "converter"),
+               foreach="sweep.presets")
+PARETO = Stage("pareto", ("sweep.bits_per_weight", "sweep.presets"), ("sweep",), (), _pareto,
+               plots=("pareto/pareto.json",))
+SWEEP_STAGES = (SWEEP, PRESET, PARETO)  # templates and the plot that gathers their points
+ALL_STAGES = STAGES + (TRAIN_POLICY,) + SWEEP_STAGES
+
+
+def _items(p: Params, key: str) -> list:
+    obj = p.model_dump(by_alias=True)
+    for part in key.split("."):
+        obj = obj[part]
+    return list(obj)
+
+
+def expand(stages: tuple[Stage, ...], p: Params) -> tuple[Stage, ...]:
+    """Templates replaced by their stages for the items `p` lists."""
+    return tuple(s2 for s in stages for s2 in ([s.at(i) for i in _items(p, s.foreach)] if s.foreach else [s]))
 
 
 def sweep_stages(p: Params) -> tuple[Stage, ...]:
     """One stage per sweep budget and per llama.cpp preset, then the plot that gathers them."""
-    points = tuple(Stage(f"sweep@{budget_label(b)}", SWEEP_POINT_PARAMS, SWEEP_POINT_INPUTS,
-                         (f"sweep/bpw-{budget_label(b)}",),
-                         partial(_sweep_point, bits=b), module="sweep") for b in p.sweep.bits_per_weight)
-    presets = tuple(Stage(f"preset@{x}", PRESET_PARAMS, SWEEP_POINT_INPUTS[:4], (f"sweep/preset-{x}",),
-                          partial(_preset_point, preset=x), module="sweep") for x in p.sweep.presets)
-    pareto = Stage("pareto", ("sweep",), tuple(o for s in points + presets for o in s.outs), (), _pareto,
-                   plots=("pareto/pareto.json",), module="sweep")
-    return points + presets + (pareto,)
+    return expand(SWEEP_STAGES, p)
 
 
 def find_stage(name: str, p: Params) -> Stage | None:
-    return STAGE_BY_NAME.get(name) or next((s for s in sweep_stages(p) if s.name == name), None)
+    return next((s for s in expand(ALL_STAGES, p) if s.name == name), None)

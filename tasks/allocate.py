@@ -17,7 +17,6 @@ Per-tensor `rules` pin tensors to a format or give them a floor in bits per weig
 from __future__ import annotations
 
 import fnmatch
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,10 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
 from haloquant import HaloquantError
-from haloquant.artifacts import read_json, write_json
+from haloquant.artifacts import read_artifact, write_json
 from haloquant.formats import get_format
-from schemas.artifacts import AllocationResult, FormatCost, LayerEmbeddings, SensitivityTable, TensorChoice
-from schemas.params import AllocationSpec
+from haloquant.schemas.artifacts import AllocationResult, FormatCost, LayerEmbeddings, SensitivityTable, TensorChoice
+from haloquant.schemas.params import AllocationSpec
 
 ALLOCATION_FILE = "allocation.json"
 EMBEDDINGS_FILE = "embeddings.json"
@@ -151,7 +150,6 @@ def _solve_sac(spec: AllocationSpec, table: SensitivityTable, embeddings: LayerE
 
 def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
                   embeddings: LayerEmbeddings | None = None) -> AllocationResult:
-    t0 = time.perf_counter()
     require_costs(spec.solver, table.metric)
     cands = apply_rules(spec, table)
     n_weights = sum(t.n_weights for t in table.tensors)
@@ -189,14 +187,13 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
         solver=spec.solver, budget_bytes=budget, budget_spec=spec.budget.model_dump(exclude_none=True),
         used_bytes=used, total_bytes=used + table.fixed_bytes, bits_per_weight=8 * used / n_weights,
         objective=sum(c.error for c in choices), min_feasible_bits_per_weight=min_bpw, tensors=choices,
-        seconds=time.perf_counter() - t0,
     )
 
 
 def allocate(spec: AllocationSpec, sensitivity_dir: Path, out_dir: Path) -> AllocationResult:
-    table = SensitivityTable.model_validate(read_json(sensitivity_dir / "sensitivity.json"))
+    table = read_artifact(sensitivity_dir / "sensitivity.json", SensitivityTable)
     emb_file = sensitivity_dir / EMBEDDINGS_FILE
-    embeddings = LayerEmbeddings.model_validate(read_json(emb_file)) if emb_file.is_file() else None
+    embeddings = read_artifact(emb_file, LayerEmbeddings) if emb_file.is_file() else None
     result = allocate_bits(spec, table, embeddings)
     write_json(out_dir / ALLOCATION_FILE, result.model_dump())
     write_json(out_dir / PLOT_FILE, [

@@ -7,17 +7,18 @@ error ‖(W−Q)X‖² = tr(ΔW XᵀX ΔWᵀ), Scale-Fold's outlier scales and G
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from haloquant import HaloquantError
 from haloquant.artifacts import atomic_path, sha256_file, write_json
+from haloquant.inputs import check_enough_tokens, check_finite
 from haloquant.modelio import load_model, load_tokenizer, output_head_module, quantizable_tensors
 from haloquant.textdata import calibration_batch, read_text, sequence_bos, tokenize
-from schemas.artifacts import CalibrationReport
-from schemas.params import CalibrationSpec, ModelSpec
+from haloquant.schemas.artifacts import CalibrationReport
+from haloquant.schemas.params import CalibrationSpec, ModelSpec
 
 STATS_FILE = "stats.safetensors"
 REPORT_FILE = "calibration.json"
@@ -45,13 +46,15 @@ class _InputStats:
 
 @torch.no_grad()
 def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> CalibrationReport:
-    t0 = time.perf_counter()
     text = read_text(spec.text, "calibration.text")
     model = load_model(model_spec.path, model_spec.device)
+    check_finite(model)
     tokenizer = load_tokenizer(model_spec.path)
     device = next(model.parameters()).device
     ids = tokenize(tokenizer, text)
     bos = sequence_bos(tokenizer, model_spec.add_bos)
+    check_enough_tokens(len(ids) + (bos is not None), spec.n_sequences * spec.seq_len, "calibration.text",
+                        f"tokens of calibration.n_sequences × seq_len = {spec.n_sequences} × {spec.seq_len}")
     batch = calibration_batch(ids, spec.n_sequences, spec.seq_len, spec.seed, bos)
 
     # every linear whose weight is quantized (the tied output head shares the embedding's weight)
@@ -88,8 +91,12 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
         for h in handles:
             h.remove()
 
-    tensors: dict[str, torch.Tensor] = {"token_counts": token_counts}
+    # the windows themselves: sensitivity's KL probe reruns the first of them
+    tensors: dict[str, torch.Tensor] = {"token_counts": token_counts, "calibration_ids": batch}
     for key, s in stats.items():
+        if not (torch.isfinite(s.gram).all() and torch.isfinite(s.max_abs).all()):
+            raise HaloquantError(f"calibration.text: the input of {key} takes non-finite values (NaN or Inf) on "
+                                 "the calibration text: the model overflows in float32 there")
         tensors[f"{key}.mean_abs"] = (s.sum_abs / s.count).float().cpu()
         tensors[f"{key}.max_abs"] = s.max_abs.cpu()
         tensors[f"{key}.gram"] = (s.gram / s.count).float().cpu()  # E[x xᵀ] per token
@@ -97,10 +104,10 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
     with atomic_path(out_dir / STATS_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     report = CalibrationReport(
-        model_path=str(model_spec.path), text=str(spec.text), text_sha256=sha256_file(spec.text),
+        model=Path(model_spec.path).name, text_sha256=sha256_file(spec.text),
         n_sequences=spec.n_sequences, seq_len=spec.seq_len, seed=spec.seed, n_tokens=int(batch.numel()),
         stats_file=STATS_FILE, input_of=input_of, output_head=output_head_module(model), bos_id=bos,
-        device=str(device), seconds=time.perf_counter() - t0,
+        device=str(device),
     )
     write_json(out_dir / REPORT_FILE, report.model_dump())
     return report

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
-from haloquant.artifacts import sha256_file, write_json
+from haloquant.artifacts import atomic_dir, sha256_file, write_json
 from haloquant.modelio import check_model_dir
 from haloquant.onnx_writer import export_onnx_model
 from haloquant.quantized import load_quantized_model, read_quantized
-from schemas.artifacts import ExportReport
-from schemas.params import ModelSpec, ONNXSpec
+from haloquant.schemas.artifacts import ExportReport
+from haloquant.schemas.params import ModelSpec, ONNXSpec
 
 ONNX_FILE = "model.onnx"
 
 
 def export_onnx(model_spec: ModelSpec, spec: ONNXSpec, quant_dir: Path, out_dir: Path) -> ExportReport:
-    t0 = time.perf_counter()
     model_dir = check_model_dir(model_spec.path)
     model = load_quantized_model(model_dir, quant_dir, "cpu")
     manifest, tensors = read_quantized(quant_dir)
-    stored = export_onnx_model(model, model_dir, manifest, tensors, out_dir, spec.opset)
-    path = out_dir / ONNX_FILE
-    report = ExportReport(format="onnx", file=ONNX_FILE, bytes=path.stat().st_size, sha256=sha256_file(path),
-                          tensor_types=dict(Counter(stored.values())),
-                          seconds=time.perf_counter() - t0)
-    write_json(out_dir / "export.json", {**report.model_dump(), "linears": stored})
+    with atomic_dir(out_dir) as tmp:  # the folder is the artifact: never half old, half new
+        stored = export_onnx_model(model, model_dir, manifest, tensors, tmp, spec.opset)
+        path = tmp / ONNX_FILE
+        report = ExportReport(format="onnx", file=ONNX_FILE, bytes=path.stat().st_size, sha256=sha256_file(path),
+                              tensor_types=dict(Counter(stored.values())))
+        write_json(tmp / "export.json", {**report.model_dump(), "linears": stored})
     return report

@@ -8,27 +8,26 @@ The artifact holds the exact block bytes that export_gguf writes and validate de
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from haloquant.artifacts import atomic_path, read_json, write_json
+from haloquant import HaloquantError
+from haloquant.artifacts import atomic_path, read_artifact, write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.folding import load_folds
 from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors, resolve_device
 from haloquant.quantizer import encode_tensor
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
-from schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
-from schemas.params import ModelSpec, QuantizeSpec
+from haloquant.schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
+from haloquant.schemas.params import ModelSpec, QuantizeSpec
 
 
 def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocation_dir: Path, fold_dir: Path,
              out_dir: Path) -> QuantizedManifest:
-    t0 = time.perf_counter()
-    allocation = AllocationResult.model_validate(read_json(allocation_dir / "allocation.json"))
+    allocation = read_artifact(allocation_dir / "allocation.json", AllocationResult)
     model = load_model(model_spec.path, "cpu")
     stats = CalibrationStats(calib_dir, input_scales=load_folds(model, fold_dir))
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -36,7 +35,8 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     infos = quantizable_tensors(model)
     missing = [t.name for t in infos if t.name not in chosen]
     if missing:
-        raise ValueError(f"allocation has no format for {missing[:3]}…; re-run allocate for this model")
+        raise HaloquantError(f"{allocation_dir / 'allocation.json'} has no format for {missing[:3]}: it was made for "
+                             "another model; re-run allocate")
 
     arrays: dict[str, np.ndarray] = {}
     quantized = []
@@ -53,9 +53,9 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     n_weights = sum(t.n_weights for t in infos)
     qbytes = sum(q.bytes for q in quantized)
     manifest = QuantizedManifest(
-        method=spec.method, model_path=str(model_spec.path), tensors_file=TENSORS_FILE, quantized=quantized,
+        method=spec.method, model=Path(model_spec.path).name, tensors_file=TENSORS_FILE, quantized=quantized,
         float_tensors=sorted(floats), total_bytes=qbytes + sum(v.numel() * 4 for v in floats.values()),
-        n_weights=n_weights, bits_per_weight=8 * qbytes / n_weights, seconds=time.perf_counter() - t0,
+        n_weights=n_weights, bits_per_weight=8 * qbytes / n_weights,
     )
     write_json(out_dir / MANIFEST_FILE, manifest.model_dump())
     return manifest

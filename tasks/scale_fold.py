@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from haloquant.artifacts import atomic_path, read_json, write_json
+from haloquant.artifacts import atomic_path, read_artifact, write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.folding import apply_fold, expand_scales, fold_groups, outlier_stats, search_alpha, weight_outliers
 from haloquant.formats import get_format
 from haloquant.modelio import load_model
-from schemas.artifacts import AllocationResult, FoldResult
-from schemas.params import FoldSpec, ModelSpec
+from haloquant.schemas.artifacts import AllocationResult, FoldResult
+from haloquant.schemas.params import FoldSpec, ModelSpec
 
 FOLD_FILE = "fold.json"
 SCALES_FILE = "scales.safetensors"
@@ -47,7 +47,7 @@ def scale_fold(model_spec: ModelSpec, spec: FoldSpec, calib_dir: Path, allocatio
 def _search(model_spec: ModelSpec, spec: FoldSpec, calib_dir: Path, allocation_dir: Path,
             scales: dict[str, torch.Tensor], groups: list[dict], plot: list[dict]) -> None:
     stats = CalibrationStats(calib_dir)
-    allocation = AllocationResult.model_validate(read_json(allocation_dir / "allocation.json"))
+    allocation = read_artifact(allocation_dir / "allocation.json", AllocationResult)
     formats = {c.name.removesuffix(".weight"): c.format for c in allocation.tensors}
     model = load_model(model_spec.path, "cpu")
     mods = dict(model.named_modules())

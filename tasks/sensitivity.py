@@ -17,7 +17,6 @@ tensor's rows, plus `fallback_formats` where a listed one does not (candidate_fo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -30,12 +29,11 @@ from haloquant import HaloquantError
 from haloquant.families import family
 from haloquant.formats import QuantFormat, get_format
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
-from haloquant.modelio import float_tensors, load_model, load_tokenizer, quantizable_tensors
+from haloquant.modelio import float_tensors, load_model, quantizable_tensors
 from haloquant.quantizer import encode_tensor
-from haloquant.textdata import calibration_batch, read_text, tokenize
-from schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
+from haloquant.schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
                                TensorSensitivity)
-from schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
+from haloquant.schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
 
 TABLE_FILE = "sensitivity.json"
 EMBEDDINGS_FILE = "embeddings.json"
@@ -62,14 +60,10 @@ class KLProbe:
 
     @torch.no_grad()
     def __init__(self, model, stats: CalibrationStats, n_sequences: int):
-        cal = stats.report
-        tok = load_tokenizer(cal.model_path)
-        ids = tokenize(tok, read_text(cal.text, "calibration.text"))
         self.model = model
         self.params = dict(model.named_parameters(remove_duplicate=False))
         device = next(model.parameters()).device
-        self.batch = calibration_batch(ids, min(n_sequences, cal.n_sequences), cal.seq_len, cal.seed,
-                                       cal.bos_id).to(device)
+        self.batch = stats.tensor("calibration_ids")[:n_sequences].to(device)  # calibrate's first windows
         self.ref_logp = F.log_softmax(model(self.batch).logits.float(), -1)
 
     @torch.no_grad()
@@ -106,7 +100,6 @@ def candidate_formats(spec: SensitivitySpec, shape: tuple[int, int]) -> list[Qua
 def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: QuantizeSpec, calib_dir: Path,
                       out_dir: Path) -> SensitivityTable:
     """`quant_spec` is the quantizer the costs are measured for (the one quantize will run)."""
-    t0 = time.perf_counter()
     stats = CalibrationStats(calib_dir)
     model = load_model(model_spec.path, model_spec.device)
     device = next(model.parameters()).device
@@ -155,6 +148,6 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     fixed = sum(p.numel() * 4 for p in floats.values())
     table = SensitivityTable(metric=spec.metric, formats=spec.formats, fixed_bytes=fixed, tensors=rows,
                              gguf_overhead_bytes=_gguf_overhead(model_spec, infos, floats),
-                             seconds=time.perf_counter() - t0)
+                             )
     write_json(out_dir / TABLE_FILE, table.model_dump())
     return table

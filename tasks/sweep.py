@@ -3,33 +3,32 @@
 `sweep_point` runs allocate → scale_fold → quantize → export_gguf at one budget (reusing the main
 pipeline's calibration and sensitivity: they do not depend on the budget) and scores the GGUF with
 llama.cpp. `preset_point` does the same for a llama.cpp preset: llama.cpp's own type map and
-quantizer, with the calibration imatrix. `pareto` gathers the points into one DVC plot.
+quantizer, with the calibration imatrix. tasks/pareto.py gathers the points into one DVC plot.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from haloquant.artifacts import read_json, write_json
+from haloquant.artifacts import read_artifact, write_json
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import allocation_from_type_map, preset_type_map
 from haloquant.textdata import read_text
-from schemas.artifacts import QuantizedManifest, SweepPoint
-from schemas.params import Budget, Params, QuantizeSpec
-from tasks.allocate import allocate
-from tasks.export_gguf import export_gguf
-from tasks.quantize import quantize
-from tasks.scale_fold import scale_fold
+from haloquant.schemas.artifacts import QuantizedManifest, SweepPoint
+from haloquant.schemas.params import Budget, Params, QuantizeSpec
+from haloquant.tasks.allocate import allocate
+from haloquant.tasks.pareto import POINT_FILE
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
 
-POINT_FILE = "point.json"
-PLOT_FILE = "pareto.json"
 
 
 def _score(p: Params, out: Path, series: str, label: str) -> SweepPoint:
     gguf = out / "export_gguf" / "model.gguf"
     lc = llama_cpp_perplexity(gguf, read_text(p.validate_.text, "validate.text"), p.validate_.ctx, p.sweep.max_chunks)
-    manifest = QuantizedManifest.model_validate(read_json(out / "quantize" / "quantized.json"))
+    manifest = read_artifact(out / "quantize" / "quantized.json", QuantizedManifest)
     point = SweepPoint(series=series, label=label, bits_per_weight=manifest.bits_per_weight,
                        gguf_bytes=gguf.stat().st_size, ppl=lc["ppl"], n_chunks=lc["n_chunks"])
     write_json(out / POINT_FILE, point.model_dump())
@@ -60,14 +59,3 @@ def preset_point(p: Params, preset: str, root: Path, out: Path) -> SweepPoint:
              f16 / "scale_fold", out / "quantize")
     export_gguf(p.model, p.export.gguf, out / "quantize", out / "export_gguf")
     return _score(p, out, "llama.cpp+imatrix", preset)
-
-
-def pareto(p: Params, sweep_root: Path, out: Path) -> list[SweepPoint]:
-    from tasks import budget_label
-
-    dirs = [sweep_root / f"bpw-{budget_label(b)}" for b in p.sweep.bits_per_weight] + \
-           [sweep_root / f"preset-{x}" for x in p.sweep.presets]
-    points = [SweepPoint.model_validate(read_json(d / POINT_FILE)) for d in dirs]
-    points.sort(key=lambda q: (q.series, q.gguf_bytes))
-    write_json(out / PLOT_FILE, [q.model_dump() for q in points])
-    return points

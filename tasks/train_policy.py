@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from haloquant import HaloquantError
-from haloquant.artifacts import read_json, write_json
+from haloquant.artifacts import read_artifact, write_json
 from haloquant.embedding import FEATURES
 from haloquant.policy import OBS_EXTRA, AllocationProblem, BitsScale, train_sac
-from schemas.artifacts import CalibrationReport, LayerEmbeddings, PolicyCard, SensitivityTable
-from schemas.params import AllocationSpec, TrainPolicySpec
-from tasks.allocate import allocate_bits
+from haloquant.schemas.artifacts import CalibrationReport, LayerEmbeddings, PolicyCard, SensitivityTable
+from haloquant.schemas.params import AllocationSpec, TrainPolicySpec
+from haloquant.tasks.allocate import allocate_bits
 
 CARD_FILE = "policy.json"
 CURVE_FILE = "learning_curve.json"
@@ -47,8 +47,8 @@ def train_policy(spec: TrainPolicySpec, sensitivity_dirs: list[Path], calib_dirs
                  out_dir: Path) -> PolicyCard:
     import stable_baselines3
 
-    tables = [SensitivityTable.model_validate(read_json(d / "sensitivity.json")) for d in sensitivity_dirs]
-    embs = [LayerEmbeddings.model_validate(read_json(d / "embeddings.json")) for d in sensitivity_dirs]
+    tables = [read_artifact(d / "sensitivity.json", SensitivityTable) for d in sensitivity_dirs]
+    embs = [read_artifact(d / "embeddings.json", LayerEmbeddings) for d in sensitivity_dirs]
     lo, hi = spec.budget_range
     # a grid of budgets, each above every training model's smallest feasible allocation
     floor_bpw = max(8 * sum(min(c.bytes for c in x.candidates.values()) for x in t.tensors)
@@ -62,14 +62,14 @@ def train_policy(spec: TrainPolicySpec, sensitivity_dirs: list[Path], calib_dirs
                       tuple(feats.mean(0).tolist()), tuple(np.maximum(feats.std(0), 1e-3).tolist()))
     res = train_sac(problems, budgets, scale, spec.timesteps, spec.seed, spec.net_arch, spec.eval_every, out_dir,
                     learning_rate=spec.learning_rate)
-    trained_on = [{"model_path": CalibrationReport.model_validate(read_json(c / "calibration.json")).model_path,
+    trained_on = [{"model": read_artifact(c / "calibration.json", CalibrationReport).model,
                    "metric": t.metric, "tensors": len(t.tensors)} for c, t in zip(calib_dirs, tables)]
     card = PolicyCard(
         algorithm=f"SAC (stable-baselines3 {stable_baselines3.__version__})", features=list(FEATURES),
         obs_extra=list(OBS_EXTRA), bits_range=(scale.lo, scale.hi), feature_mean=list(scale.feature_mean),
         feature_std=list(scale.feature_std), formats=problems[0].formats,
         trained_on=trained_on, budgets=budgets, timesteps=spec.timesteps, seed=spec.seed,
-        net_arch=spec.net_arch, episodes=res["episodes"], seconds=res["seconds"], reward_evaluations=spec.timesteps,
+        net_arch=spec.net_arch, episodes=res["episodes"], reward_evaluations=spec.timesteps,
         final_proxy_regret=res["curve"][-1]["proxy_regret"])
     write_json(out_dir / CURVE_FILE, res["curve"])
     write_json(out_dir / CARD_FILE, card.model_dump())

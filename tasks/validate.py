@@ -9,19 +9,18 @@ deviation from torch. A gate in the spec turns any of these into a failed run.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from haloquant import HaloquantError
-from haloquant.artifacts import read_json, sha256_file, write_json
+from haloquant.artifacts import read_artifact, sha256_file, write_json
 from haloquant.evaluation import score
 from haloquant.llamacpp import llama_cpp_perplexity, same_tokens_as_torch
 from haloquant.modelio import load_model, load_tokenizer
 from haloquant.onnxrt import onnx_check
 from haloquant.quantized import load_quantized_model, read_quantized
 from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
-from schemas.artifacts import CalibrationReport, ValidationReport
-from schemas.params import ModelSpec, ValidateSpec
+from haloquant.schemas.artifacts import CalibrationReport, ValidationReport
+from haloquant.schemas.params import ModelSpec, ValidateSpec
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
@@ -49,9 +48,8 @@ def _gate(spec: ValidateSpec, report: dict) -> dict:
 
 def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_dir: Path, gguf_dir: Path,
              onnx_dir: Path, out_dir: Path) -> ValidationReport:
-    t0 = time.perf_counter()
     text = read_text(spec.text, "validate.text")
-    calib = CalibrationReport.model_validate(read_json(calib_dir / "calibration.json"))
+    calib = read_artifact(calib_dir / "calibration.json", CalibrationReport)
     if calib.text_sha256 == sha256_file(spec.text):
         raise HaloquantError(f"validate.text: {spec.text} is the calibration text; evaluate on held-out text")
     tokenizer = load_tokenizer(model_spec.path)
@@ -69,21 +67,22 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
     if "llama_cpp" in spec.runtimes:
         lc = llama_cpp_perplexity(gguf_path, text, spec.ctx, spec.max_chunks)
         same_tokens = same_tokens_as_torch(lc.pop("tokens"), lc.pop("bos_id"), bos, ids, chunks.numel())
+        lc.pop("seconds")  # wall times stay out of artifacts
         runtimes["llama_cpp"] = {**lc, "ppl_gap_vs_torch": abs(lc["ppl"] / torch_scores["ppl"] - 1),
                                  "same_tokens_as_torch": same_tokens}
     if "onnxruntime" in spec.runtimes:
         runtimes["onnxruntime"] = onnx_check(onnx_dir / "model.onnx", chunks[: spec.onnx_chunks], quant_model)
+        runtimes["onnxruntime"].pop("seconds")
 
     report = {
-        "eval_text": str(spec.text), "ctx": spec.ctx, "n_chunks": int(chunks.shape[0]),
+        "eval_text_sha256": sha256_file(spec.text), "ctx": spec.ctx, "n_chunks": int(chunks.shape[0]),
         "n_tokens_scored": torch_scores["n_tokens"], "ppl_float": torch_scores["ref_ppl"],
         "ppl_quant": torch_scores["ppl"], "ppl_ratio": torch_scores["ppl"] / torch_scores["ref_ppl"],
         "kl_mean": torch_scores["kl_mean"], "gguf_bytes": gguf_path.stat().st_size,
         "bits_per_weight": manifest.bits_per_weight, "runtimes": runtimes,
     }
     checks = _gate(spec, report)
-    result = ValidationReport(**report, gate=checks, passed=all(c["passed"] for c in checks.values()),
-                              seconds=time.perf_counter() - t0)
+    result = ValidationReport(**report, gate=checks, passed=all(c["passed"] for c in checks.values()))
     metrics = {k: report[k] for k in ("ppl_float", "ppl_quant", "ppl_ratio", "kl_mean", "bits_per_weight", "gguf_bytes")}
     if "llama_cpp" in runtimes:
         metrics["ppl_llama_cpp"] = runtimes["llama_cpp"]["ppl"]

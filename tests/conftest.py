@@ -53,7 +53,7 @@ def write_params(folder: Path, data: dict, name: str = "params.yaml") -> Path:
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory):
     """The whole pipeline run once on the tiny model; tests read (never modify) its artifacts."""
-    from haloquant.runner import run_all
+    from haloquant.tasks.runner import run_all
 
     folder = tmp_path_factory.mktemp("pipeline")
     params_file = write_params(folder, small_params())

@@ -15,11 +15,11 @@ from haloquant.onnxrt import onnx_check
 from haloquant.quantized import load_quantized_model
 from haloquant.textdata import eval_chunks, read_text, tokenize
 from haloquant.presets import allocation_from_type_map
-from schemas.params import FoldSpec, GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec
-from tasks.export_gguf import export_gguf
-from tasks.export_onnx import export_onnx
-from tasks.quantize import quantize
-from tasks.scale_fold import scale_fold
+from haloquant.schemas.params import FoldSpec, GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.export_onnx import export_onnx
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
 from tests.conftest import EVAL_TEXT, TINY
 
 ALL = [f for f in FORMATS if f != "F32"]

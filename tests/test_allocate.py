@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from haloquant import HaloquantError
-from schemas.artifacts import FormatCost, SensitivityTable, TensorSensitivity
-from schemas.params import AllocationSpec
-from tasks.allocate import allocate_bits
+from haloquant.schemas.artifacts import FormatCost, SensitivityTable, TensorSensitivity
+from haloquant.schemas.params import AllocationSpec
+from haloquant.tasks.allocate import allocate_bits
 
 SIZES = {"Q4_0": 4.5, "Q5_0": 5.5, "Q8_0": 8.5}
 
@@ -23,7 +23,7 @@ def random_table(n_tensors=5, seed=0) -> SensitivityTable:
                  for f, b in SIZES.items()}
         rows.append(TensorSensitivity(name=f"t{i}", gguf_name=f"blk.{i}.x", kind="ffn_up", layer=i,
                                       shape=(n // 256, 256), n_weights=n, candidates=cands))
-    return SensitivityTable(metric="output_error", formats=list(SIZES), fixed_bytes=100, tensors=rows, seconds=0)
+    return SensitivityTable(metric="output_error", formats=list(SIZES), fixed_bytes=100, tensors=rows)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -88,13 +88,13 @@ def test_rules_pin_and_floor():
 def test_file_size_budget_fits_the_written_gguf(tmp_path):
     """allocation.budget.file_mb: the GGUF written from the allocation, metadata and alignment
     included, fits in N MB and uses most of it (ref-llama-tiny, k-quant candidates)."""
-    from schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec, SensitivitySpec
-    from tasks.allocate import allocate
-    from tasks.calibrate import calibrate
-    from tasks.export_gguf import export_gguf
-    from tasks.quantize import quantize
-    from tasks.scale_fold import scale_fold
-    from tasks.sensitivity import score_sensitivity
+    from haloquant.schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec, SensitivitySpec
+    from haloquant.tasks.allocate import allocate
+    from haloquant.tasks.calibrate import calibrate
+    from haloquant.tasks.export_gguf import export_gguf
+    from haloquant.tasks.quantize import quantize
+    from haloquant.tasks.scale_fold import scale_fold
+    from haloquant.tasks.sensitivity import score_sensitivity
 
     from tests.conftest import CALIB_TEXT, TINY
 

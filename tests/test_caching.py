@@ -22,7 +22,13 @@ def sh(cmd, cwd):
 
 
 def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w@.]+)'", output)
+    """Stages dvc repro ran, but `environment` (always run: it records the runtimes' versions)."""
+    return [s for s in re.findall(r"Running stage '([\w@.]+)'", output) if s != "environment"]
+
+
+def changed(status: str) -> set[str]:
+    """Stages `dvc status` lists as changed."""
+    return {m for m in re.findall(r"^([\w@.]+):", status, re.M)} - {"environment"}
 
 
 @pytest.mark.slow
@@ -40,7 +46,18 @@ def test_dvc_repro_caching(tmp_path):
     assert [s for s in ran(first) if s in STAGES] == STAGES
     assert {"sweep@4.0", "preset@Q4_K_M", "pareto", "train_policy"} <= set(ran(first))
     second = sh("dvc repro", proj)
-    assert ran(second) == [] and "up to date" in second
+    assert ran(second) == [] and "Stage 'calibrate' didn't change" in second
+
+    # code dependencies are derived from what each stage runs: an edit to tasks/quantize.py reaches
+    # quantize and every sweep point and preset (they quantize too), not calibrate; one to
+    # tasks/allocate.py reaches train_policy (it solves the MILP) and the sweep module's stages; cli.py none
+    for edited, expected in (("tasks/quantize.py", {"quantize", "sweep@4.0", "preset@Q4_K_M"}),
+                             ("tasks/allocate.py", {"allocate", "sweep@4.0", "preset@Q4_K_M", "train_policy"}),
+                             ("flows/cli.py", set())):
+        original = (proj / edited).read_text()
+        (proj / edited).write_text(original + "\n# an edit\n")
+        assert changed(sh("dvc status", proj)) == expected, edited
+        (proj / edited).write_text(original)
 
     params["allocation"]["budget"]["bits_per_weight"] = 4.75
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -62,7 +79,7 @@ def test_dvc_repro_caching(tmp_path):
 
 @pytest.mark.slow
 def test_prefect_flow_caching(tmp_path):
-    from flows.pipeline import haloquant_pipeline
+    from haloquant.flows.pipeline import haloquant_pipeline
 
     params_file = write_params(tmp_path, small_params())
     states = lambda: {k: v["state"] for k, v in haloquant_pipeline(str(params_file)).items()}  # noqa: E731
@@ -82,7 +99,7 @@ def test_prefect_flow_caching(tmp_path):
 
 @pytest.mark.slow
 def test_prefect_sweep_flow_maps_points(tmp_path):
-    from flows.pipeline import haloquant_sweep
+    from haloquant.flows.pipeline import haloquant_sweep
 
     params_file = write_params(tmp_path, small_params(sweep={"bits_per_weight": [4.75, 5.5], "presets": ["Q4_K_M"],
                                                              "max_chunks": 1}))
@@ -95,7 +112,7 @@ def test_prefect_sweep_flow_maps_points(tmp_path):
 
 
 def test_deployment_has_cron_schedule(tmp_path):
-    from flows.deploy import DEPLOYMENT_NAME, build_deployment
+    from haloquant.flows.deploy import DEPLOYMENT_NAME, build_deployment
 
     params_file = write_params(tmp_path, small_params())
     dep = build_deployment(str(params_file), "0 3 * * *")
@@ -108,7 +125,7 @@ def test_deployment_has_cron_schedule(tmp_path):
 def test_train_policy_flow_then_sac_allocation(tmp_path):
     """The train-policy flow writes a policy folder (cached on a second run); the pipeline then
     allocates with it (`allocation.solver: sac`, `allocation.policy: artifacts/train_policy`)."""
-    from flows.pipeline import haloquant_pipeline, train_policy_flow
+    from haloquant.flows.pipeline import haloquant_pipeline, train_policy_flow
 
     params_file = write_params(tmp_path, small_params(**{"train_policy": {"timesteps": 1100, "eval_every": 550}}))
     first = {k: v["state"] for k, v in train_policy_flow(str(params_file)).items()}

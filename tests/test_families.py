@@ -23,12 +23,12 @@ from haloquant.onnxrt import onnx_check
 from haloquant.presets import allocation_from_type_map
 from haloquant.quantized import load_quantized_model
 from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
-from schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec
-from tasks.calibrate import calibrate
-from tasks.export_gguf import export_gguf
-from tasks.export_onnx import export_onnx
-from tasks.quantize import quantize
-from tasks.scale_fold import scale_fold
+from haloquant.schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec
+from haloquant.tasks.calibrate import calibrate
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.export_onnx import export_onnx
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
 from tests.conftest import CALIB_TEXT, EVAL_TEXT, small_params, write_params
 from tests.modelzoo import CASES, make_model
 
@@ -145,7 +145,7 @@ def test_scale_folds_are_exact(case, zoo):
 def test_default_pipeline_runs_at_any_width(case, zoo, tmp_path):
     """The default spec (k-quant candidates; llama.cpp's fallbacks where the rows need them), only
     model.path changed: end to end, validated in llama.cpp and onnxruntime."""
-    from haloquant.runner import run_all
+    from haloquant.tasks.runner import run_all
 
     params = small_params(**{"model.path": str(make_model(case, zoo)), "model.add_bos": None,
                              "sensitivity": {"formats": ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"],

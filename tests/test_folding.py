@@ -66,7 +66,7 @@ def test_unknown_architecture_is_refused():
 
 @pytest.fixture(scope="module")
 def folded(pipeline_run, tmp_path_factory):
-    from haloquant.runner import run_stage
+    from haloquant.tasks.runner import run_stage
 
     folder, _, _ = pipeline_run
     out = tmp_path_factory.mktemp("folded")

@@ -79,7 +79,7 @@ def test_tied_embedding_gets_gptq_with_the_head_hessian(embedding):
     """ref-llama-tiny ties its head to the embedding: one weight, quantized with GPTQ over the head's
     input, which must lower the head's output error below rounding's."""
     from haloquant.quantizer import encode_tensor
-    from schemas.params import QuantizeSpec
+    from haloquant.schemas.params import QuantizeSpec
 
     t, w, stats = embedding
     assert t.tied
@@ -94,7 +94,7 @@ def test_untied_embedding_stays_round_to_nearest(embedding):
     import dataclasses
 
     from haloquant.quantizer import encode_tensor
-    from schemas.params import QuantizeSpec
+    from haloquant.schemas.params import QuantizeSpec
 
     t, w, stats = embedding
     untied = dataclasses.replace(t, tied=False)

@@ -59,8 +59,8 @@ def test_rope_theta_of_a_transformers_5_folder_is_not_defaulted(tmp_path):
 
 
 def test_a_transformers_5_folder_gives_the_same_gguf(pipeline_run, tmp_path):
-    from schemas.params import GGUFSpec, ModelSpec
-    from tasks.export_gguf import export_gguf
+    from haloquant.schemas.params import GGUFSpec, ModelSpec
+    from haloquant.tasks.export_gguf import export_gguf
 
     folder, _, _ = pipeline_run
     v5 = as_transformers_5(TINY, tmp_path / TINY.name)
@@ -81,8 +81,8 @@ def test_retrained_bpe_vocabularies_are_named_by_their_rules(tokenizer, expected
 
 
 def test_an_unknown_pre_tokenizer_is_refused_naming_the_file(pipeline_run, tmp_path):
-    from schemas.params import GGUFSpec, ModelSpec
-    from tasks.export_gguf import export_gguf
+    from haloquant.schemas.params import GGUFSpec, ModelSpec
+    from haloquant.tasks.export_gguf import export_gguf
 
     folder, _, _ = pipeline_run
     odd = tmp_path / "odd"
@@ -104,7 +104,7 @@ def test_an_unregistered_family_fails_in_check_naming_the_registered_ones(tmp_pa
     cfg["architectures"], cfg["model_type"] = ["GPTNeoXForCausalLM"], "gpt_neox"
     (folder / "config.json").write_text(json.dumps(cfg))
     params = write_params(tmp_path, small_params(**{"model.path": str(folder)}))
-    r = subprocess.run([sys.executable, "-m", "haloquant.cli", "check", "--params", str(params)],
+    r = subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "check", "--params", str(params)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2, r.stderr
     assert "architecture 'GPTNeoXForCausalLM' is not supported; supported: Gemma2ForCausalLM" in r.stderr

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 from haloquant.artifacts import read_json, sha256_tree
 from haloquant.formats import get_format
 from haloquant.modelio import load_model
-from tests.conftest import REPO, small_params, write_params
+from tests.conftest import CALIB_TEXT, REPO, TINY, small_params, write_params
 
 
 def test_pipeline_outputs(pipeline_run):
@@ -60,10 +59,11 @@ def test_gram_statistics_match_activations(pipeline_run):
 
     cal = results["calibrate"]
     stats = load_file(str(folder / "artifacts" / "calibrate" / "stats.safetensors"))
-    model = load_model(cal.model_path, "cpu")
-    tok = load_tokenizer(cal.model_path)
-    batch = calibration_batch(tokenize(tok, read_text(cal.text, "t")), cal.n_sequences, cal.seq_len, cal.seed,
+    model = load_model(TINY, "cpu")
+    tok = load_tokenizer(TINY)
+    batch = calibration_batch(tokenize(tok, read_text(CALIB_TEXT, "t")), cal.n_sequences, cal.seq_len, cal.seed,
                               tok.bos_token_id)
+    assert torch.equal(batch, stats["calibration_ids"])  # the artifact keeps the windows it was computed on
     captured = []
     layer = model.model.layers[2].mlp.down_proj
     h = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
@@ -84,7 +84,7 @@ def test_gram_statistics_match_activations(pipeline_run):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "haloquant.cli", *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "haloquant.flows.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
 @pytest.mark.parametrize("case", ["missing_model", "empty_calibration", "calibration_is_eval", "budget_too_small",
@@ -118,12 +118,12 @@ def test_bad_input_leaves_artifacts_untouched(pipeline_run, tmp_path, case):
 
 def test_kl_calibrated_sensitivity(pipeline_run, tmp_path):
     """kl_calibrated keeps each tensor's error curve and puts it in KL units by a measurement."""
-    from schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
-    from tasks.sensitivity import score_sensitivity
+    from haloquant.schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
+    from haloquant.tasks.sensitivity import score_sensitivity
 
     folder, _, results = pipeline_run
     raw = results["sensitivity"]
-    table = score_sensitivity(ModelSpec(path=results["calibrate"].model_path, device="cpu", add_bos=True),
+    table = score_sensitivity(ModelSpec(path=TINY, device="cpu", add_bos=True),
                               SensitivitySpec(formats=raw.formats, metric="kl_calibrated", kl_sequences=2),
                               QuantizeSpec(), folder / "artifacts" / "calibrate", tmp_path)
     assert (tmp_path / "sensitivity.json").is_file()

@@ -13,12 +13,12 @@ from haloquant.artifacts import read_json
 from haloquant.embedding import FEATURES
 from haloquant.policy import (OBS_EXTRA, AllocationEnv, AllocationProblem, BitsScale, SACAllocator, observation,
                               repair, rollout)
-from schemas.artifacts import LayerEmbeddings, SensitivityTable
-from schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec, TrainPolicySpec
-from tasks.allocate import allocate
-from tasks.calibrate import calibrate
-from tasks.sensitivity import score_sensitivity
-from tasks.train_policy import train_policy, training_problem
+from haloquant.schemas.artifacts import LayerEmbeddings, SensitivityTable
+from haloquant.schemas.params import AllocationSpec, QuantizeSpec, SensitivitySpec, TrainPolicySpec
+from haloquant.tasks.allocate import allocate
+from haloquant.tasks.calibrate import calibrate
+from haloquant.tasks.sensitivity import score_sensitivity
+from haloquant.tasks.train_policy import train_policy, training_problem
 
 from tests.conftest import CALIB_TEXT, REPO, TINY
 
@@ -29,7 +29,7 @@ SHIPPED = REPO / "policies" / "sac-llama-family"
 @pytest.fixture(scope="module")
 def tiny_tables(tmp_path_factory):
     """Calibration, a measured (kl_calibrated) and an unmeasured (none) sensitivity table of the tiny model."""
-    from schemas.params import CalibrationSpec, ModelSpec
+    from haloquant.schemas.params import CalibrationSpec, ModelSpec
 
     root = tmp_path_factory.mktemp("policy")
     spec = ModelSpec(path=TINY, device="cpu", add_bos=True)  # the reference models start with BOS
@@ -203,9 +203,9 @@ def test_train_policy_also_on_other_runs(tiny_tables, tmp_path):
     are part of the stage's cache key; a folder that is not a run is refused by name."""
     import shutil
 
-    from haloquant.runner import fingerprint
-    from schemas.params import parse_params
-    from tasks import TRAIN_POLICY
+    from haloquant.tasks.runner import fingerprint
+    from haloquant.schemas.params import parse_params
+    from haloquant.tasks import TRAIN_POLICY
 
     from tests.conftest import small_params
 

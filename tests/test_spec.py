@@ -7,12 +7,12 @@ import pytest
 import yaml
 
 from haloquant import HaloquantError
-from schemas.params import load_params
+from haloquant.schemas.params import load_params
 from tests.conftest import REPO, small_params, write_params
 
 
 def check(tmp_path, data):
-    return subprocess.run([sys.executable, "-m", "haloquant.cli", "check", "--params",
+    return subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "check", "--params",
                            str(write_params(tmp_path, data))], capture_output=True, text=True, cwd=REPO)
 
 
@@ -43,7 +43,7 @@ def test_check_passes_on_valid_spec(tmp_path):
     (lambda p: p["allocation"].update(budget={"file_mb": 3.0, "bits_per_weight": 4.0}), "allocation.budget",
      "exactly one"),
     (lambda p: p["allocation"].update(solver="sac", policy="no/such/policy"), "allocation.policy",
-     "not a policy folder"),
+     "is not a train_policy output"),
     (lambda p: p["sensitivity"].update(metric="none"), "allocation.solver", "needs measured costs"),
     (lambda p: p.update(train_policy={"budget_range": [5.0, 3.0]}), "train_policy", "budget_range"),
 ])
@@ -80,14 +80,15 @@ def test_empty_and_identical_texts(tmp_path):
 
 
 def test_dvc_yaml_is_generated_from_registry():
-    r = subprocess.run([sys.executable, "-m", "haloquant.cli", "dvc-yaml"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "dvc-yaml"], capture_output=True, text=True,
                        cwd=REPO, check=True)
     assert r.stdout == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `haloquant dvc-yaml > dvc.yaml`"
     stages = yaml.safe_load(r.stdout)["stages"]
-    assert list(stages) == ["calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf",
-                            "export_onnx", "validate", "train_policy", "sweep", "preset", "pareto"]
+    assert list(stages) == ["environment", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize",
+                            "export_gguf", "export_onnx", "validate", "train_policy", "sweep", "preset", "pareto"]
     assert stages["sweep"]["foreach"] == "${sweep.bits_per_weight}"
+    assert stages["environment"]["always_changed"] is True
     # the budget is read by allocate alone: editing it can never re-run calibrate or sensitivity
-    params_of = {n: s.get("params") or s["do"]["params"] for n, s in stages.items()}
+    params_of = {n: s.get("params") or s.get("do", {}).get("params", []) for n, s in stages.items()}
     assert [n for n, p in params_of.items() if "allocation" in p] == ["allocate"]
     assert not any(p.startswith("allocation.budget") for p in params_of["sweep"])

@@ -4,7 +4,7 @@ import pytest
 from gguf import GGUFReader
 
 from haloquant.artifacts import read_json
-from haloquant.runner import run_stage
+from haloquant.tasks.runner import run_stage
 from tests.conftest import small_params, write_params
 
 

@@ -35,32 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.cmd == "check":
-            from haloquant.runner import preflight
-            from schemas.params import load_params
+            from haloquant.tasks.runner import check
 
-            params = load_params(args.params)
-            preflight(params)
-            print(f"{args.params}: ok")
+            print(check(args.params))
         elif args.cmd == "stage":
-            from haloquant.runner import describe, run_stage
+            from haloquant.tasks.runner import describe, run_stage
 
-            print(f"{args.name}: {describe(run_stage(args.name, args.params))}")
+            print(describe(args.name, run_stage(args.name, args.params)))
         elif args.cmd == "run":
-            from haloquant.runner import describe, run_all
+            from haloquant.tasks.runner import describe, run_all
 
             for name, out in run_all(args.params).items():
-                print(f"{name}: {describe(out)}")
+                print(describe(name, out))
         elif args.cmd == "flow":
-            from flows.pipeline import haloquant_pipeline, haloquant_sweep, train_policy_flow
+            from haloquant.flows.pipeline import haloquant_pipeline, haloquant_sweep, train_policy_flow
 
             flow = train_policy_flow if args.train_policy else haloquant_sweep if args.sweep else haloquant_pipeline
             flow(str(args.params))
         elif args.cmd == "dvc-yaml":
-            from haloquant.runner import dvc_yaml
+            from haloquant.tasks.runner import dvc_yaml
 
             sys.stdout.write(dvc_yaml())
         elif args.cmd == "serve":
-            from flows.deploy import serve
+            from haloquant.flows.deploy import serve
 
             serve(str(args.params), args.cron)
     except HaloquantError as e:
