@@ -65,17 +65,22 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
 
     stats: dict[str, _InputStats] = {}
     input_of: dict[str, str] = {}
-    seen_this_batch: dict[tuple, str] = {}
+    # Modules that read the very same tensor (q/k/v, gate/up) share one set of statistics. The
+    # tensor object is the identity, kept alive until the forward pass ends so that neither its
+    # memory nor its id can pass to a later tensor: a data pointer alone can, and once merged the
+    # inputs of unrelated modules that happened to reuse freed memory.
+    seen_this_batch: dict[int, tuple[torch.Tensor, str]] = {}
 
     def hook(name):
         def fn(_module, args):
             x = args[0]
-            sig = (x.data_ptr(), tuple(x.shape))
-            key = seen_this_batch.get(sig)
-            if key is None:  # first module to see this tensor owns its statistics
+            seen = seen_this_batch.get(id(x))
+            if seen is None:  # first module to see this tensor owns its statistics
                 key = input_of.setdefault(name, name)
-                seen_this_batch[sig] = key
+                seen_this_batch[id(x)] = (x, key)
                 stats.setdefault(key, _InputStats(x.shape[-1], device)).add(x)
+            else:
+                key = seen[1]
             input_of.setdefault(name, key)
         return fn
 

@@ -19,7 +19,7 @@ LIBRARY = REPO / "haloquant"
 
 
 def _params(**overrides):
-    return parse_params(small_params(sweep={"bits_per_weight": [4.0], "presets": ["Q4_K_M"], "max_chunks": 1},
+    return parse_params(small_params(sweep={"bits_per_weight": [5.0], "presets": ["Q4_K_M"], "max_chunks": 1},
                                      **overrides), base_dir=REPO)
 
 
@@ -40,7 +40,7 @@ print(json.dumps({m: sys.modules[m].__file__ for m in new}))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf",
-                                   "validate", "preset@Q4_K_M", "sweep@4.0", "pareto"])
+                                   "validate", "preset@Q4_K_M", "sweep@5.0", "pareto"])
 def test_declared_code_covers_every_module_the_stage_runs(stage, pipeline_run, tmp_path):
     """Measured independently of the static import graph: the project modules that running the
     stage really loads (in a fresh process, beyond those the runner itself loads) are all among its
@@ -52,8 +52,16 @@ def test_declared_code_covers_every_module_the_stage_runs(stage, pipeline_run, t
     params_file = tmp_path / "params.yaml"
     import yaml
 
-    params_file.write_text(yaml.safe_dump(small_params(sweep={"bits_per_weight": [4.0], "presets": ["Q4_K_M"],
+    params_file.write_text(yaml.safe_dump(small_params(sweep={"bits_per_weight": [5.0], "presets": ["Q4_K_M"],
                                                               "max_chunks": 1})))
+    if stage == "pareto":  # it reads the sweep points and presets: made here, outside the measured process
+        from haloquant.schemas.params import load_params
+        from haloquant.tasks.runner import artifacts_root
+
+        params = load_params(params_file)
+        for s in expand(ALL_STAGES, params):
+            if s.name in ("sweep@5.0", "preset@Q4_K_M"):
+                s.run(params, artifacts_root(params_file))
     r = subprocess.run([sys.executable, "-c", LOADED, str(params_file), stage], capture_output=True, text=True,
                        cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -73,9 +81,9 @@ def test_a_code_edit_changes_exactly_the_keys_of_the_stages_that_run_it(monkeypa
     real = runner.sha256_tree
     keys = lambda: {s.name: runner.fingerprint(s, params, tmp_path) for s in stages}  # noqa: E731
     before = keys()
-    for edited, expected in (("tasks/quantize.py", {"quantize", "sweep@4.0", "preset@Q4_K_M"}),
-                             ("tasks/allocate.py", {"allocate", "sweep@4.0", "preset@Q4_K_M", "train_policy"}),
-                             ("haloquant/gptq.py", {"sensitivity", "quantize", "sweep@4.0", "preset@Q4_K_M"}),
+    for edited, expected in (("tasks/quantize.py", {"quantize", "sweep@5.0", "preset@Q4_K_M"}),
+                             ("tasks/allocate.py", {"allocate", "sweep@5.0", "preset@Q4_K_M", "train_policy"}),
+                             ("haloquant/gptq.py", {"sensitivity", "quantize", "sweep@5.0", "preset@Q4_K_M"}),
                              ("tasks/runner.py", set()), ("flows/cli.py", set())):
         monkeypatch.setattr(runner, "sha256_tree", lambda p, e=edited: "edited" if Path(p) == REPO / e else real(p))
         after = keys()
@@ -100,7 +108,7 @@ def test_a_runtime_change_changes_the_keys_of_the_stages_that_declare_it(monkeyp
     after = {s.name: runner.fingerprint(s, params, tmp_path) for s in stages}
     changed = {n for n in before if after[n] != before[n]}
     assert changed == {s.name for s in stages if "llama.cpp" in s.runtimes}
-    assert {"sensitivity", "quantize", "validate", "sweep@4.0", "preset@Q4_K_M"} <= changed
+    assert {"sensitivity", "quantize", "validate", "sweep@5.0", "preset@Q4_K_M"} <= changed
     assert "calibrate" not in changed and "allocate" not in changed
 
 
