@@ -92,22 +92,24 @@ def print_codec_tables(err_rows: list[dict], speed: list[dict], n: int) -> None:
         print(f"| {r['format']} | {r['haloquant_s']:.2f} | {r['llama.cpp_s']:.2f} | {r['ratio']:.1f}× |")
 
 
-def build(model_spec, infos, type_map, method, calib_dir, out) -> tuple[Path, float]:
-    """allocation from a type map → quantize(method) → GGUF; returns the file and quantize seconds."""
+def build(model_spec, infos, type_map, method: str | QuantizeSpec, calib_dir, out) -> tuple[Path, float]:
+    """allocation from a type map → quantize(method or spec) → GGUF; returns the file and quantize seconds."""
     write_json(out / "allocate/allocation.json", allocation_from_type_map(infos, type_map, "type map").model_dump())
     scale_fold(model_spec, FoldSpec(), calib_dir, out / "allocate", out / "scale_fold")
     t0 = time.perf_counter()
-    quantize(model_spec, QuantizeSpec(method=method), calib_dir, out / "allocate", out / "scale_fold", out / "quantize")
+    spec = method if isinstance(method, QuantizeSpec) else QuantizeSpec(method=method)
+    quantize(model_spec, spec, calib_dir, out / "allocate", out / "scale_fold", out / "quantize")
     secs = time.perf_counter() - t0
     export_gguf(model_spec, GGUFSpec(), out / "quantize", out / "gguf")
     return out / "gguf" / "model.gguf", secs
 
 
-def build_mixed(model_spec, sens_dir, total_bytes, calib_dir, out) -> Path:
-    """haloquant's own allocation at `total_bytes` of tensor data, quantized with GPTQ."""
+def build_mixed(model_spec, sens_dir, total_bytes, calib_dir, out, qspec: QuantizeSpec | None = None) -> Path:
+    """haloquant's own allocation at `total_bytes` of tensor data, quantized with GPTQ (or `qspec`)."""
     allocate(AllocationSpec(budget={"total_bytes": total_bytes}), sens_dir, out / "allocate")
     scale_fold(model_spec, FoldSpec(), calib_dir, out / "allocate", out / "scale_fold")
-    quantize(model_spec, QuantizeSpec(method="gptq"), calib_dir, out / "allocate", out / "scale_fold", out / "quantize")
+    quantize(model_spec, qspec or QuantizeSpec(method="gptq"), calib_dir, out / "allocate", out / "scale_fold",
+             out / "quantize")
     export_gguf(model_spec, GGUFSpec(), out / "quantize", out / "gguf")
     return out / "gguf" / "model.gguf"
 

@@ -51,8 +51,11 @@ class _Rounding:
 
 @torch.no_grad()
 def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp: float = 0.01,
-                  act_order: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
-    """Quantize `weight` (rows, cols) into `fmt` block bytes with GPTQ; `gram` is E[xxᵀ] (cols, cols)."""
+                  act_order: bool = False, device: str | torch.device = "cpu",
+                  rounded: np.ndarray | None = None) -> np.ndarray:
+    """Quantize `weight` (rows, cols) into `fmt` block bytes with GPTQ; `gram` is E[xxᵀ] (cols, cols).
+    `rounded`, if given (rows, cols), receives the error-compensated weights GPTQ rounded — the
+    codes are their nearest grid points (block tuning starts from there)."""
     rows, cols = weight.shape
     sb = fmt.block_size
     fmt.storage_bytes(weight.shape)  # refuses rows that do not fit the block
@@ -104,6 +107,8 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
             q = torch.where(c, 0, q)
             deq = (torch.where(c, nearest.level0, level) - z) * s
             codes[:, perm[col]] = q.to(torch.int16)
+            if rounded is not None:
+                rounded[:, int(perm[col])] = w.cpu().numpy()
             err = (w - deq) / Hinv[col, col]
             W1[:, i:] -= err[:, None] * Hinv[col, i1 + i : i2][None, :]
             Err1[:, i] = err

@@ -157,6 +157,17 @@ class GPTQSpec(Strict):
         "damp leans toward that role")
 
 
+class BlockTuningSpec(Strict):
+    """Block-output reconstruction after the quantizer (haloquant/reconstruct.py): each decoder
+    block's codes tuned by signed gradient against the float block's output; scales kept."""
+
+    iters: int = Field(0, ge=0, description="signed-gradient steps per decoder block; 0 = off")
+    lr: float | None = Field(None, gt=0, le=1, description="offset step per iteration, decayed linearly; "
+                             "null = 1 / iters (AutoRound's default)")
+    batch: PositiveInt = Field(8, description="calibration windows per step")
+    seed: int = 0
+
+
 class QuantizeSpec(Strict):
     """The quantizer. The sensitivity stage reads this section too: costs are measured for it."""
 
@@ -165,6 +176,7 @@ class QuantizeSpec(Strict):
         "quantizer (ggml_quantize_chunk, imatrix = calibration E[x²] when importance is on), as a baseline")
     gptq: GPTQSpec = GPTQSpec()
     importance: bool = Field(True, description="weight k-quant scale fits by calibration E[x²] (imatrix)")
+    block_tuning: BlockTuningSpec = BlockTuningSpec()
 
 
 class GateSpec(Strict):

@@ -117,7 +117,7 @@ CALIB_OUTS = ("calibrate/stats.safetensors", "calibrate/calibration.json")
 SENS_OUTS = ("sensitivity/sensitivity.json", "sensitivity/embeddings.json")
 STAGES: tuple[Stage, ...] = (
     Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"), CALIB_OUTS, _calibrate),
-    Stage("sensitivity", ("model", "sensitivity", "quantize"), ("${model.path}",) + CALIB_OUTS, SENS_OUTS, _sensitivity,
+    Stage("sensitivity", ("model", "sensitivity", "quantize.method", "quantize.gptq", "quantize.importance"), ("${model.path}",) + CALIB_OUTS, SENS_OUTS, _sensitivity,
           runtimes=("torch", "llama.cpp", "converter")),
     Stage("allocate", ("allocation",), SENS_OUTS + ("${allocation.policy}",), ("allocate/allocation.json",),
           _allocate, plots=("allocate/bits_per_layer.json",)),

@@ -3,6 +3,8 @@
 Method `rtn`: each format's round-to-nearest encoder; with `importance`, k-quant scales are fitted
 to calibration-weighted error (llama.cpp's imatrix, from the calibrate stage's diag(XᵀX)).
 Method `gptq`: GPTQ on the format's own grid with the calibration Hessian (haloquant/gptq.py).
+With `block_tuning.iters` > 0 the codes of every decoder block are then tuned against the float
+block's output (haloquant/reconstruct.py); scales stay, bytes stay llama.cpp's.
 The artifact holds the exact block bytes that export_gguf writes and validate decodes.
 """
 
@@ -21,6 +23,7 @@ from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors, resolve_device
 from haloquant.quantizer import encode_tensor
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
+from haloquant.reconstruct import TuneSettings, tune_blocks
 from haloquant.schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
 from haloquant.schemas.params import ModelSpec, QuantizeSpec
 
@@ -39,13 +42,23 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
                              "another model; re-run allocate")
 
     arrays: dict[str, np.ndarray] = {}
+    formats = {}
+    rounded: dict[str, np.ndarray] = {}
     quantized = []
     for t in infos:
-        fmt = get_format(chosen[t.name])
-        arrays[t.name] = encode_tensor(t, params[t.name].detach().float().numpy(), fmt, spec, stats,
-                                       resolve_device(model_spec.device))
+        fmt = formats[t.name] = get_format(chosen[t.name])
+        weight = params[t.name].detach().float().numpy()
+        if spec.block_tuning.iters:  # what the codes are rounded from: tuning starts there
+            rounded[t.name] = weight.copy()
+        arrays[t.name] = encode_tensor(t, weight, fmt, spec, stats, resolve_device(model_spec.device),
+                                       rounded.get(t.name))
         quantized.append(QuantizedTensor(name=t.name, gguf_name=t.gguf_name, format=fmt.name, shape=t.shape,
                                          bytes=int(arrays[t.name].nbytes)))
+    if spec.block_tuning.iters:
+        arrays, _ = tune_blocks(model, stats.tensor("calibration_ids"), arrays, formats,
+                                TuneSettings(**spec.block_tuning.model_dump()), resolve_device(model_spec.device),
+                                rounded)
+        model = model.cpu()
     floats = float_tensors(model)
     arrays.update({n: v.float().numpy() for n, v in floats.items()})
     with atomic_path(out_dir / TENSORS_FILE) as tmp:

@@ -112,6 +112,18 @@ def test_a_runtime_change_changes_the_keys_of_the_stages_that_declare_it(monkeyp
     assert "calibrate" not in changed and "allocate" not in changed
 
 
+def test_block_tuning_is_quantize_s_param_not_sensitivity_s(tmp_path):
+    """Sensitivity measures the quantizer (method, GPTQ settings, importance), not the block tuning
+    that follows it: turning tuning on re-runs quantize and what uses it, never sensitivity."""
+    import haloquant.tasks.runner as runner
+
+    keys = lambda p: {s.name: runner.fingerprint(s, p, tmp_path) for s in expand(ALL_STAGES, p)}  # noqa: E731
+    before, after = keys(_params()), keys(_params(**{"quantize.block_tuning.iters": 50}))
+    assert {n for n in before if after[n] != before[n]} == {"quantize", "sweep@5.0"}  # presets: llama.cpp quantizes
+    damp = keys(_params(**{"quantize.gptq.damp": 0.05}))
+    assert {"sensitivity", "quantize"} <= {n for n in before if damp[n] != before[n]}
+
+
 def test_without_llama_cpp_an_encode_is_refused_not_changed(monkeypatch):
     import numpy as np
 
