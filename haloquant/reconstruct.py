@@ -40,6 +40,7 @@ class TuneSettings:
     lr: float | None = None  # step of V per iteration, decayed linearly to 0; None = 1 / iters
     batch: int = 8  # calibration windows per step
     seed: int = 0
+    amp: bool = True  # on CUDA, the steps' forward and backward in bfloat16 (the keep decision stays float32)
 
 
 class GridWeight:
@@ -155,6 +156,8 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
     `rounded`: per weight, what its codes were rounded from (GPTQ's compensated weights); the
     model's own weights where absent."""
     rounded = rounded or {}
+    device = torch.device(device)
+    amp = settings.amp and device.type == "cuda"
     model = model.to(device).requires_grad_(False)
     ids = ids.to(device)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -183,7 +186,9 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
         for it in range(settings.iters if grids else 0):
             b = int(torch.randint(len(x_quant), (1,), generator=gen))
             w = {n: g.weight() for n, g in grids.items()}
-            loss = F.mse_loss(_out(functional_call(layer, w, (x_quant[b],), kw[b])), target[b])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                y = _out(functional_call(layer, w, (x_quant[b],), kw[b]))
+            loss = F.mse_loss(y.float(), target[b])
             loss.backward()
             lr = lr0 * (1 - it / settings.iters)
             for g in grids.values():

@@ -166,6 +166,7 @@ class BlockTuningSpec(Strict):
                              "null = 1 / iters (AutoRound's default)")
     batch: PositiveInt = Field(8, description="calibration windows per step")
     seed: int = 0
+    amp: bool = Field(True, description="on CUDA, tuning steps in bfloat16 autocast (the keep decision in float32)")
 
 
 class QuantizeSpec(Strict):
