@@ -76,6 +76,7 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
     zero = torch.zeros(rows, cols, device=device)
     const = torch.zeros(rows, cols, dtype=torch.bool, device=device)
     codes = torch.zeros(rows, cols, dtype=torch.int16, device=device)
+    compensated = None if rounded is None else torch.zeros(rows, cols, device=device)
 
     def fit(start: int, w_block: torch.Tensor) -> None:
         b = fmt.encode(w_block.cpu().numpy(), importance[start : start + sb])
@@ -107,11 +108,13 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
             q = torch.where(c, 0, q)
             deq = (torch.where(c, nearest.level0, level) - z) * s
             codes[:, perm[col]] = q.to(torch.int16)
-            if rounded is not None:
-                rounded[:, int(perm[col])] = w.cpu().numpy()
+            if compensated is not None:
+                compensated[:, perm[col]] = w
             err = (w - deq) / Hinv[col, col]
             W1[:, i:] -= err[:, None] * Hinv[col, i1 + i : i2][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    if rounded is not None:
+        rounded[:] = compensated.cpu().numpy()
     return fmt.with_codes(data, (rows, cols), codes.cpu().numpy().astype(np.uint8))

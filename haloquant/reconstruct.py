@@ -73,20 +73,21 @@ class GridWeight:
         self.qmax = len(levels) - 1
         self.V = torch.zeros(shape, device=device, requires_grad=True)
 
+    def _position(self, V: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.u0 + V, 0, self.qmax)
+
     def codes(self) -> torch.Tensor:
-        u = torch.clamp(self.u0 + self.V.detach(), 0, self.qmax)
-        return torch.where(self.frozen, self.q0, torch.floor(u + 0.5).clamp(0, self.qmax))
+        u = self._position(self.V.detach())
+        return torch.where(self.frozen, self.q0, torch.floor(u + 0.5).clamp(max=self.qmax))
 
     def weight(self, hard: bool = False) -> torch.Tensor:
-        if hard:
-            return (self.levels[self.codes().long()] - self.zero) * self.scale
-        u = torch.clamp(self.u0 + self.V, 0, self.qmax)
-        lo = torch.floor(u).clamp(max=self.qmax - 1)
-        frac = u - lo
-        soft = torch.lerp(self.levels[lo.long()], self.levels[lo.long() + 1], frac)  # linear between levels
-        hard_level = self.levels[torch.where(self.frozen, self.q0, torch.floor(u + 0.5).clamp(0, self.qmax)).long()]
-        level = soft + (hard_level - soft).detach()  # forward: the rounded level; backward: d level / dV
-        return torch.where(self.frozen, hard_level.detach(), level).sub(self.zero).mul(self.scale)
+        level = self.levels[self.codes().long()]
+        if not hard:  # forward: the rounded level; backward: the slope between the levels around u
+            u = self._position(self.V)
+            lo = torch.floor(u).clamp(max=self.qmax - 1)
+            soft = torch.lerp(self.levels[lo.long()], self.levels[lo.long() + 1], u - lo)
+            level = torch.where(self.frozen, level, soft + (level - soft).detach())
+        return (level - self.zero) * self.scale
 
     def step(self, lr: float) -> None:
         with torch.no_grad():
@@ -170,7 +171,7 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
         prefix = f"{_prefix(model, layer)}."
         params = dict(layer.named_parameters())
         grids = {n: GridWeight(formats[prefix + n], encoded[prefix + n], tuple(p.shape), device,
-                               rounded.get(prefix + n, p.detach().float().cpu().numpy()))
+                               rounded[prefix + n] if prefix + n in rounded else p.detach().float().cpu().numpy())
                  for n, p in params.items() if prefix + n in encoded and not formats[prefix + n].is_float}
         kw = layer_kwargs[i]
         with torch.no_grad():

@@ -21,7 +21,7 @@ from haloquant.calibstats import CalibrationStats
 from haloquant.folding import load_folds
 from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors, resolve_device
-from haloquant.quantizer import encode_tensor
+from haloquant.quantizer import encode_tensor, uses_gptq
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
 from haloquant.reconstruct import TuneSettings, tune_blocks
 from haloquant.schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
@@ -48,8 +48,8 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     for t in infos:
         fmt = formats[t.name] = get_format(chosen[t.name])
         weight = params[t.name].detach().float().numpy()
-        if spec.block_tuning.iters:  # what the codes are rounded from: tuning starts there
-            rounded[t.name] = weight.copy()
+        if spec.block_tuning.iters and t.layer >= 0 and uses_gptq(t, fmt, spec):  # tuning starts from what
+            rounded[t.name] = np.empty_like(weight)                                # GPTQ rounded
         arrays[t.name] = encode_tensor(t, weight, fmt, spec, stats, resolve_device(model_spec.device),
                                        rounded.get(t.name))
         quantized.append(QuantizedTensor(name=t.name, gguf_name=t.gguf_name, format=fmt.name, shape=t.shape,
