@@ -92,3 +92,19 @@ def test_dvc_yaml_is_generated_from_registry():
     params_of = {n: s.get("params") or s.get("do", {}).get("params", []) for n, s in stages.items()}
     assert [n for n, p in params_of.items() if "allocation" in p] == ["allocate"]
     assert not any(p.startswith("allocation.budget") for p in params_of["sweep"])
+
+
+def test_every_dvc_params_key_is_in_the_shipped_params_yaml():
+    """DVC refuses a stage whose params key the file lacks (a schema default is not enough)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    missing = []
+    for name, s in stages.items():
+        for key in s.get("params") or s.get("do", {}).get("params", []):
+            node = shipped
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(f"{name}: {key}")
+                    break
+                node = node[part]
+    assert not missing, missing
