@@ -270,9 +270,35 @@ def train_sac(problems: list[AllocationProblem], budgets: list[float], scale: Bi
     seconds = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "policy.tmp.zip"
-    model.save(tmp)
+    model.save(tmp, exclude=["ep_info_buffer", "ep_success_buffer"])  # episode wall times: not the policy
+    _reproducible_zip(tmp)
     tmp.replace(out_dir / "policy.zip")
     return {"seconds": seconds, "episodes": len(episodes), "curve": curve, "eval_budgets": eval_budgets}
+
+
+def _without_volatile(node):
+    """stable-baselines3's saved `data`: objects are their `:serialized:` bytes; the readable reprs
+    beside them hold memory addresses, and `start_time` the clock."""
+    if isinstance(node, dict):
+        if ":serialized:" in node:
+            return {k: node[k] for k in (":type:", ":serialized:") if k in node}
+        return {k: (0 if k == "start_time" else _without_volatile(v)) for k, v in node.items()}
+    return node
+
+
+def _reproducible_zip(path: Path) -> None:
+    """Rewrite a stable-baselines3 zip so that equal policies give equal bytes: volatile fields of
+    `data` removed, the host's system_info.txt left out (optional on load), fixed entry times."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        entries = [(n, z.read(n)) for n in z.namelist() if n != "system_info.txt"]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            if name == "data":
+                data = json.dumps(_without_volatile(json.loads(data)), indent=4).encode()
+            z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
 
 
 def check_policy_folder(policy_dir: Path) -> dict:

@@ -167,6 +167,14 @@ def test_train_policy_writes_a_policy_that_allocates_within_budget(tiny_tables, 
         assert picks == alloc.allocate(problem, bpw, budget)  # deterministic
 
 
+def test_the_same_training_writes_the_same_policy_bytes(tiny_tables, tmp_path):
+    """policy.zip is an artifact like the others: no clock, memory address or host inside."""
+    spec = TrainPolicySpec(timesteps=1100, eval_every=1100, net_arch=[16], budget_range=(3.0, 5.0))
+    for run in ("a", "b"):
+        train_policy(spec, [tiny_tables / "kl_calibrated"], [tiny_tables / "calibrate"], tmp_path / run)
+    assert (tmp_path / "a" / "policy.zip").read_bytes() == (tmp_path / "b" / "policy.zip").read_bytes()
+
+
 def test_sac_solver_on_an_unmeasured_model(tiny_tables, tmp_path):
     """The shipped policy (trained on ref-llama-a and four made models) applied zero-shot to
     ref-llama-tiny, which it never saw, from the `none` table: in budget, and it differs from
