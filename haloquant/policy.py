@@ -239,7 +239,6 @@ def train_sac(problems: list[AllocationProblem], budgets: list[float], scale: Bi
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
-    torch.set_num_threads(1)  # small networks: threads cost more than they give
     env = AllocationEnv(problems, budgets, scale, seed)
     eval_budgets = sorted({budgets[0], budgets[len(budgets) // 2], budgets[-1]})
     curve: list[dict] = []
@@ -262,12 +261,19 @@ def train_sac(problems: list[AllocationProblem], budgets: list[float], scale: Bi
                 curve.append(row)
             return True
 
-    model = SAC("MlpPolicy", env, seed=seed, policy_kwargs={"net_arch": list(net_arch)}, learning_starts=1000,
-                learning_rate=learning_rate, batch_size=batch_size, gradient_steps=gradient_steps, gamma=gamma,
-                device="cpu", verbose=0)
-    t0 = time.perf_counter()
-    model.learn(total_timesteps=timesteps, callback=Curve())
-    seconds = time.perf_counter() - t0
+    # The thread count is process-wide and changes float reductions: it is restored, or every later
+    # stage in this process (a Prefect flow runs them all in one) would compute other bytes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small networks: threads cost more than they give
+    try:
+        model = SAC("MlpPolicy", env, seed=seed, policy_kwargs={"net_arch": list(net_arch)}, learning_starts=1000,
+                    learning_rate=learning_rate, batch_size=batch_size, gradient_steps=gradient_steps, gamma=gamma,
+                    device="cpu", verbose=0)
+        t0 = time.perf_counter()
+        model.learn(total_timesteps=timesteps, callback=Curve())
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "policy.tmp.zip"
     model.save(tmp, exclude=["ep_info_buffer", "ep_success_buffer"])  # episode wall times: not the policy

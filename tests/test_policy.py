@@ -175,6 +175,22 @@ def test_the_same_training_writes_the_same_policy_bytes(tiny_tables, tmp_path):
     assert (tmp_path / "a" / "policy.zip").read_bytes() == (tmp_path / "b" / "policy.zip").read_bytes()
 
 
+def test_training_leaves_the_process_thread_count_as_it_was(tiny_tables, tmp_path):
+    """Training runs on one thread, but the count is process-wide and changes float sums: the stages
+    run after it in the same process (a Prefect flow) must compute what they would have alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if before != 2 else 3)
+    try:
+        expected = torch.get_num_threads()
+        train_policy(TrainPolicySpec(timesteps=1100, eval_every=1100, net_arch=[16], budget_range=(3.0, 5.0)),
+                     [tiny_tables / "kl_calibrated"], [tiny_tables / "calibrate"], tmp_path / "pol")
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sac_solver_on_an_unmeasured_model(tiny_tables, tmp_path):
     """The shipped policy (trained on ref-llama-a and four made models) applied zero-shot to
     ref-llama-tiny, which it never saw, from the `none` table: in budget, and it differs from
