@@ -238,6 +238,7 @@ def train_sac(problems: list[AllocationProblem], budgets: list[float], scale: Bi
     import torch
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
 
     env = AllocationEnv(problems, budgets, scale, seed)
     eval_budgets = sorted({budgets[0], budgets[len(budgets) // 2], budgets[-1]})
@@ -269,6 +270,7 @@ def train_sac(problems: list[AllocationProblem], budgets: list[float], scale: Bi
         model = SAC("MlpPolicy", env, seed=seed, policy_kwargs={"net_arch": list(net_arch)}, learning_starts=1000,
                     learning_rate=learning_rate, batch_size=batch_size, gradient_steps=gradient_steps, gamma=gamma,
                     device="cpu", verbose=0)
+        model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default leaves a /tmp/SB3-<time> folder
         t0 = time.perf_counter()
         model.learn(total_timesteps=timesteps, callback=Curve())
         seconds = time.perf_counter() - t0
