@@ -29,7 +29,8 @@ from haloquant import HaloquantError
 from haloquant.families import family
 from haloquant.formats import QuantFormat, get_format
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
-from haloquant.modelio import float_tensors, load_model, quantizable_tensors
+from haloquant.modelio import TensorInfo, float_tensors, load_model, quantizable_tensors
+from haloquant.reconstruct import decoder_layers
 from haloquant.quantizer import encode_tensor
 from haloquant.schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
                                TensorSensitivity)
@@ -56,26 +57,55 @@ def lookup_error(delta: torch.Tensor, token_freq: torch.Tensor) -> float:
 
 
 class KLProbe:
-    """KL divergence of the model's output from the float model's, with one weight swapped."""
+    """KL divergence of the model's output from the float model's, with one weight swapped.
+
+    A weight of decoder block L changes nothing before block L, so the float run's output of every
+    block is kept and blocks 0..L−1 replay it instead of computing: one probe costs blocks L..N−1
+    and the head, about half a forward pass on average, with exactly the same numbers. The model's
+    own forward still runs around them (embedding, masks, final norm, a family's logit soft-cap)."""
 
     @torch.no_grad()
-    def __init__(self, model, stats: CalibrationStats, n_sequences: int):
+    def __init__(self, model, ids: torch.Tensor):
         self.model = model
         self.params = dict(model.named_parameters(remove_duplicate=False))
-        device = next(model.parameters()).device
-        self.batch = stats.tensor("calibration_ids")[:n_sequences].to(device)  # calibrate's first windows
-        self.ref_logp = F.log_softmax(model(self.batch).logits.float(), -1)
+        self.layers = decoder_layers(model)
+        self.batch = ids.to(next(model.parameters()).device)
+        self.block_out: list = [None] * len(self.layers)
+        handles = [layer.register_forward_hook(self._keep(i)) for i, layer in enumerate(self.layers)]
+        try:
+            self.ref_logp = F.log_softmax(model(self.batch, use_cache=False).logits.float(), -1)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _keep(self, i: int):
+        def hook(_module, _args, out):
+            self.block_out[i] = out
+        return hook
 
     @torch.no_grad()
-    def kl(self, name: str, value: torch.Tensor) -> float:
+    def kl(self, name: str, value: torch.Tensor, layer: int = 0) -> float:
+        """`layer`: the decoder block holding the weight (0, or any earlier block, is always safe;
+        len(layers) for the output head)."""
         p = self.params[name]
         saved = p.detach().clone()
         p.copy_(value.to(p.device, p.dtype))
+        replayed = self.layers[: max(0, layer)]
+        for i, block in enumerate(replayed):
+            block.forward = (lambda out: lambda *a, **k: out)(self.block_out[i])
         try:
-            logp = F.log_softmax(self.model(self.batch).logits.float(), -1)
+            logp = F.log_softmax(self.model(self.batch, use_cache=False).logits.float(), -1)
         finally:
             p.copy_(saved)
+            for block in replayed:
+                del block.forward  # back to the class's forward
         return float((self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean())
+
+    def first_block(self, t: TensorInfo) -> int:
+        """The first decoder block a change of this weight can affect."""
+        if t.kind == "output" and not t.tied:
+            return len(self.layers)
+        return t.layer if 0 <= t.layer < len(self.layers) else 0
 
 
 def _gguf_overhead(model_spec: ModelSpec, infos, floats) -> int:
@@ -105,7 +135,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     device = next(model.parameters()).device
     params = dict(model.named_parameters(remove_duplicate=False))
     token_freq = stats.token_freq().to(device)
-    probe = KLProbe(model, stats, spec.kl_sequences) if spec.metric.startswith("kl_") else None
+    probe = KLProbe(model, stats.tensor("calibration_ids")[: spec.kl_sequences]) if spec.metric.startswith("kl_") else None
     local = diagonal_error if spec.metric == "hessian_trace" else output_error
 
     # a looked-up row's error in residual-stream units (Gemma multiplies the embedding by √hidden)
@@ -128,14 +158,14 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
                 lookup = lookup_scale * lookup_error(delta, token_freq)
                 err = err + lookup if t.tied else lookup
             if spec.metric == "kl_end_to_end":
-                err = probe.kl(t.name, decoded[fmt.name])
+                err = probe.kl(t.name, decoded[fmt.name], probe.first_block(t))
             cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=err)
         if not cands:
             raise HaloquantError(f"sensitivity.formats: no listed or fallback format fits tensor {t.name} of shape "
                                  f"{t.shape}")
         if spec.metric == "kl_calibrated":
             ref = min(cands, key=lambda f: abs(get_format(f).bits_per_weight - REFERENCE_BITS))
-            scale = probe.kl(t.name, decoded[ref]) / cands[ref].error if cands[ref].error > 0 else 0.0
+            scale = probe.kl(t.name, decoded[ref], probe.first_block(t)) / cands[ref].error if cands[ref].error > 0 else 0.0
             cands = {f: FormatCost(bytes=c.bytes, error=c.error * scale) for f, c in cands.items()}
         rows.append(TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer,
                                       shape=t.shape, n_weights=t.n_weights, candidates=cands))

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGUFReader
 
 from haloquant.artifacts import write_json
@@ -139,6 +140,30 @@ def test_scale_folds_are_exact(case, zoo):
             apply_fold(model, g, torch.exp(0.5 * torch.randn(src.shape[0], generator=gen)))
         after = model(ids).logits
     assert (after - before).abs().max() / before.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_kl_probe_replaying_earlier_blocks_is_exact(case, zoo):
+    """The sensitivity probe skips the blocks before a weight's own (replaying the float run's
+    outputs): for every weight, the same KL to the last bit as the full forward pass."""
+    from haloquant.tasks.sensitivity import KLProbe
+
+    model = load_model(make_model(case, zoo), "cpu")
+    probe = KLProbe(model, torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    gen = torch.Generator().manual_seed(1)
+    starts, kls = set(), []
+    for t in quantizable_tensors(model):
+        w = params[t.name].detach()
+        noisy = w + 0.5 * w.std() * torch.randn(w.shape, generator=gen)
+        start = probe.first_block(t)
+        starts.add(start)
+        replayed, full = probe.kl(t.name, noisy, start), probe.kl(t.name, noisy, 0)
+        assert replayed == full, (t.name, start, replayed, full)
+        kls.append(full)
+    assert starts >= {0, 1} and max(kls) > 0  # the replay really ran, and the swaps changed the output
+    with torch.no_grad():  # and left the model as it was
+        assert torch.equal(F.log_softmax(model(probe.batch).logits.float(), -1), probe.ref_logp)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.hidden % 256], ids=lambda c: c.id)
