@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import CachePolicy
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from haloquant.artifacts import read_json, sha256_tree, write_json
 from haloquant.tasks.runner import artifacts_root, describe, fingerprint, preflight, timed
-from haloquant.schemas.params import load_params
+from haloquant.schemas.params import OrchestrationSpec, load_params
 from haloquant.tasks import STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
 
 RECORD_DIR = ".flow"  # under the artifacts root: what each stage last wrote, and for which key
@@ -50,7 +51,14 @@ class StageFingerprint(CachePolicy):
 
 
 @task(cache_policy=StageFingerprint(), persist_result=True, task_run_name="{name}")
-def run_stage_task(name: str, params_file: str, key: str) -> str:
+def run_stage_task(name: str, params_file: str, key: str, torch_threads: int | None = None) -> str:
+    """`torch_threads`: the flow process's torch thread count, for a task on a Dask worker. Float
+    sums depend on it, and Dask starts workers with OMP_NUM_THREADS=1: without it a point computed
+    there would not have the bytes the local runner (or dvc repro) computes."""
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
     params_path = Path(params_file)
     params = load_params(params_path)
     root = artifacts_root(params_path)
@@ -83,28 +91,60 @@ def _run_in_order(params_path: Path, stages) -> dict[str, dict]:
     return results
 
 
-# Mapped, but one at a time: each point already uses every core, and transformers' model loading
-# is not thread-safe (concurrent loads in threads fail on meta tensors).
-@flow(name="haloquant-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def task_runner(spec: OrchestrationSpec):
+    """The Prefect task runner of params.yaml's `orchestration` section.
+
+    local: one point at a time — each point already uses every core, and transformers' model
+    loading is not thread-safe (concurrent loads in threads fail on meta tensors). dask: one
+    worker process per task slot (threads_per_worker=1), on a LocalCluster or the cluster at
+    `address`; the workers must see the same paths (model, data, artifacts folder)."""
+    if spec.runner == "local":
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    if spec.address:
+        return DaskTaskRunner(address=spec.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": spec.workers, "threads_per_worker": 1, "processes": True})
+
+
+@flow(name="haloquant-sweep", log_prints=True)
 def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
     """calibrate and sensitivity (cached, shared with the main flow), then every sweep budget and
-    llama.cpp preset as mapped tasks, then the Pareto plot."""
+    llama.cpp preset as mapped tasks on `orchestration`'s runner, then the Pareto plot."""
     params_path = Path(params_file).resolve()
     results = _run_in_order(params_path, STAGES[:2])
     params = load_params(params_path)
     root = artifacts_root(params_path)
     *points, pareto_stage = sweep_stages(params)
+    todo = [s for s in points if not outputs_intact(root, s, fingerprint(s, params, root))]
+    # nothing to compute: no cluster to start (a LocalCluster's workers take a while to import torch)
+    runner = task_runner(params.orchestration) if todo else ThreadPoolTaskRunner(max_workers=1)
+    results.update(sweep_points.with_options(task_runner=runner)(str(params_path)))
+    results.update(_run_in_order(params_path, [pareto_stage]))
+    return results
+
+
+@flow(name="haloquant-sweep-points", log_prints=True)
+def sweep_points(params_file: str) -> dict[str, dict]:
+    """The sweep's points and presets, mapped: a point intact on disk for its fingerprint is a cache
+    hit; the others run (a task that raises is retried `orchestration.retries` times)."""
+    params_path = Path(params_file)
+    params = load_params(params_path)
+    root = artifacts_root(params_path)
+    *points, _ = sweep_stages(params)
     keys = {s.name: fingerprint(s, params, root) for s in points}
+    stage_task = run_stage_task.with_options(retries=params.orchestration.retries)
+    threads = unmapped(torch.get_num_threads())
     futures = []
     for refresh in (False, True):  # one map for points still intact on disk, one for those to refresh
         names = [s.name for s in points if outputs_intact(root, s, keys[s.name]) != refresh]
         if names:
-            fn = run_stage_task.with_options(refresh_cache=True) if refresh else run_stage_task
-            futures += zip(names, fn.map(names, unmapped(str(params_path)), [keys[n] for n in names]))
+            fn = stage_task.with_options(refresh_cache=True) if refresh else stage_task
+            futures += zip(names, fn.map(names, unmapped(str(params_path)), [keys[n] for n in names], threads))
+    results = {}
     for name, fut in futures:
         fut.wait()
         results[name] = {"state": fut.state.name, "summary": fut.result()}
-    results.update(_run_in_order(params_path, [pareto_stage]))
     return results
 
 

@@ -95,6 +95,11 @@ def load_model(path: str | Path, device: str = "auto"):
     return model.to(resolve_device(device)).eval()
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM (model.model.layers in every registered family)."""
+    return model.get_decoder().layers
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from haloquant.formats import QuantFormat
+from haloquant.modelio import decoder_layers
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,6 @@ class GridWeight:
 
 class _Stop(Exception):
     pass
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM (model.model.layers in every registered family)."""
-    return model.get_decoder().layers
 
 
 @torch.no_grad()

@@ -242,6 +242,27 @@ class SweepSpec(Strict):
         return _known_names(v, LLAMA_CPP_PRESETS, "llama.cpp preset")
 
 
+class OrchestrationSpec(Strict):
+    """Where the Prefect flows run their mapped tasks (the sweep's points and presets). No artifact
+    depends on it: no stage fingerprint reads this section, so a point finished under one runner is
+    a cache hit under another."""
+
+    runner: Literal["local", "dask"] = Field(
+        "local", description="local: one point at a time in this process; dask: points as tasks on a Dask cluster")
+    address: str | None = Field(
+        None, description="dask: the scheduler of an existing cluster (tcp://host:8786); null = a LocalCluster here")
+    workers: PositiveInt = Field(2, description="dask with address null: worker processes of the LocalCluster")
+    retries: int = Field(1, ge=0, le=10, description="re-runs of a task that raised (a task whose worker died is "
+                                                     "re-run on another worker by Dask itself)")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v:
+            raise ValueError("a Dask scheduler address has a protocol, e.g. tcp://10.0.0.5:8786")
+        return v
+
+
 class Params(Strict):
     model: ModelSpec
     calibration: CalibrationSpec
@@ -253,6 +274,7 @@ class Params(Strict):
     export: ExportSpec = ExportSpec()
     sweep: SweepSpec = SweepSpec()
     train_policy: TrainPolicySpec = TrainPolicySpec()
+    orchestration: OrchestrationSpec = OrchestrationSpec()
 
     model_config = Strict.model_config | {"populate_by_name": True}
 

@@ -156,28 +156,32 @@ TRAIN_POLICY = Stage("train_policy", ("train_policy",), ("calibrate/calibration.
 
 # ---------------------------------------------------------------- the budget sweep (Pareto front)
 
+# under the artifacts root: the folder of one sweep budget (its item_label) and of one preset
+BUDGET_POINT_DIR, PRESET_POINT_DIR = "sweep/bpw-{}", "sweep/preset-{}"
+
+
 def _sweep_point(p: Params, root: Path, item: float):
     from haloquant.tasks.sweep import sweep_point
-    return sweep_point(p, item, root, root / "sweep" / f"bpw-{item_label(item)}")
+    return sweep_point(p, item, root, root / BUDGET_POINT_DIR.format(item_label(item)))
 
 
 def _preset_point(p: Params, root: Path, item: str):
     from haloquant.tasks.sweep import preset_point
-    return preset_point(p, item, root, root / "sweep" / f"preset-{item}")
+    return preset_point(p, item, root, root / PRESET_POINT_DIR.format(item))
 
 
 def _pareto(p: Params, root: Path):
     from haloquant.tasks.pareto import pareto
-    return pareto(p, root / "sweep", root / "pareto")
+    return pareto(p, root, root / "pareto")
 
 
 SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}") + CALIB_OUTS + SENS_OUTS + ("${allocation.policy}",)
 SWEEP = Stage("sweep", ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "allocation.policy",
                         "fold", "quantize", "validate", "export.gguf", "sweep.max_chunks"),  # not the budget: each
-              SWEEP_POINT_INPUTS, (f"sweep/bpw-{ITEM}",), _sweep_point,              # point has its own
+              SWEEP_POINT_INPUTS, (BUDGET_POINT_DIR.format(ITEM),), _sweep_point,              # point has its own
               runtimes=("torch", "llama.cpp", "converter"), foreach="sweep.bits_per_weight")
 PRESET = Stage("preset", ("model", "validate", "export.gguf", "sweep.max_chunks"), SWEEP_POINT_INPUTS[:4],
-               (f"sweep/preset-{ITEM}",), _preset_point, runtimes=("torch", "llama.cpp", "converter"),
+               (PRESET_POINT_DIR.format(ITEM),), _preset_point, runtimes=("torch", "llama.cpp", "converter"),
                foreach="sweep.presets")
 PARETO = Stage("pareto", ("sweep.bits_per_weight", "sweep.presets"), ("sweep",), (), _pareto,
                plots=("pareto/pareto.json",))

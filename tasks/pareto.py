@@ -7,15 +7,16 @@ from pathlib import Path
 from haloquant.artifacts import read_artifact, write_json
 from haloquant.schemas.artifacts import SweepPoint
 from haloquant.schemas.params import Params
-from haloquant.tasks import item_label
+from haloquant.tasks import BUDGET_POINT_DIR, PRESET_POINT_DIR, item_label
 
 POINT_FILE = "point.json"  # what every sweep point writes beside its GGUF
 PLOT_FILE = "pareto.json"
 
 
-def pareto(p: Params, sweep_root: Path, out: Path) -> list[SweepPoint]:
-    dirs = [sweep_root / f"bpw-{item_label(b)}" for b in p.sweep.bits_per_weight] + \
-           [sweep_root / f"preset-{x}" for x in p.sweep.presets]
+def pareto(p: Params, root: Path, out: Path) -> list[SweepPoint]:
+    """`root`: the artifacts root the points were written under."""
+    dirs = [root / BUDGET_POINT_DIR.format(item_label(b)) for b in p.sweep.bits_per_weight] + \
+           [root / PRESET_POINT_DIR.format(x) for x in p.sweep.presets]
     points = [read_artifact(d / POINT_FILE, SweepPoint) for d in dirs]
     points.sort(key=lambda q: (q.series, q.gguf_bytes))
     write_json(out / PLOT_FILE, [q.model_dump() for q in points])

@@ -8,7 +8,8 @@ Metrics (cost of each, for T tensors and F formats):
 - `hessian_trace` (HAWQ-v2 / BAQ style): Σ_j E[x_j²] Σ_i ΔW_ij², the diagonal of the above.
 - `kl_calibrated` (default): the output-error curve of each tensor put in common units by one
   measurement — KL(float ‖ model with only that tensor quantized, at the candidate nearest 4 bits)
-  on `kl_sequences` calibration sequences: cost = KL_ref · err(f) / err(ref). T forward passes.
+  on `kl_sequences` calibration sequences: cost = KL_ref · err(f) / err(ref). T probes (each from the
+  weight's own block on: KLProbe).
 - `kl_end_to_end`: that KL measured for every tensor and format — T·F forward passes.
 For a tied embedding the error of its lookup (token-frequency weighted, times the family's embedding
 scale², e.g. Gemma's √hidden) is added to the head's. Candidates: the listed formats that fit a
@@ -29,8 +30,7 @@ from haloquant import HaloquantError
 from haloquant.families import family
 from haloquant.formats import QuantFormat, get_format
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
-from haloquant.modelio import TensorInfo, float_tensors, load_model, quantizable_tensors
-from haloquant.reconstruct import decoder_layers
+from haloquant.modelio import TensorInfo, decoder_layers, float_tensors, load_model, quantizable_tensors
 from haloquant.quantizer import encode_tensor
 from haloquant.schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
                                TensorSensitivity)
