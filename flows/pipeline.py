@@ -107,6 +107,17 @@ def task_runner(spec: OrchestrationSpec):
     return DaskTaskRunner(cluster_kwargs={"n_workers": spec.workers, "threads_per_worker": 1, "processes": True})
 
 
+def local_cluster_environ():
+    """A context in which a Dask LocalCluster leaves this process's environment alone: its nannies
+    otherwise write OMP/MKL/OPENBLAS_NUM_THREADS=1 into os.environ (for their workers, but for good),
+    and every later subprocess of this process (`haloquant stage`, dvc) would compute on one thread,
+    so with other float sums. Tasks set their own torch thread count (run_stage_task)."""
+    import dask
+
+    return dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": None
+                            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+
+
 @flow(name="haloquant-sweep", log_prints=True)
 def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
     """calibrate and sensitivity (cached, shared with the main flow), then every sweep budget and
@@ -119,7 +130,11 @@ def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
     todo = [s for s in points if not outputs_intact(root, s, fingerprint(s, params, root))]
     # nothing to compute: no cluster to start (a LocalCluster's workers take a while to import torch)
     runner = task_runner(params.orchestration) if todo else ThreadPoolTaskRunner(max_workers=1)
-    results.update(sweep_points.with_options(task_runner=runner)(str(params_path)))
+    if params.orchestration.runner == "dask" and todo:
+        with local_cluster_environ():
+            results.update(sweep_points.with_options(task_runner=runner)(str(params_path)))
+    else:
+        results.update(sweep_points.with_options(task_runner=runner)(str(params_path)))
     results.update(_run_in_order(params_path, [pareto_stage]))
     return results
 

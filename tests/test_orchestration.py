@@ -30,6 +30,8 @@ def _sweep(folder, orchestration: dict, reuse=None) -> dict:
     params = small_params(sweep=SWEEP)
     params["orchestration"] = orchestration
     results = haloquant_sweep(str(write_params(folder, params)))
+    # a LocalCluster's nannies must not leave OMP_NUM_THREADS=1 for this process's later subprocesses
+    assert not {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"} & set(os.environ)
     points = {k: r["state"] for k, r in results.items() if k.startswith(("sweep@", "preset@"))}
     assert set(points.values()) == {"Completed"} and len(points) == 3, results  # computed, not cached
     return artifact_hashes(folder / "artifacts")
@@ -57,9 +59,11 @@ def test_a_worker_killed_mid_task_is_survived_with_the_same_bytes(local_sweep, t
     every artifact is the local runner's."""
     from distributed import Client, LocalCluster
 
+    from haloquant.flows.pipeline import local_cluster_environ
+
     folder, local = local_sweep
     killed: list[str] = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with local_cluster_environ(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         def kill_one_busy_worker():
             deadline = time.monotonic() + 600
