@@ -11,6 +11,7 @@ artifacts`) are detected from the stage's record and the stage is recomputed.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -56,8 +57,6 @@ def run_stage_task(name: str, params_file: str, key: str, torch_threads: int | N
     sums depend on it, and Dask starts workers with OMP_NUM_THREADS=1: without it a point computed
     there would not have the bytes the local runner (or dvc repro) computes."""
     if torch_threads:
-        import torch
-
         torch.set_num_threads(torch_threads)
     params_path = Path(params_file)
     params = load_params(params_path)
@@ -130,10 +129,7 @@ def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
     todo = [s for s in points if not outputs_intact(root, s, fingerprint(s, params, root))]
     # nothing to compute: no cluster to start (a LocalCluster's workers take a while to import torch)
     runner = task_runner(params.orchestration) if todo else ThreadPoolTaskRunner(max_workers=1)
-    if params.orchestration.runner == "dask" and todo:
-        with local_cluster_environ():
-            results.update(sweep_points.with_options(task_runner=runner)(str(params_path)))
-    else:
+    with local_cluster_environ() if params.orchestration.runner == "dask" and todo else nullcontext():
         results.update(sweep_points.with_options(task_runner=runner)(str(params_path)))
     results.update(_run_in_order(params_path, [pareto_stage]))
     return results
