@@ -21,6 +21,8 @@ import yaml
 
 from common import REPO  # noqa: E402  (bench/ is on sys.path when run as a script)
 
+sys.path.insert(0, str(REPO))  # tests.test_reproducible: the byte comparison the tests use
+
 
 def run(folder: Path, model: Path, orchestration: dict) -> dict:
     from haloquant.flows.pipeline import haloquant_sweep

@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("serve", help="serve the scheduled Prefect deployment (needs PREFECT_API_URL)")
     d.add_argument("--params", default="params.yaml", type=Path)
     d.add_argument("--cron", default="0 3 * * *")
+    fl = sub.add_parser("fleet", help="several models as one (fleet.yaml): check, generate DVC files, run, serve")
+    fl.add_argument("action", choices=["check", "dvc-yaml", "flow", "report", "serve"],
+                    help="check: every member's spec; dvc-yaml: write each member's dvc.yaml and the fleet's "
+                         "(--check: fail if stale); flow: run the fleet's Prefect flow; report: the cross-model "
+                         "report (DVC's fleet_report stage); serve: the scheduled fleet deployment")
+    fl.add_argument("fleet", type=Path, help="the fleet file (fleet.yaml)")
+    fl.add_argument("--check", action="store_true", help="dvc-yaml: only compare, exit 2 if a file is stale")
+    fl.add_argument("--cron", default="0 3 * * *")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING)
@@ -56,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             from haloquant.tasks.runner import dvc_yaml
 
             sys.stdout.write(dvc_yaml())
+        elif args.cmd == "fleet":
+            _fleet(args)
         elif args.cmd == "serve":
             from haloquant.flows.deploy import serve
 
@@ -64,6 +74,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _fleet(args) -> None:
+    from haloquant.schemas.fleet import load_fleet
+
+    if args.action == "check":
+        from haloquant.tasks.runner import preflight
+
+        fleet = load_fleet(args.fleet)
+        for name, params in fleet.members.items():
+            try:
+                preflight(params)
+            except HaloquantError as e:
+                raise HaloquantError(f"{fleet.path}: members.{name}: {e}") from None
+        print(f"{fleet.path}: ok — {len(fleet.members)} members: " + ", ".join(
+            f"{n} ({p.model.path.name})" for n, p in fleet.members.items()))
+    elif args.action == "dvc-yaml":
+        from haloquant.tasks.fleet import write_fleet_dvc
+
+        written = write_fleet_dvc(args.fleet, check=args.check)
+        print(("up to date" if args.check else "wrote " + ", ".join(map(str, written))) if written or args.check
+              else "every dvc.yaml of the fleet was up to date")
+    elif args.action == "report":
+        from haloquant.tasks.fleet_report import report_fleet
+
+        fleet = load_fleet(args.fleet)
+        report = report_fleet(fleet)
+        print(f"fleet_report: {len(report.members)} members, "
+              f"{sum(len(m.points) for m in report.members.values())} points → {fleet.report_dir}")
+    elif args.action == "flow":
+        from haloquant.flows.pipeline import haloquant_fleet
+
+        haloquant_fleet(str(args.fleet))
+    elif args.action == "serve":
+        from haloquant.flows.deploy import serve_fleet
+
+        serve_fleet(str(args.fleet), args.cron)
 
 
 if __name__ == "__main__":

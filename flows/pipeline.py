@@ -11,20 +11,26 @@ artifacts`) are detected from the stage's record and the stage is recomputed.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from haloquant.artifacts import read_json, sha256_tree, write_json
-from haloquant.tasks.runner import artifacts_root, describe, fingerprint, preflight, timed
+from haloquant import HaloquantError
+from haloquant.artifacts import read_json, sha256_json, sha256_tree, write_json
+from haloquant.schemas.fleet import Fleet, load_fleet
 from haloquant.schemas.params import OrchestrationSpec, load_params
 from haloquant.tasks import STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
+from haloquant.tasks.fleet_report import report_fleet
+from haloquant.tasks.runner import (artifacts_root, describe, fingerprint, fingerprint_parts, preflight, timed,
+                                    what_changed)
 
 RECORD_DIR = ".flow"  # under the artifacts root: what each stage last wrote, and for which key
+LAST_RUN_FILE = "last_run.json"  # in RECORD_DIR: what the last flow redid, and why
 
 
 def _record_path(root: Path, stage: Stage) -> Path:
@@ -35,13 +41,24 @@ def _outputs(root: Path, stage: Stage) -> dict[str, str | None]:
     return {o: sha256_tree(root / o) if (root / o).exists() else None for o in stage.all_outs()}
 
 
-def outputs_intact(root: Path, stage: Stage, key: str) -> bool:
-    """True if the stage's outputs on disk are the ones it wrote for `key`."""
+def rerun_reason(root: Path, stage: Stage, key: str, parts: dict | None = None) -> str | None:
+    """None if the stage's outputs on disk are the ones it wrote for `key`; otherwise why it must run."""
     rec = _record_path(root, stage)
     if not rec.is_file():
-        return False
+        return "not run here before"
     record = read_json(rec)
-    return record.get("key") == key and record.get("outputs") == _outputs(root, stage)
+    if record.get("key") == key:
+        outputs = _outputs(root, stage)
+        changed = [o for o, h in outputs.items() if record.get("outputs", {}).get(o) != h]
+        return f"outputs changed or removed: {', '.join(changed)}" if changed else None
+    if parts is None or "parts" not in record:
+        return "inputs changed"
+    return "changed: " + (", ".join(what_changed(record["parts"], parts)) or "the stage's identity")
+
+
+def outputs_intact(root: Path, stage: Stage, key: str) -> bool:
+    """True if the stage's outputs on disk are the ones it wrote for `key`."""
+    return rerun_reason(root, stage, key) is None
 
 
 class StageFingerprint(CachePolicy):
@@ -60,33 +77,95 @@ def run_stage_task(name: str, params_file: str, key: str, torch_threads: int | N
         torch.set_num_threads(torch_threads)
     params_path = Path(params_file)
     params = load_params(params_path)
-    root = artifacts_root(params_path)
     stage = find_stage(name, params)
-    summary = describe(stage.name, timed(stage, params, root))
-    write_json(_record_path(root, stage), {"key": key, "outputs": _outputs(root, stage)})
-    return summary
+    return describe(stage.name, timed(stage, params, artifacts_root(params_path)))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stage of one params file: what a wave submits."""
+
+    label: str  # the stage's name, or member/stage in a fleet
+    params_path: Path
+    stage: Stage
+
+    @property
+    def root(self) -> Path:
+        return artifacts_root(self.params_path)
+
+
+def _not_bad_input(task, task_run, state) -> bool:
+    """Retry a task unless it failed on bad input (a HaloquantError names what to fix: the same
+    input fails the same way again)."""
+    try:
+        state.result()
+    except HaloquantError:
+        return False
+    except BaseException:  # noqa: BLE001 — any other failure (a dead worker, a crash) may pass on a retry
+        return True
+    return True
+
+
+def run_wave(jobs: list[Job], retries: int = 0) -> dict[str, dict]:
+    """Submit independent jobs to the flow's task runner, wait for all, record what each wrote.
+
+    A job whose outputs are intact for its fingerprint is a cache hit; the others run with the
+    cache refreshed and say why (what changed since their record). Fingerprints are computed here,
+    after every earlier wave has finished, since they hash the files those waves wrote."""
+    threads = torch.get_num_threads()
+    submitted = []
+    for job in jobs:
+        params = load_params(job.params_path)
+        parts = fingerprint_parts(job.stage, params, job.root)
+        key = sha256_json(parts)
+        why = rerun_reason(job.root, job.stage, key, parts)
+        fn = run_stage_task.with_options(retries=retries, retry_condition_fn=_not_bad_input,
+                                         refresh_cache=why is not None, task_run_name=job.label)
+        submitted.append((job, key, parts, why, fn.submit(job.stage.name, str(job.params_path), key, threads)))
+    results = {}
+    for job, key, parts, why, future in submitted:
+        summary = future.result()  # raises the task's error
+        state = future.state.name
+        if state != "Cached":
+            why = why or "no result in Prefect's cache"
+            write_json(_record_path(job.root, job.stage),
+                       {"key": key, "parts": parts, "outputs": _outputs(job.root, job.stage)})
+        results[job.label] = {"state": state, "summary": summary, "why": why if state != "Cached" else None}
+    return results
+
+
+def report_last_run(folder: Path, results: dict[str, dict]) -> dict:
+    """`.flow/last_run.json` under `folder` and one log line: which stages ran again and why."""
+    redid = {k: r["why"] for k, r in results.items() if r["state"] != "Cached"}
+    report = {"redid": redid, "cached": [k for k, r in results.items() if r["state"] == "Cached"]}
+    write_json(folder / RECORD_DIR / LAST_RUN_FILE, report)
+    logger = get_run_logger()
+    if redid:
+        logger.info("redid %d of %d stages: %s", len(redid), len(results),
+                    "; ".join(f"{k} ({why})" for k, why in redid.items()))
+    else:
+        logger.info("nothing changed: all %d stages cached", len(results))
+    return report
 
 
 @flow(name="haloquant", log_prints=True)
 def haloquant_pipeline(params_file: str = "params.yaml") -> dict[str, dict]:
-    """Run every stage; returns {stage: {"state": "Cached" | "Completed", "summary": ...}}."""
-    return _run_in_order(Path(params_file).resolve(), STAGES)
+    """Run every stage; returns {stage: {"state": "Cached" | "Completed", "summary": ..., "why": ...}}
+    and writes artifacts/.flow/last_run.json (what was redone, and why)."""
+    params_path = Path(params_file).resolve()
+    results = _run_in_order(params_path, STAGES)
+    report_last_run(artifacts_root(params_path), results)
+    return results
 
 
 def _run_in_order(params_path: Path, stages) -> dict[str, dict]:
-    params = load_params(params_path)
-    preflight(params)
-    root = artifacts_root(params_path)
+    preflight(load_params(params_path))
     logger = get_run_logger()
     results = {}
     for stage in stages:
-        key = fingerprint(stage, params, root)  # computed after upstream stages have run
-        task_fn = run_stage_task
-        if not outputs_intact(root, stage, key):
-            task_fn = run_stage_task.with_options(refresh_cache=True)
-        state = task_fn(stage.name, str(params_path), key, return_state=True)
-        results[stage.name] = {"state": state.name, "summary": state.result()}
-        logger.info("%s [%s]: %s", stage.name, state.name, results[stage.name]["summary"])
+        results.update(run_wave([Job(stage.name, params_path, stage)]))
+        r = results[stage.name]
+        logger.info("%s [%s]: %s", stage.name, r["state"], r["summary"])
     return results
 
 
@@ -112,6 +191,8 @@ def local_cluster_environ():
     and every later subprocess of this process (`haloquant stage`, dvc) would compute on one thread,
     so with other float sums. Tasks set their own torch thread count (run_stage_task)."""
     import dask
+    import distributed  # noqa: F401 — loads its config defaults first: leaving the `set` context deletes
+    # the keys it added, and had "distributed" been absent then, all of distributed's defaults with them
 
     return dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": None
                             for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
@@ -127,12 +208,22 @@ def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
     root = artifacts_root(params_path)
     *points, pareto_stage = sweep_stages(params)
     todo = [s for s in points if not outputs_intact(root, s, fingerprint(s, params, root))]
-    # nothing to compute: no cluster to start (a LocalCluster's workers take a while to import torch)
-    runner = task_runner(params.orchestration) if todo else ThreadPoolTaskRunner(max_workers=1)
-    with local_cluster_environ() if params.orchestration.runner == "dask" and todo else nullcontext():
+    with _runner(params.orchestration, bool(todo)) as runner:
         results.update(sweep_points.with_options(task_runner=runner)(str(params_path)))
     results.update(_run_in_order(params_path, [pareto_stage]))
+    report_last_run(root, results)
     return results
+
+
+@contextmanager
+def _runner(spec: OrchestrationSpec, needed: bool):
+    """The task runner to map on; with nothing to compute, no cluster is started (a LocalCluster's
+    workers take a while to import torch)."""
+    if not needed:
+        yield ThreadPoolTaskRunner(max_workers=1)
+        return
+    with local_cluster_environ() if spec.runner == "dask" else nullcontext():
+        yield task_runner(spec)
 
 
 @flow(name="haloquant-sweep-points", log_prints=True)
@@ -141,21 +232,52 @@ def sweep_points(params_file: str) -> dict[str, dict]:
     hit; the others run (a task that raises is retried `orchestration.retries` times)."""
     params_path = Path(params_file)
     params = load_params(params_path)
-    root = artifacts_root(params_path)
     *points, _ = sweep_stages(params)
-    keys = {s.name: fingerprint(s, params, root) for s in points}
-    stage_task = run_stage_task.with_options(retries=params.orchestration.retries)
-    threads = unmapped(torch.get_num_threads())
-    futures = []
-    for refresh in (False, True):  # one map for points still intact on disk, one for those to refresh
-        names = [s.name for s in points if outputs_intact(root, s, keys[s.name]) != refresh]
-        if names:
-            fn = stage_task.with_options(refresh_cache=True) if refresh else stage_task
-            futures += zip(names, fn.map(names, unmapped(str(params_path)), [keys[n] for n in names], threads))
+    return run_wave([Job(s.name, params_path, s) for s in points], retries=params.orchestration.retries)
+
+
+# ---------------------------------------------------------------------------------------- fleets
+
+@flow(name="haloquant-fleet", log_prints=True)
+def haloquant_fleet(fleet_file: str = "fleet.yaml") -> dict[str, dict]:
+    """Every member of a fleet (fleet.yaml): its pipeline, its sweep and presets, its Pareto plot,
+    as tasks on the fleet's `orchestration` runner, members side by side; then the cross-model
+    report. Results are keyed member/stage; the fleet's artifacts/.flow/last_run.json says what was
+    redone and why."""
+    fleet = load_fleet(fleet_file)
+    for name, params in fleet.members.items():
+        try:
+            preflight(params)
+        except HaloquantError as e:
+            raise HaloquantError(f"{fleet.path}: members.{name}: {e}") from None
+    jobs = _fleet_waves(fleet)
+    todo = any(not outputs_intact(j.root, j.stage, fingerprint(j.stage, load_params(j.params_path), j.root))
+               for wave in jobs for j in wave)
+    with _runner(fleet.spec.orchestration, todo) as runner:
+        results = fleet_stages.with_options(task_runner=runner)(str(fleet.path))
+    report = report_fleet(fleet)
+    get_run_logger().info("fleet report: %s (%d members)", fleet.report_dir, len(report.members))
+    report_last_run(fleet.folder / "artifacts", results)
+    return results
+
+
+def _fleet_waves(fleet: Fleet) -> list[list[Job]]:
+    """Stage by stage, every member's job in one wave: a wave's stages are independent, and each
+    depends only on earlier waves (a member's own earlier stages)."""
+    files = {n: fleet.params_file(n) for n in fleet.members}
+    waves = [[Job(f"{n}/{s.name}", files[n], s) for n in fleet.members] for s in STAGES]
+    sweeps = {n: sweep_stages(p) for n, p in fleet.members.items()}
+    waves.append([Job(f"{n}/{s.name}", files[n], s) for n, stages in sweeps.items() for s in stages[:-1]])
+    waves.append([Job(f"{n}/{stages[-1].name}", files[n], stages[-1]) for n, stages in sweeps.items()])
+    return waves
+
+
+@flow(name="haloquant-fleet-stages", log_prints=True)
+def fleet_stages(fleet_file: str) -> dict[str, dict]:
+    fleet = load_fleet(fleet_file)
     results = {}
-    for name, fut in futures:
-        fut.wait()
-        results[name] = {"state": fut.state.name, "summary": fut.result()}
+    for wave in _fleet_waves(fleet):
+        results.update(run_wave(wave, retries=fleet.spec.orchestration.retries))
     return results
 
 

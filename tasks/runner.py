@@ -10,6 +10,7 @@ and the runtimes' version files (written by the `environment` stage) as deps.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -69,14 +70,31 @@ def _without_paths(obj):
     return None if isinstance(obj, Path) else obj
 
 
-def fingerprint(stage: Stage, params: Params, root: Path) -> str:
-    """Hash of what a stage's outputs are a function of: its spec sections, its input files, its
-    code and its runtimes. Equal fingerprints ⇒ the stage would compute the same outputs."""
+def fingerprint_parts(stage: Stage, params: Params, root: Path) -> dict:
+    """What a stage's outputs are a function of: its spec sections, its input files' hashes, its
+    code files' hashes and its runtimes' versions (kept in the flow's records, to say what changed)."""
     spec = {k: _without_paths(_lookup(params, k)) for k in stage.params}
     inputs = {k: sha256_tree(p) if p.exists() else None for k, p in input_paths(stage, params, root).items()}
     code = {c: sha256_tree(REPO / c) for c in stage.code}
-    return sha256_json({"stage": stage.name, "item": stage.item, "spec": spec, "inputs": inputs, "code": code,
-                        "runtimes": runtime_versions(stage.runtimes)})
+    return {"stage": stage.name, "item": stage.item, "spec": spec, "inputs": inputs, "code": code,
+            "runtimes": runtime_versions(stage.runtimes)}
+
+
+def fingerprint(stage: Stage, params: Params, root: Path) -> str:
+    """Hash of `fingerprint_parts`. Equal fingerprints ⇒ the stage would compute the same outputs."""
+    return sha256_json(fingerprint_parts(stage, params, root))
+
+
+def what_changed(old: dict, new: dict) -> list[str]:
+    """Between two `fingerprint_parts`, what differs, as a person reads it."""
+    out = [f"spec {k}" for k in new["spec"] if old.get("spec", {}).get(k, object()) != new["spec"][k]]
+    for k, h in new["inputs"].items():
+        if old.get("inputs", {}).get(k, object()) != h:
+            out.append(f"input {k[2:-1] if k.startswith('${') else k}")
+    out += [f"code {c}" for c, h in new["code"].items() if old.get("code", {}).get(c) != h]
+    out += [f"code {c} (removed)" for c in old.get("code", {}) if c not in new["code"]]
+    out += [f"{r} version" for r, v in new["runtimes"].items() if old.get("runtimes", {}).get(r) != v]
+    return out
 
 
 def stage_names(params: Params) -> str:
@@ -122,10 +140,10 @@ def write_environment(root: Path) -> dict[str, dict]:
     return versions
 
 
-def _dvc_stage(s: Stage) -> dict:
+def _dvc_stage(s: Stage, code_dir: str) -> dict:
     d: dict = {"cmd": f"haloquant stage {s.name}" + ("@${item}" if s.foreach else "")}
-    d["deps"] = [i if i.startswith("${") else f"artifacts/{i}" for i in s.inputs] + list(s.code) + \
-        [f"artifacts/{environment_file(Path(), r).as_posix()}" for r in s.runtimes]
+    d["deps"] = [i if i.startswith("${") else f"artifacts/{i}" for i in s.inputs] + \
+        [f"{code_dir}{c}" for c in s.code] + [f"artifacts/{environment_file(Path(), r).as_posix()}" for r in s.runtimes]
     d["params"] = list(s.params)
     if s.outs:
         d["outs"] = [f"artifacts/{o}" for o in s.outs]
@@ -136,14 +154,29 @@ def _dvc_stage(s: Stage) -> dict:
     return {"foreach": f"${{{s.foreach}}}", "do": d} if s.foreach else d
 
 
-def dvc_yaml() -> str:
-    """dvc.yaml generated from the stage registry."""
+def code_prefix(folder: Path | None) -> str:
+    """How a dvc.yaml in `folder` (None: the repository root) names the project's code files: relative
+    to the haloquant checkout that holds `folder` (this one, or a copy of it), absolute otherwise."""
+    if folder is None:
+        return ""
+    folder = Path(folder).resolve()
+    root = next((d for d in (folder, *folder.parents) if (d / "pyproject.toml").is_file()
+                 and (d / "tasks" / "__init__.py").is_file()), None)
+    if root is None:
+        return REPO.as_posix() + "/"
+    rel = os.path.relpath(root, folder)
+    return "" if rel == "." else Path(rel).as_posix() + "/"
+
+
+def dvc_yaml(folder: Path | None = None, header: str | None = None) -> str:
+    """dvc.yaml generated from the stage registry, for params.yaml beside it: the repository's
+    own, or (`folder`) a fleet member's, whose code dependencies are named relative to it."""
     import yaml
 
     stages = {"environment": {"cmd": "haloquant stage environment", "always_changed": True,
                               "outs": [{f"artifacts/{environment_file(Path(), r).as_posix()}": {"cache": False}}
                                        for r in RUNTIMES]}}
-    stages.update({s.name: _dvc_stage(s) for s in ALL_STAGES})
+    stages.update({s.name: _dvc_stage(s, code_prefix(folder)) for s in ALL_STAGES})
     plots = [
         {"artifacts/pareto/pareto.json": {"x": "gguf_bytes", "y": "ppl", "template": "scatter",
                                           "title": "Size vs llama.cpp perplexity: haloquant sweep and llama.cpp presets"}},
@@ -154,7 +187,7 @@ def dvc_yaml() -> str:
         {"artifacts/train_policy/learning_curve.json": {"x": "step", "y": "proxy_regret",
                                                         "title": "SAC allocator: cost / MILP optimum − 1 while training"}},
     ]
-    header = "# Generated by `haloquant dvc-yaml` from tasks/__init__.py; edit the registry, not this file.\n"
+    header = header or "# Generated by `haloquant dvc-yaml` from tasks/__init__.py; edit the registry, not this file.\n"
     return header + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
 
 
