@@ -1,6 +1,6 @@
 """Issue 17's bench: the sweep's wall time, Prefect's local runner vs a Dask LocalCluster.
 
-    python bench/orchestration.py [--model ../shared/models/ref-llama-tiny] [--workers 2]
+    python bench/orchestration.py [--model data/models/ref-llama-tiny] [--workers 2 4 …]
 
 The repository's params.yaml (its sweep: 5 budgets and 3 llama.cpp presets), only model.path and
 orchestration changed; each runner in its own fresh folder, so every point is computed; the
@@ -45,30 +45,33 @@ def run(folder: Path, model: Path, orchestration: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=REPO / "data" / "models" / "ref-llama-tiny")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[2], help="one Dask row per worker count")
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-orchestration"))
     args = ap.parse_args()
     from tests.test_reproducible import artifact_hashes
 
-    rows = {}
-    for name, orch in (("local", {"runner": "local"}),
-                       (f"dask ×{args.workers}", {"runner": "dask", "workers": args.workers})):
-        folder = args.out / name.split()[0]
+    import torch
+
+    rows, folders = {}, {}
+    for name, orch in [("local", {"runner": "local"})] + [
+            (f"dask ×{n}", {"runner": "dask", "workers": n}) for n in args.workers]:
+        folders[name] = folder = args.out / name.replace(" ×", "-")
         if folder.exists():
             raise SystemExit(f"{folder} exists: remove it, every point must be computed")
         rows[name] = run(folder, args.model, orch)
         print(name, rows[name], flush=True)
-    a, b = (artifact_hashes(args.out / n / "artifacts") for n in ("local", "dask"))
-    same = a == b
-    print(f"\n{args.model.name}, params.yaml's sweep (5 budgets, 3 presets), {os.cpu_count()} CPUs; "
-          f"artifacts identical: {same} ({len(a)} files)\n")
-    print("| runner | calibrate + sensitivity (s) | sweep points + pareto (s) | flow total (s) |")
-    print("|---|---|---|---|")
+    hashes = {name: artifact_hashes(f / "artifacts") for name, f in folders.items()}
+    local = hashes["local"]
+    print(f"\n{args.model.name}, params.yaml's sweep (5 budgets, 3 presets), {os.cpu_count()} CPUs, torch "
+          f"{torch.get_num_threads()} threads per task; {len(local)} artifact files\n")
+    print("| runner | calibrate + sensitivity (s) | sweep points + pareto (s) | flow total (s) | artifacts = local's |")
+    print("|---|---|---|---|---|")
     for name, r in rows.items():
         pre = sum(v for k, v in r["timing"].items() if k in ("calibrate", "sensitivity"))
-        print(f"| {name} | {pre:.0f} | {r['total'] - pre:.0f} | {r['total']:.0f} |")
-    if not same:
-        sys.exit(f"artifacts differ: {sorted(k for k in a if a[k] != b.get(k))}")
+        print(f"| {name} | {pre:.0f} | {r['total'] - pre:.0f} | {r['total']:.0f} | {hashes[name] == local} |")
+    differ = {n: sorted(k for k in local if h.get(k) != local[k]) for n, h in hashes.items() if h != local}
+    if differ:
+        sys.exit(f"artifacts differ: {differ}")
 
 
 if __name__ == "__main__":
