@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_project, small_params, write_params
+from tests.conftest import CALIB_TEXT, REPO, copy_project, small_params, write_params
 from tests.modelzoo import CASES, make_model
 from tests.test_caching import STAGES, sh
 
@@ -67,6 +67,11 @@ def test_a_fleet_of_two_models_as_one_flow(tmp_path):
     models = {"tiny": tmp_path / "models" / "ref-llama-tiny", "qwen": make_model(QWEN, tmp_path / "models")}
     shutil.copytree(REPO / "data" / "models" / "ref-llama-tiny", models["tiny"])
     fleet = make_fleet(tmp_path / "fleet", models)
+    calibration = tmp_path / "calibration.txt"  # the qwen member's own calibration text, edited below
+    shutil.copy(CALIB_TEXT, calibration)
+    qwen_params = yaml.safe_load((fleet.parent / "qwen" / "params.yaml").read_text())
+    qwen_params["calibration"]["text"] = str(calibration)
+    write_params(fleet.parent / "qwen", qwen_params)
     last_run = lambda: read_json(fleet.parent / "artifacts" / RECORD_DIR / LAST_RUN_FILE)  # noqa: E731
 
     first = haloquant_fleet(str(fleet))
@@ -104,6 +109,23 @@ def test_a_fleet_of_two_models_as_one_flow(tmp_path):
     redid = last_run()["redid"]
     assert sorted(redid) == sorted(member_stages("tiny", MEMBER_SWEEPS["tiny"]))
     assert redid["tiny/calibrate"] == "changed: input model.path"
+
+    # new calibration text: the qwen member's calibrate and everything after it, the sweep included
+    calibration.write_text(calibration.read_text() + "\n = A new section of calibration text = \n")
+    haloquant_fleet(str(fleet))
+    redid = last_run()["redid"]
+    assert sorted(redid) == sorted(member_stages("qwen", MEMBER_SWEEPS["qwen"]))
+    assert redid["qwen/calibrate"] == "changed: input calibration.text"
+
+
+def test_fleet_deployment_has_cron_schedule(tmp_path):
+    from haloquant.flows.deploy import FLEET_DEPLOYMENT_NAME, build_fleet_deployment
+
+    write_params(tmp_path / "a", small_params())
+    fleet = write_params(tmp_path, {"members": {"a": "a/params.yaml"}}, "fleet.yaml")
+    dep = build_fleet_deployment(str(fleet), "0 4 * * 1")
+    assert dep.name == FLEET_DEPLOYMENT_NAME and dep.parameters == {"fleet_file": str(fleet.resolve())}
+    assert [s.schedule.cron for s in dep.schedules] == ["0 4 * * 1"]
 
 
 @pytest.mark.slow
