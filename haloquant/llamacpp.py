@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from scipy.special import log_softmax
 
 from haloquant import HaloquantError
 from haloquant.textdata import scored_slice
+
+
+def default_threads() -> int:
+    """llama.cpp's threads: the process's torch thread budget (OMP_NUM_THREADS, or what a Dask task
+    set), not one per core — concurrent tasks on one host would each spin a thread per core (ggml's
+    workers busy-wait), which made 4 concurrent sweep points take 10× as long each."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else (os.cpu_count() or 1)
 
 
 def _llama_cpp():
@@ -52,7 +61,7 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
     lc = _llama_cpp()
     t0 = time.perf_counter()
     llm = lc.Llama(str(gguf_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
-                   n_threads=threads or os.cpu_count(), seed=0)
+                   n_threads=threads or default_threads(), seed=0)
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)  # add_bos: as the file says
     add_bos = llm._model.add_bos_token()
     n = len(tokens) // ctx
@@ -151,7 +160,7 @@ def llama_quantize_preset(src: Path, dst: Path, preset: str, threads: int | None
     lc = _llama_cpp()
     params = lc.llama_model_quantize_default_params()
     params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{preset}")
-    params.nthread = threads or os.cpu_count()
+    params.nthread = threads or default_threads()
     rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise HaloquantError(f"llama_model_quantize failed for {preset} (code {rc})")
