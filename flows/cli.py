@@ -80,14 +80,10 @@ def _fleet(args) -> None:
     from haloquant.schemas.fleet import load_fleet
 
     if args.action == "check":
-        from haloquant.tasks.runner import preflight
+        from haloquant.tasks.fleet import preflight_fleet
 
         fleet = load_fleet(args.fleet)
-        for name, params in fleet.members.items():
-            try:
-                preflight(params)
-            except HaloquantError as e:
-                raise HaloquantError(f"{fleet.path}: members.{name}: {e}") from None
+        preflight_fleet(fleet)
         print(f"{fleet.path}: ok — {len(fleet.members)} members: " + ", ".join(
             f"{n} ({p.model.path.name})" for n, p in fleet.members.items()))
     elif args.action == "dvc-yaml":

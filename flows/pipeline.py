@@ -25,6 +25,7 @@ from haloquant.artifacts import read_json, sha256_json, sha256_tree, write_json
 from haloquant.schemas.fleet import Fleet, load_fleet
 from haloquant.schemas.params import OrchestrationSpec, load_params
 from haloquant.tasks import STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
+from haloquant.tasks.fleet import preflight_fleet
 from haloquant.tasks.fleet_report import report_fleet
 from haloquant.tasks.runner import (artifacts_root, describe, fingerprint, fingerprint_parts, preflight, timed,
                                     what_changed)
@@ -245,11 +246,7 @@ def haloquant_fleet(fleet_file: str = "fleet.yaml") -> dict[str, dict]:
     report. Results are keyed member/stage; the fleet's artifacts/.flow/last_run.json says what was
     redone and why."""
     fleet = load_fleet(fleet_file)
-    for name, params in fleet.members.items():
-        try:
-            preflight(params)
-        except HaloquantError as e:
-            raise HaloquantError(f"{fleet.path}: members.{name}: {e}") from None
+    preflight_fleet(fleet)
     jobs = _fleet_waves(fleet)
     todo = any(not outputs_intact(j.root, j.stage, fingerprint(j.stage, load_params(j.params_path), j.root))
                for wave in jobs for j in wave)
