@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING)
+    _print_haloquant_logs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.cmd == "check":
@@ -47,14 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(check(args.params))
         elif args.cmd == "stage":
-            from haloquant.tasks.runner import describe, run_stage
+            from haloquant.tasks.runner import run_stage
 
-            print(describe(args.name, run_stage(args.name, args.params)))
+            run_stage(args.name, args.params)  # logs its summary line
         elif args.cmd == "run":
-            from haloquant.tasks.runner import describe, run_all
+            from haloquant.tasks.runner import run_all
 
-            for name, out in run_all(args.params).items():
-                print(describe(name, out))
+            run_all(args.params)  # each stage logs its summary line as it ends
         elif args.cmd == "flow":
             from haloquant.flows.pipeline import haloquant_pipeline, haloquant_sweep, train_policy_flow
 
@@ -74,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_haloquant_logs() -> None:
+    """The library's progress and stage lines ("haloquant.*" loggers) on stderr, message only."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("haloquant")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _fleet(args) -> None:

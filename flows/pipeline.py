@@ -27,7 +27,7 @@ from haloquant.schemas.params import OrchestrationSpec, load_params
 from haloquant.tasks import STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
 from haloquant.tasks.fleet import preflight_fleet
 from haloquant.tasks.fleet_report import report_fleet
-from haloquant.tasks.runner import (artifacts_root, describe, fingerprint, fingerprint_parts, preflight, timed,
+from haloquant.tasks.runner import (artifacts_root, fingerprint, fingerprint_parts, preflight, timed_line,
                                     what_changed)
 
 RECORD_DIR = ".flow"  # under the artifacts root: what each stage last wrote, and for which key
@@ -79,7 +79,7 @@ def run_stage_task(name: str, params_file: str, key: str, torch_threads: int | N
     params_path = Path(params_file)
     params = load_params(params_path)
     stage = find_stage(name, params)
-    return describe(stage.name, timed(stage, params, artifacts_root(params_path)))
+    return timed_line(stage, params, artifacts_root(params_path))[1]
 
 
 @dataclass(frozen=True)

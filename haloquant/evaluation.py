@@ -8,11 +8,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from haloquant.progress import track
 from haloquant.textdata import scored_slice
 
 
 @torch.no_grad()
-def score(model, chunks: torch.Tensor, ref_model=None, batch_size: int = 4) -> dict:
+def score(model, chunks: torch.Tensor, ref_model=None, batch_size: int = 4, what: str = "torch perplexity") -> dict:
     """Perplexity of `model` on `chunks`; with `ref_model`, also its perplexity and the mean
     per-token KL(ref ‖ model) over the same scored positions."""
     device = next(model.parameters()).device
@@ -21,7 +22,7 @@ def score(model, chunks: torch.Tensor, ref_model=None, batch_size: int = 4) -> d
     nll = ref_nll = kl = 0.0
     n_tok = 0
     t0 = time.perf_counter()
-    for i in range(0, chunks.shape[0], batch_size):
+    for i in track(range(0, chunks.shape[0], batch_size), what, "batches"):
         batch = chunks[i : i + batch_size].to(device)
         target = batch[:, sl.start + 1 : sl.stop + 1]
         logp = F.log_softmax(model(batch).logits[:, sl].float(), dim=-1)

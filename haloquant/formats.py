@@ -80,9 +80,13 @@ class QuantFormat:
         elif self.ggml_type == GGMLQuantizationType.F16:
             out = w.astype(np.float16)
         else:
-            own = self.encoder(w, importance) if self.encoder is not None else gq.quantize(w, self.ggml_type)
-            own = np.ascontiguousarray(own).view(np.uint8).reshape(w.shape[0], -1)
-            out = self.best_blocks(w, importance, own, _llama_cpp_encoding(self, w, importance))
+            out = by_row_chunks(lambda rows: self._encode_rows(rows, importance), w)
+        return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
+
+    def _encode_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        own = self.encoder(w, importance) if self.encoder is not None else gq.quantize(w, self.ggml_type)
+        own = np.ascontiguousarray(own).view(np.uint8).reshape(w.shape[0], -1)
+        out = self.best_blocks(w, importance, own, _llama_cpp_encoding(self, w, importance))
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
     def best_blocks(self, w: np.ndarray, importance: np.ndarray | None, *candidates: np.ndarray) -> np.ndarray:
@@ -263,6 +267,29 @@ def _llama_cpp_encoding(fmt: QuantFormat, w: np.ndarray, importance: np.ndarray 
     from haloquant.llamacpp import ggml_quantize
 
     return ggml_quantize(fmt, w, importance)
+
+def by_row_chunks(encode_rows: Callable[[np.ndarray], np.ndarray], w: np.ndarray,
+                  threads: int | None = None) -> np.ndarray:
+    """`encode_rows` over contiguous row chunks of `w` on the process's threads, rows in order.
+    Every encoder here works block by block (a block never spans rows), so the bytes are the
+    same for any chunking; numpy's loops and ggml's quantizer release the GIL, so the chunks run
+    side by side — llama-quantize splits a tensor over its threads the same way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from haloquant.llamacpp import default_threads
+
+    threads = threads or default_threads()
+    rows = w.shape[0]
+    n = max(1, min(threads, rows // _MIN_ROWS_PER_CHUNK))
+    if n == 1:
+        return encode_rows(w)
+    bounds = np.linspace(0, rows, n + 1).astype(int)
+    with ThreadPoolExecutor(n) as pool:
+        parts = list(pool.map(lambda i: encode_rows(w[bounds[i]:bounds[i + 1]]), range(n)))
+    return np.concatenate([np.ascontiguousarray(p).view(np.uint8).reshape(p.shape[0], -1) for p in parts])
+
+
+_MIN_ROWS_PER_CHUNK = 32  # below this a thread's start-up costs more than its rows
 
 _T = GGMLQuantizationType
 _CODE_WRITERS = {_T.Q4_0: _codes_q4(2), _T.Q4_1: _codes_q4(4), _T.Q5_0: _codes_q5(2, 6), _T.Q5_1: _codes_q5(4, 8),

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.special import log_softmax
 
 from haloquant import HaloquantError
+from haloquant.progress import track
 from haloquant.textdata import scored_slice
 
 
@@ -75,7 +76,7 @@ def llama_cpp_perplexity(gguf_path: Path, text: str, ctx: int, max_chunks: int |
     if isinstance(keep_logprobs, Path):
         kept = np.lib.format.open_memmap(keep_logprobs, mode="w+", dtype=np.float32,
                                          shape=(n, len(range(ctx)[sl]), llm.n_vocab()))
-    for c in range(n):
+    for c in track(range(n), f"llama.cpp perplexity of {Path(gguf_path).name}", "chunks"):
         chunk = tokens[c * ctx : (c + 1) * ctx]
         if add_bos:
             chunk[0] = bos

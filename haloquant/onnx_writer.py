@@ -8,12 +8,16 @@ with float zero points, so formats needing that (Q5_1) stay float MatMuls of the
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper, numpy_helper
 
 from haloquant import HaloquantError
@@ -112,6 +116,19 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
     return stored
 
 
+@contextmanager
+def _quiet(*loggers: str):
+    """Those libraries' loggers at ERROR for the block (optimum logs an INFO/WARNING per step)."""
+    saved = {n: logging.getLogger(n).level for n in loggers}
+    for n in loggers:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
 def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, tensors: dict[str, np.ndarray],
                       out_dir: Path, opset: int) -> dict[str, str]:
     """optimum export of `model` (already holding decoded weights) + integer rewrite, into out_dir
@@ -129,8 +146,13 @@ def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, t
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer_dir / f).is_file():
                 shutil.copy(tokenizer_dir / f, hf_dir / f)
-        main_export(str(hf_dir), output=str(onnx_dir), task="text-generation-with-past", opset=opset,
-                    device="cpu", do_validation=False)
+        with warnings.catch_warnings(), _quiet("optimum", "transformers"):
+            # the tracer's notes on data-dependent branches (attention masks, cache checks): optimum
+            # exports these models so; the export is checked by validate (ONNX logits vs torch)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*(torch_dtype|advanced indexing).*")
+            main_export(str(hf_dir), output=str(onnx_dir), task="text-generation-with-past", opset=opset,
+                        device="cpu", do_validation=False)
         onnx_model = onnx.load(str(onnx_dir / "model.onnx"))
         stored = rewrite_linears(onnx_model, manifest, tensors, weight_of_module)
         onnx.checker.check_model(onnx_model)

@@ -16,6 +16,7 @@ from haloquant import HaloquantError
 from haloquant.artifacts import atomic_path, sha256_file, write_json
 from haloquant.inputs import check_enough_tokens, check_finite
 from haloquant.modelio import load_model, load_tokenizer, output_head_module, quantizable_tensors
+from haloquant.progress import track
 from haloquant.textdata import calibration_batch, read_text, sequence_bos, tokenize
 from haloquant.schemas.artifacts import CalibrationReport
 from haloquant.schemas.params import CalibrationSpec, ModelSpec
@@ -87,7 +88,7 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     token_counts = torch.zeros(model.config.vocab_size, dtype=torch.float64)
     try:
-        for i in range(0, batch.shape[0], MICRO_BATCH):
+        for i in track(range(0, batch.shape[0], MICRO_BATCH), "calibrate", "batches"):
             mb = batch[i : i + MICRO_BATCH]
             seen_this_batch.clear()
             model(mb.to(device))

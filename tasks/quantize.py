@@ -21,6 +21,7 @@ from haloquant.calibstats import CalibrationStats
 from haloquant.folding import load_folds
 from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors, resolve_device
+from haloquant.progress import track
 from haloquant.quantizer import encode_tensor, uses_gptq
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
 from haloquant.reconstruct import TuneSettings, tune_blocks
@@ -45,7 +46,7 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     formats = {}
     rounded: dict[str, np.ndarray] = {}
     quantized = []
-    for t in infos:
+    for t in track(infos, "quantize", "tensors"):
         fmt = formats[t.name] = get_format(chosen[t.name])
         weight = params[t.name].detach().float().numpy()
         if spec.block_tuning.iters and t.layer >= 0 and uses_gptq(t, fmt, spec):  # tuning starts from what

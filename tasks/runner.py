@@ -10,6 +10,7 @@ and the runtimes' version files (written by the `environment` stage) as deps.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from haloquant.inputs import check_model_files
 from haloquant.schemas.params import Params, load_params
 from haloquant.tasks import ALL_STAGES, REPO, STAGES, Stage, expand, find_stage
 from haloquant.textdata import check_disjoint, read_text
+
+log = logging.getLogger("haloquant.stages")
 
 TIMING_DIR = ".timing"  # under the artifacts root: wall time of each stage's last run (not an artifact)
 
@@ -114,17 +117,32 @@ def run_stage(name: str, params_file: Path) -> object:
 
 
 def timed(stage: Stage, params: Params, root: Path) -> object:
-    """Run the stage after removing what an interrupted run of it left, and note its wall time
-    outside the artifacts (artifacts/.timing/<stage>.json)."""
+    """Run the stage after removing what an interrupted run of it left; see `timed_line`."""
+    return timed_line(stage, params, root)[0]
+
+
+def timed_line(stage: Stage, params: Params, root: Path) -> tuple[object, str]:
+    """`timed`, and the stage's one-line summary (what it wrote, its size, its time), which it also
+    logs. Its wall time is kept outside the artifacts (artifacts/.timing/<stage>.json)."""
     for out in stage.all_outs():
         remove_leftovers(root / out)
     t0 = time.perf_counter()
     result = stage.run(params, root)
-    write_json(root / TIMING_DIR / f"{stage.name}.json", {"stage": stage.name, "seconds": time.perf_counter() - t0})
-    return result
+    seconds = time.perf_counter() - t0
+    write_json(root / TIMING_DIR / f"{stage.name}.json", {"stage": stage.name, "seconds": seconds})
+    line = describe(stage.name, result, seconds, sum(_bytes_under(root / o) for o in stage.all_outs()))
+    log.info(line)
+    return result, line
+
+
+def _bytes_under(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def run_all(params_file: Path) -> dict[str, object]:
+    """Every main stage in order, uncached (each logs its summary line as it ends)."""
     params = load_params(params_file)
     preflight(params)
     root = artifacts_root(params_file)
@@ -191,11 +209,15 @@ def dvc_yaml(folder: Path | None = None, header: str | None = None) -> str:
     return header + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
 
 
-def describe(name: str, obj) -> str:
-    """One line a person reads: what the stage wrote."""
+def describe(name: str, obj, seconds: float | None = None, out_bytes: int | None = None) -> str:
+    """One line a person reads: what the stage wrote (and, given them, how many bytes in how long)."""
+    from haloquant.progress import duration, size
     from haloquant.tasks.summaries import summary
 
-    return f"{name}: {summary(obj)}"
+    tail = [f"{size(out_bytes)} written" if out_bytes is not None else None,
+            f"in {duration(seconds)}" if seconds is not None else None]
+    tail = " ".join(t for t in tail if t)
+    return f"{name}: {summary(obj)}" + (f" ({tail})" if tail else "")
 
 
 def check(params_file: Path) -> str:

@@ -31,6 +31,7 @@ from haloquant.families import family
 from haloquant.formats import QuantFormat, get_format
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
 from haloquant.modelio import TensorInfo, decoder_layers, float_tensors, load_model, quantizable_tensors
+from haloquant.progress import track
 from haloquant.quantizer import encode_tensor
 from haloquant.schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
                                TensorSensitivity)
@@ -141,7 +142,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     # a looked-up row's error in residual-stream units (Gemma multiplies the embedding by √hidden)
     lookup_scale = family(model).embedding_scale(model.config) ** 2
     rows: list[TensorSensitivity] = []
-    for t in quantizable_tensors(model):
+    for t in track(quantizable_tensors(model), "sensitivity", "tensors"):
         w = params[t.name].detach().float()
         gram = stats.gram(t).to(device)
         cands: dict[str, FormatCost] = {}
