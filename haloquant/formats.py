@@ -66,13 +66,15 @@ class QuantFormat:
     def is_kquant(self) -> bool:
         return self.name.endswith("_K")
 
-    def encode(self, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def encode(self, weight: np.ndarray, importance: np.ndarray | None = None,
+               threads: int | None = None) -> np.ndarray:
         """Float matrix → uint8 array (rows, bytes per row) holding llama.cpp's block bytes.
 
         `importance` (one weight per input column, e.g. diag(XᵀX)) weights the scale fits. Each
         block keeps the better (by importance-weighted error) of haloquant's own fit and llama.cpp's
         quantizer with the same importance, so the result is never worse than llama.cpp's, block
-        by block."""
+        by block. `threads`: row chunks encoded side by side (default: the process's torch thread
+        count); the bytes do not depend on it."""
         w = np.ascontiguousarray(weight, dtype=np.float32)
         self.storage_bytes(w.shape)  # validates the row length
         if self.ggml_type == GGMLQuantizationType.F32:
@@ -80,7 +82,7 @@ class QuantFormat:
         elif self.ggml_type == GGMLQuantizationType.F16:
             out = w.astype(np.float16)
         else:
-            out = by_row_chunks(lambda rows: self._encode_rows(rows, importance), w)
+            out = by_row_chunks(lambda rows: self._encode_rows(rows, importance), w, threads)
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
     def _encode_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:

@@ -128,13 +128,9 @@ def test_never_worse_than_llama_cpp_quantizer(fmt, with_importance):
 def test_encoding_on_threads_gives_the_same_bytes(fmt):
     """encode splits a tensor's rows over the process's threads: the bytes do not depend on how
     many (1, 3, or one chunk per 32 rows), with and without importance."""
-    from haloquant.formats import by_row_chunks
-
     w = np.random.default_rng(3).standard_normal((200, 512)).astype(np.float32)
     imp = np.random.default_rng(4).lognormal(0, 1, 512).astype(np.float32)
     for importance in (None, imp):
-        one = by_row_chunks(lambda rows: fmt._encode_rows(rows, importance), w, threads=1)
-        for threads in (3, 64):
-            many = by_row_chunks(lambda rows: fmt._encode_rows(rows, importance), w, threads=threads)
-            assert np.array_equal(one, many), (threads, importance is None)
-        assert np.array_equal(one, fmt.encode(w, importance))
+        one = fmt.encode(w, importance, threads=1)
+        for threads in (3, 64, None):
+            assert np.array_equal(one, fmt.encode(w, importance, threads=threads)), (threads, importance is None)
