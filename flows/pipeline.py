@@ -166,7 +166,8 @@ def _run_in_order(params_path: Path, stages) -> dict[str, dict]:
     for stage in stages:
         results.update(run_wave([Job(stage.name, params_path, stage)]))
         r = results[stage.name]
-        logger.info("%s [%s]: %s", stage.name, r["state"], r["summary"])
+        if r["state"] == "Cached":  # a stage that ran logged its own line (haloquant.stages)
+            logger.info("%s [Cached]: %s", stage.name, r["summary"])
     return results
 
 

@@ -2,8 +2,8 @@
 
 A stage wraps its main loop in `track(items, "sensitivity", "tensors")`. In a terminal (stderr is
 a TTY) that draws a tqdm bar; everywhere else — Prefect's logs, `dvc repro`'s output, CI — it logs
-one line on the "haloquant.progress" logger every LOG_EVERY_S seconds. Either way the last line
-says how many items took how long. The library only logs; the command line prints the
+one line on the "haloquant.progress" logger every LOG_EVERY_S seconds ($HALOQUANT_PROGRESS_EVERY_S).
+Either way the last line says how many items took how long. The library only logs; the command line prints the
 "haloquant" loggers, and the flows hand them to Prefect (PREFECT_LOGGING_EXTRA_LOGGERS).
 """
 
@@ -19,7 +19,8 @@ from typing import TypeVar
 log = logging.getLogger("haloquant.progress")
 
 LOG_EVERY_S = 30.0  # without a terminal: a line at most this often (and always the last one)
-FINAL_LINE_AFTER_S = 1.0  # a loop that took less gets no closing line
+EVERY_ENV = "HALOQUANT_PROGRESS_EVERY_S"  # overrides LOG_EVERY_S (0: a line per item)
+FINAL_LINE_AFTER_S = 1.0  # a loop that took less (and less than the interval) gets no closing line
 NO_BAR_ENV = "HALOQUANT_NO_BAR"  # set to 1: log lines even in a terminal
 
 T = TypeVar("T")
@@ -71,7 +72,8 @@ def track(items: Iterable[T], what: str, unit: str, total: int | None = None,
     """Yield `items`, reporting progress as they are consumed (see the module's doc)."""
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None
-    every_s = LOG_EVERY_S if every_s is None else every_s
+    if every_s is None:
+        every_s = float(os.environ.get(EVERY_ENV, LOG_EVERY_S))
     t0 = time.perf_counter()
     done = 0
     if _use_bar():
@@ -92,5 +94,5 @@ def track(items: Iterable[T], what: str, unit: str, total: int | None = None,
                 log.info(progress_line(what, done, total, unit, now - t0))
                 last = now
     elapsed = time.perf_counter() - t0
-    if elapsed >= FINAL_LINE_AFTER_S:  # a quick loop is said by the stage's own summary line
+    if elapsed >= min(FINAL_LINE_AFTER_S, every_s):  # a quick loop is said by the stage's summary line
         log.info(progress_line(what, done, total if total is not None else done, unit, elapsed))

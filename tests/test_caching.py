@@ -77,13 +77,38 @@ def test_dvc_repro_caching(tmp_path):
     assert ran(fourth) == ["sweep@5.0", "pareto"]
 
 
+def flow_run_logs(flow_run_id) -> list[tuple[str, str]]:
+    """(logger name, message) of every log line the Prefect API holds for the flow run."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return [(log.name, log.message) for log in asyncio.run(read())]
+
+
 @pytest.mark.slow
-def test_prefect_flow_caching(tmp_path):
+def test_prefect_flow_caching(tmp_path, monkeypatch):
     from haloquant.flows.pipeline import haloquant_pipeline
 
+    monkeypatch.setenv("HALOQUANT_PROGRESS_EVERY_S", "0")  # a progress line per item
     params_file = write_params(tmp_path, small_params())
     states = lambda: {k: v["state"] for k, v in haloquant_pipeline(str(params_file)).items()}  # noqa: E731
-    assert set(states().values()) == {"Completed"}
+    first = haloquant_pipeline(str(params_file), return_state=True)
+    assert {v["state"] for v in first.result().values()} == {"Completed"}
+    # the stages' progress and summary lines are in the flow run's logs, as Prefect's own are
+    logs = flow_run_logs(first.state_details.flow_run_id)
+    assert any(n == "haloquant.stages" and m.startswith("sensitivity: 29 tensors") and " written in " in m
+               for n, m in logs), logs
+    assert any(n == "haloquant.progress" and m.startswith("sensitivity: 1/29 tensors (3 %)") for n, m in logs)
+    assert any(n == "haloquant.progress" and m.startswith("sensitivity: 29/29 tensors (100 %), ") for n, m in logs)
     assert set(states().values()) == {"Cached"}
 
     write_params(tmp_path, small_params(**{"allocation.budget": {"bits_per_weight": 4.75}}))
