@@ -1,8 +1,11 @@
 from pathlib import Path
 from typing import Annotated
 
+import yaml
 from pydantic import BaseModel, ConfigDict
 from pydantic import Strict as StrictMode
+
+from haloquant import HaloquantError
 
 
 class Strict(BaseModel):
@@ -15,3 +18,13 @@ class Strict(BaseModel):
 
 FilePath = Annotated[Path, StrictMode(False)]  # a path, written in YAML as a string
 Pair = Annotated[tuple[float, float], StrictMode(False)]  # written in YAML as a two-item list
+
+
+def read_yaml(path: Path, what: str) -> object:
+    """A spec file's YAML (`what`: "params", "fleet"), or a HaloquantError naming the file."""
+    if not path.is_file():
+        raise HaloquantError(f"{path}: {what} file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HaloquantError(f"{path}: not valid YAML: {e}") from None

@@ -11,12 +11,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from haloquant import HaloquantError
 from haloquant.schemas.artifacts import Artifact, SweepPoint
-from haloquant.schemas.base import FilePath, Strict
+from haloquant.schemas.base import FilePath, Strict, read_yaml
 from haloquant.schemas.params import OrchestrationSpec, Params, _format_errors, load_params
 
 MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -69,12 +68,7 @@ class Fleet:
 
 def load_fleet(path: str | Path) -> Fleet:
     path = Path(path).resolve()
-    if not path.is_file():
-        raise HaloquantError(f"{path}: fleet file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise HaloquantError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "fleet")
     if not isinstance(data, dict):
         raise HaloquantError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:

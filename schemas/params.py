@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from haloquant import HaloquantError
-from haloquant.schemas.base import FilePath, Pair, Strict
+from haloquant.schemas.base import FilePath, Pair, Strict, read_yaml
 
 
 def _known_names(values: list[str], known, what: str) -> list[str]:
@@ -323,10 +322,4 @@ def _resolve_paths(p: Params, base: Path) -> Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    if not path.is_file():
-        raise HaloquantError(f"{path}: params file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise HaloquantError(f"{path}: not valid YAML: {e}") from None
-    return parse_params(data, source=str(path), base_dir=path.resolve().parent)
+    return parse_params(read_yaml(path, "params"), source=str(path), base_dir=path.resolve().parent)
