@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -130,12 +131,30 @@ def read_artifact(path: str | Path, schema):
                              "the stage that writes it") from None
 
 
+_HASHES: dict[tuple, str] = {}  # (file identity, size, mtime, ctime) → sha256, for this process
+_SETTLED_S = 2.0  # a file modified more recently than this is hashed again every time
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The file's sha256. Every stage's fingerprint hashes the checkpoint and the files before it,
+    and a flow computes fingerprints more than once; within a process a file is read once while
+    its inode, size, mtime and ctime stay the same (any write changes ctime) — DVC's and git's
+    rule, with git's guard for "racy" files: one modified in the last _SETTLED_S seconds, where
+    a coarse file-system clock could hide a rewrite, is always read."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if time.time() - max(st.st_mtime, st.st_ctime) > _SETTLED_S:
+        if len(_HASHES) > 100_000:
+            _HASHES.clear()
+        _HASHES[key] = digest
+    return digest
 
 
 def sha256_tree(path: str | Path) -> str:

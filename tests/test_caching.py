@@ -164,3 +164,29 @@ def test_train_policy_flow_then_sac_allocation(tmp_path):
     assert states["calibrate"] == states["sensitivity"] == "Cached" and states["validate"] == "Completed"
     alloc = yaml.safe_load((tmp_path / "artifacts" / "allocate" / "allocation.json").read_text())
     assert alloc["solver"] == "sac" and alloc["used_bytes"] <= alloc["budget_bytes"]
+
+
+def test_a_file_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    """sha256_file reads a settled file once per process; a rewrite of the same size with its old
+    mtime put back is still seen (its ctime moved), and a file written just now is read every time."""
+    import builtins
+    import hashlib
+
+    from haloquant import artifacts
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"a" * 4096)
+    assert artifacts.sha256_file(f) == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert not any(k[0] == os.path.realpath(f) for k in artifacts._HASHES)  # written just now: not kept
+
+    monkeypatch.setattr(artifacts, "_SETTLED_S", -1.0)  # as if every file had settled
+    first = artifacts.sha256_file(f)
+    real_open = builtins.open
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", lambda p, *a, **k: (_ for _ in ()).throw(AssertionError("read again"))
+                  if Path(p) == f else real_open(p, *a, **k))
+        assert artifacts.sha256_file(f) == first  # remembered, not read
+    st = f.stat()
+    f.write_bytes(b"b" * 4096)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    assert artifacts.sha256_file(f) == hashlib.sha256(b"b" * 4096).hexdigest()
