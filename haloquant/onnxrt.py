@@ -62,5 +62,5 @@ def onnx_check(path: Path, chunks: torch.Tensor, torch_model, batch_size: int = 
         torch_nll += _nll(ref[:, sl], target)
         n_tok += target.numel()
     return {"ppl": math.exp(nll / n_tok), "torch_ppl_same_chunks": math.exp(torch_nll / n_tok),
-            "n_tokens": n_tok, "max_abs_logit_error": max_abs,
+            "n_tokens": n_tok, "n_chunks": int(chunks.shape[0]), "max_abs_logit_error": max_abs,
             "max_rel_logit_error": max_rel, "seconds": time.perf_counter() - t0}

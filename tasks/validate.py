@@ -46,6 +46,27 @@ def _gate(spec: ValidateSpec, report: dict) -> dict:
     return checks
 
 
+def scoped_metrics(report: dict, passed: bool) -> dict:
+    """metrics.json (what `dvc metrics show` prints): each perplexity beside the chunks and tokens
+    it was measured on, since onnxruntime scores fewer chunks (validate.onnx_chunks) than torch
+    and llama.cpp do — and torch's perplexity on those same chunks, to compare it with."""
+    m = {k: report[k] for k in ("ppl_float", "ppl_quant", "ppl_ratio", "kl_mean")}
+    m.update(chunks=report["n_chunks"], tokens=report["n_tokens_scored"],
+             bits_per_weight=report["bits_per_weight"], gguf_bytes=report["gguf_bytes"])
+    runtimes = report["runtimes"]
+    if "llama_cpp" in runtimes:
+        lc = runtimes["llama_cpp"]
+        m.update(ppl_llama_cpp=lc["ppl"], llama_cpp_chunks=lc["n_chunks"], llama_cpp_tokens=lc["n_tokens"],
+                 llama_cpp_ppl_gap=lc["ppl_gap_vs_torch"])
+    if "onnxruntime" in runtimes:
+        ort = runtimes["onnxruntime"]
+        m.update(ppl_onnxruntime=ort["ppl"], onnxruntime_chunks=ort["n_chunks"], onnxruntime_tokens=ort["n_tokens"],
+                 ppl_quant_on_onnxruntime_chunks=ort["torch_ppl_same_chunks"],
+                 onnx_max_abs_logit_error=ort["max_abs_logit_error"])
+    m["gate_passed"] = passed
+    return m
+
+
 def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_dir: Path, gguf_dir: Path,
              onnx_dir: Path, out_dir: Path) -> ValidationReport:
     text = read_text(spec.text, "validate.text")
@@ -83,16 +104,8 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
     }
     checks = _gate(spec, report)
     result = ValidationReport(**report, gate=checks, passed=all(c["passed"] for c in checks.values()))
-    metrics = {k: report[k] for k in ("ppl_float", "ppl_quant", "ppl_ratio", "kl_mean", "bits_per_weight", "gguf_bytes")}
-    if "llama_cpp" in runtimes:
-        metrics["ppl_llama_cpp"] = runtimes["llama_cpp"]["ppl"]
-        metrics["llama_cpp_ppl_gap"] = runtimes["llama_cpp"]["ppl_gap_vs_torch"]
-    if "onnxruntime" in runtimes:
-        metrics["ppl_onnxruntime"] = runtimes["onnxruntime"]["ppl"]
-        metrics["onnx_max_abs_logit_error"] = runtimes["onnxruntime"]["max_abs_logit_error"]
-    metrics["gate_passed"] = result.passed
     write_json(out_dir / REPORT_FILE, result.model_dump())
-    write_json(out_dir / METRICS_FILE, metrics)
+    write_json(out_dir / METRICS_FILE, scoped_metrics(report, result.passed))
     float_bytes = 4 * sum(q.shape[0] * q.shape[1] for q in manifest.quantized) + (manifest.total_bytes - sum(
         q.bytes for q in manifest.quantized))
     rows = [{"model": "float32", "bytes": float_bytes, "ppl": report["ppl_float"]},

@@ -31,6 +31,14 @@ def test_pipeline_outputs(pipeline_run):
     metrics = read_json(art / "validate" / "metrics.json")
     assert 0.9 < metrics["ppl_ratio"] < 1.5 and 0 < metrics["kl_mean"] < 0.2
     assert metrics["gate_passed"] is True
+    # every perplexity beside what it was measured on: onnxruntime scores fewer chunks
+    v = results["validate"]
+    assert (metrics["chunks"], metrics["tokens"]) == (v.n_chunks, v.n_tokens_scored) == (4, 4 * 127)
+    assert (metrics["llama_cpp_chunks"], metrics["llama_cpp_tokens"]) == (4, 4 * 127)
+    ort = v.runtimes["onnxruntime"]
+    assert (metrics["onnxruntime_chunks"], metrics["onnxruntime_tokens"]) == (ort["n_chunks"], ort["n_tokens"]) \
+        == (4, 4 * 127)  # validate.onnx_chunks: 4
+    assert metrics["ppl_quant_on_onnxruntime_chunks"] == ort["torch_ppl_same_chunks"]
 
 
 def test_llama_cpp_agrees_with_torch(pipeline_run):
