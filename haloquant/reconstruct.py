@@ -33,6 +33,7 @@ from torch.func import functional_call
 
 from haloquant.formats import QuantFormat
 from haloquant.modelio import decoder_layers
+from haloquant.progress import track
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
     x_quant = [x.clone() for x in x_float]
     out = dict(encoded)
     report = []
-    for i, layer in enumerate(decoder_layers(model)):
+    layers = decoder_layers(model)
+    for i, layer in track(enumerate(layers), "block tuning", "blocks", total=len(layers)):
         prefix = f"{_prefix(model, layer)}."
         params = dict(layer.named_parameters())
         grids = {n: GridWeight(formats[prefix + n], encoded[prefix + n], tuple(p.shape), device,
