@@ -85,9 +85,19 @@ class QuantFormat:
             out = by_row_chunks(lambda rows: self._encode_rows(rows, importance), w, threads)
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
-    def _encode_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def encode_own(self, weight: np.ndarray, importance: np.ndarray | None = None,
+                   threads: int | None = None) -> np.ndarray:
+        """haloquant's own fit alone, without llama.cpp's blocks (bench/llama_cpp_candidate.py
+        measures what the comparison adds)."""
+        w = np.ascontiguousarray(weight, dtype=np.float32)
+        return by_row_chunks(lambda rows: self._own_rows(rows, importance), w, threads)
+
+    def _own_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         own = self.encoder(w, importance) if self.encoder is not None else gq.quantize(w, self.ggml_type)
-        own = np.ascontiguousarray(own).view(np.uint8).reshape(w.shape[0], -1)
+        return np.ascontiguousarray(own).view(np.uint8).reshape(w.shape[0], -1)
+
+    def _encode_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        own = self._own_rows(w, importance)
         out = self.best_blocks(w, importance, own, _llama_cpp_encoding(self, w, importance))
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
