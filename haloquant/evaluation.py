@@ -13,7 +13,7 @@ from haloquant.textdata import scored_slice
 
 
 @torch.no_grad()
-def score(model, chunks: torch.Tensor, ref_model=None, batch_size: int = 4, what: str = "torch perplexity") -> dict:
+def score(model, chunks: torch.Tensor, ref_model=None, batch_size: int = 4) -> dict:
     """Perplexity of `model` on `chunks`; with `ref_model`, also its perplexity and the mean
     per-token KL(ref ‖ model) over the same scored positions."""
     device = next(model.parameters()).device
@@ -22,7 +22,7 @@ def score(model, chunks: torch.Tensor, ref_model=None, batch_size: int = 4, what
     nll = ref_nll = kl = 0.0
     n_tok = 0
     t0 = time.perf_counter()
-    for i in track(range(0, chunks.shape[0], batch_size), what, "batches"):
+    for i in track(range(0, chunks.shape[0], batch_size), "torch perplexity", "batches"):
         batch = chunks[i : i + batch_size].to(device)
         target = batch[:, sl.start + 1 : sl.stop + 1]
         logp = F.log_softmax(model(batch).logits[:, sl].float(), dim=-1)
