@@ -209,15 +209,12 @@ def dvc_yaml(folder: Path | None = None, header: str | None = None) -> str:
     return header + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
 
 
-def describe(name: str, obj, seconds: float | None = None, out_bytes: int | None = None) -> str:
-    """One line a person reads: what the stage wrote (and, given them, how many bytes in how long)."""
+def describe(name: str, obj, seconds: float, out_bytes: int) -> str:
+    """One line a person reads: what the stage wrote, how many bytes, in how long."""
     from haloquant.progress import duration, size
     from haloquant.tasks.summaries import summary
 
-    tail = [f"{size(out_bytes)} written" if out_bytes is not None else None,
-            f"in {duration(seconds)}" if seconds is not None else None]
-    tail = " ".join(t for t in tail if t)
-    return f"{name}: {summary(obj)}" + (f" ({tail})" if tail else "")
+    return f"{name}: {summary(obj)} ({size(out_bytes)} written in {duration(seconds)})"
 
 
 def check(params_file: Path) -> str:
