@@ -5,10 +5,10 @@ to encode a float matrix into llama.cpp's exact block bytes and decode them back
 candidate set is just a list of format names; the bytes the quantize stage stores are the bytes
 the GGUF holds, so what validation measures is what llama.cpp runs.
 
-Encoding of the classic block types goes through the `gguf` package's reference quantizers
-(ports of ggml's `quantize_row_*_ref`); the k-quants and IQ4_NL / IQ4_XS, which `gguf` cannot
-encode, through `haloquant.kquants` and `haloquant.iquants`. Decoding always goes through
-`gguf.quants.dequantize`, the reference decoder.
+Each type's encoder and byte layout live in its codec module: the k-quants in `haloquant.kquants`,
+IQ4_NL / IQ4_XS in `haloquant.iquants`, the legacy block-32 types (Q4_0 … Q8_0) in
+`haloquant.legacyquants`. Decoding always goes through `gguf.quants.dequantize`, the reference
+decoder.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from gguf import quants as gq
 from haloquant import HaloquantError
 from haloquant.iquants import KVALUES, encode_iq4
 from haloquant.kquants import affine_kquant, encode_kquant, kquant_with_codes
+from haloquant.legacyquants import ENCODERS as LEGACY_ENCODERS, LAYOUTS, LegacyLayout, f16_at, nibbles, pack_nibbles
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class QuantFormat:
     name: str
     ggml_type: GGMLQuantizationType
     encoder: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None
+    # also try llama.cpp's quantizer block by block and keep the better block; off where llama.cpp's
+    # block measurably never wins (IQ4_NL, Q8_0: bench/results/llama_cpp_candidate_ref-llama-a.md)
+    llama_cpp_candidate: bool = True
 
     @property
     def block_size(self) -> int:
@@ -70,10 +74,10 @@ class QuantFormat:
                threads: int | None = None) -> np.ndarray:
         """Float matrix → uint8 array (rows, bytes per row) holding llama.cpp's block bytes.
 
-        `importance` (one weight per input column, e.g. diag(XᵀX)) weights the scale fits. Each
-        block keeps the better (by importance-weighted error) of haloquant's own fit and llama.cpp's
-        quantizer with the same importance, so the result is never worse than llama.cpp's, block
-        by block. `threads`: row chunks encoded side by side (default: the process's torch thread
+        `importance` (one weight per input column, e.g. diag(XᵀX)) weights the scale fits. For
+        the formats with `llama_cpp_candidate`, each block keeps the better (by importance-weighted
+        error) of haloquant's own fit and llama.cpp's quantizer with the same importance, so the
+        result is never worse than llama.cpp's, block by block. `threads`: row chunks encoded side by side (default: the process's torch thread
         count); the bytes do not depend on it."""
         w = np.ascontiguousarray(weight, dtype=np.float32)
         self.storage_bytes(w.shape)  # validates the row length
@@ -98,6 +102,8 @@ class QuantFormat:
 
     def _encode_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         own = self._own_rows(w, importance)
+        if not self.llama_cpp_candidate:
+            return own
         out = self.best_blocks(w, importance, own, _llama_cpp_encoding(self, w, importance))
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
@@ -178,20 +184,6 @@ class AffineBlocks:
         return w.reshape(self.q.shape[0], -1)
 
 
-def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
-    return blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """ggml legacy layout: element j in the low nibble of byte j, element j+16 in the high nibble."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def _high_bits(blocks: np.ndarray, offset: int) -> np.ndarray:
-    qh = blocks[..., offset : offset + 4].copy().view(np.uint32)
-    return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-
-
 def _with_min(q: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> AffineBlocks:
     """d·q + m  →  (q − zero)·scale; a block with d = 0 holds only m: codes 0, scale 1, zero −m."""
     safe = d != 0
@@ -200,35 +192,21 @@ def _with_min(q: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> AffineB
     return AffineBlocks(np.where(safe[..., None], q, 0), scale, zero, bits, False, ~safe)
 
 
-def _affine_q4_0(b):
-    d = _f16(b, 0)
-    return AffineBlocks(_nibbles(b[..., 2:18]), d, np.full_like(d, 8.0), 4, True)
+def _affine_legacy(lay: LegacyLayout) -> Callable[[np.ndarray], AffineBlocks]:
+    """5-bit codes are viewed as 8-bit ones (onnxruntime's MatMulNBits takes 2, 4 or 8 bits)."""
+    bits = 4 if lay.nmax == 15 else 8
 
-
-def _affine_q4_1(b):
-    return _with_min(_nibbles(b[..., 4:20]), _f16(b, 0), _f16(b, 2), 4)
-
-
-def _affine_q5_0(b):
-    d = _f16(b, 0)
-    q = _nibbles(b[..., 6:22]) | (_high_bits(b, 2) << 4)
-    return AffineBlocks(q, d, np.full_like(d, 16.0), 8, True)
-
-
-def _affine_q5_1(b):
-    q = _nibbles(b[..., 8:24]) | (_high_bits(b, 4) << 4)
-    return _with_min(q, _f16(b, 0), _f16(b, 2), 8)
-
-
-def _affine_q8_0(b):
-    d = _f16(b, 0)
-    q = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return AffineBlocks(q, d, np.full_like(d, 128.0), 8, True)
+    def parse(b):
+        q, d = lay.codes(b), f16_at(b, 0)
+        if lay.m is None:
+            return AffineBlocks(q, d, np.full_like(d, lay.zero), bits, True)
+        return _with_min(q, d, f16_at(b, lay.m), bits)
+    return parse
 
 
 def _affine_iq4_nl(b):
-    d = _f16(b, 0)
-    return AffineBlocks(_nibbles(b[..., 2:18]), d, np.zeros_like(d), 4, True, values=KVALUES)
+    d = f16_at(b, 0)
+    return AffineBlocks(nibbles(b[..., 2:18]), d, np.zeros_like(d), 4, True, values=KVALUES)
 
 
 def _affine_iq4_xs(b):
@@ -236,40 +214,18 @@ def _affine_iq4_xs(b):
     h = b[..., 2:4].copy().view(np.uint16)[..., 0, None] >> (2 * np.arange(8, dtype=np.uint16))
     lo = np.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], axis=-1).reshape(rows, n, 8)
     ls = (lo | ((h & 3) << 4).astype(np.uint8)).astype(np.float32) - 32
-    scale = (_f16(b, 0)[..., None] * ls).reshape(rows, n * 8)
-    q = _nibbles(b[..., 8:136].reshape(rows, n, 8, 16)).reshape(rows, n * 8, 32)
+    scale = (f16_at(b, 0)[..., None] * ls).reshape(rows, n * 8)
+    q = nibbles(b[..., 8:136].reshape(rows, n, 8, 16)).reshape(rows, n * 8, 32)
     return AffineBlocks(q, scale, np.zeros_like(scale), 4, True, values=KVALUES)
+
+
+def _codes_iq4_nl(b, q):
+    b[..., 2:18] = pack_nibbles(q)
 
 
 def _codes_iq4_xs(b, q):
     rows, n = b.shape[:2]
-    b[..., 8:136] = _pack_nibbles(q.reshape(rows, n, 8, 32)).reshape(rows, n, 128)
-
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
-
-
-def _pack_high_bits(q: np.ndarray) -> np.ndarray:
-    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    return np.bitwise_or.reduce(bits, axis=-1).astype(np.uint32)[..., None].view(np.uint8)
-
-
-def _codes_q4(off):
-    def put(b, q):
-        b[..., off : off + 16] = _pack_nibbles(q)
-    return put
-
-
-def _codes_q5(qh_off, qs_off):
-    def put(b, q):
-        b[..., qh_off : qh_off + 4] = _pack_high_bits(q)
-        b[..., qs_off : qs_off + 16] = _pack_nibbles(q & 0xF)
-    return put
-
-
-def _codes_q8_0(b, q):
-    b[..., 2:34] = (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    b[..., 8:136] = pack_nibbles(q.reshape(rows, n, 8, 32)).reshape(rows, n, 128)
 
 
 def _llama_cpp_encoding(fmt: QuantFormat, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
@@ -279,6 +235,7 @@ def _llama_cpp_encoding(fmt: QuantFormat, w: np.ndarray, importance: np.ndarray 
     from haloquant.llamacpp import ggml_quantize
 
     return ggml_quantize(fmt, w, importance)
+
 
 def by_row_chunks(encode_rows: Callable[[np.ndarray], np.ndarray], w: np.ndarray,
                   threads: int | None = None) -> np.ndarray:
@@ -304,11 +261,10 @@ def by_row_chunks(encode_rows: Callable[[np.ndarray], np.ndarray], w: np.ndarray
 _MIN_ROWS_PER_CHUNK = 32  # below this a thread's start-up costs more than its rows
 
 _T = GGMLQuantizationType
-_CODE_WRITERS = {_T.Q4_0: _codes_q4(2), _T.Q4_1: _codes_q4(4), _T.Q5_0: _codes_q5(2, 6), _T.Q5_1: _codes_q5(4, 8),
-                 _T.Q8_0: _codes_q8_0, _T.IQ4_NL: _codes_q4(2), _T.IQ4_XS: _codes_iq4_xs}
-_AFFINE_PARSERS = {_T.Q4_0: _affine_q4_0, _T.Q4_1: _affine_q4_1, _T.Q5_0: _affine_q5_0,
-                   _T.Q5_1: _affine_q5_1, _T.Q8_0: _affine_q8_0, _T.IQ4_NL: _affine_iq4_nl,
-                   _T.IQ4_XS: _affine_iq4_xs}
+_CODE_WRITERS = {**{lay.ggml_type: lay.put_codes for lay in LAYOUTS.values()},
+                 _T.IQ4_NL: _codes_iq4_nl, _T.IQ4_XS: _codes_iq4_xs}
+_AFFINE_PARSERS = {**{lay.ggml_type: _affine_legacy(lay) for lay in LAYOUTS.values()},
+                   _T.IQ4_NL: _affine_iq4_nl, _T.IQ4_XS: _affine_iq4_xs}
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
@@ -317,13 +273,13 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("Q4_K", _T.Q4_K, lambda w, imp: encode_kquant("Q4_K", w, imp)),
         QuantFormat("Q5_K", _T.Q5_K, lambda w, imp: encode_kquant("Q5_K", w, imp)),
         QuantFormat("Q6_K", _T.Q6_K, lambda w, imp: encode_kquant("Q6_K", w, imp)),
-        QuantFormat("IQ4_NL", _T.IQ4_NL, lambda w, imp: encode_iq4("IQ4_NL", w, imp)),
+        QuantFormat("IQ4_NL", _T.IQ4_NL, lambda w, imp: encode_iq4("IQ4_NL", w, imp), llama_cpp_candidate=False),
         QuantFormat("IQ4_XS", _T.IQ4_XS, lambda w, imp: encode_iq4("IQ4_XS", w, imp)),
-        QuantFormat("Q4_0", _T.Q4_0),
-        QuantFormat("Q4_1", _T.Q4_1),
-        QuantFormat("Q5_0", _T.Q5_0),
-        QuantFormat("Q5_1", _T.Q5_1),
-        QuantFormat("Q8_0", _T.Q8_0),
+        QuantFormat("Q4_0", _T.Q4_0, LEGACY_ENCODERS["Q4_0"]),
+        QuantFormat("Q4_1", _T.Q4_1, LEGACY_ENCODERS["Q4_1"]),
+        QuantFormat("Q5_0", _T.Q5_0, LEGACY_ENCODERS["Q5_0"]),
+        QuantFormat("Q5_1", _T.Q5_1, LEGACY_ENCODERS["Q5_1"]),
+        QuantFormat("Q8_0", _T.Q8_0, LEGACY_ENCODERS["Q8_0"], llama_cpp_candidate=False),
         QuantFormat("F16", _T.F16),
         QuantFormat("F32", _T.F32),
     )
