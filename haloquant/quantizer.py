@@ -4,6 +4,7 @@ sensitivity measures are the same quantizer."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from haloquant.calibstats import CalibrationStats
 from haloquant.formats import QuantFormat
@@ -26,11 +27,14 @@ def gptq_damp(t: TensorInfo, spec: QuantizeSpec) -> float:
 
 
 def encode_tensor(t: TensorInfo, weight: np.ndarray, fmt: QuantFormat, spec: QuantizeSpec,
-                  stats: CalibrationStats | None, device: str = "cpu", rounded: np.ndarray | None = None) -> np.ndarray:
+                  stats: CalibrationStats | None, device: str = "cpu", rounded: np.ndarray | None = None,
+                  gram: torch.Tensor | None = None) -> np.ndarray:
     """The tensor's block bytes. `rounded` (rows, cols), if given, receives the weights whose
-    nearest grid points the codes are: GPTQ's error-compensated weights (else left as is)."""
+    nearest grid points the codes are: GPTQ's error-compensated weights (else left as is).
+    `gram`: GPTQ's E[xxᵀ] of the input (sequential GPTQ's); default the calibration statistics'."""
     if uses_gptq(t, fmt, spec):
-        return gptq_quantize(weight, fmt, stats.gram(t), gptq_damp(t, spec), spec.gptq.act_order, device, rounded)
+        return gptq_quantize(weight, fmt, stats.gram(t) if gram is None else gram, gptq_damp(t, spec),
+                             spec.gptq.act_order, device, rounded)
     importance = stats.importance(t) if spec.importance and stats is not None else None
     if spec.method == "llamacpp" and not fmt.is_float:
         return ggml_quantize(fmt, weight, importance)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from haloquant.blocks import block_inputs, block_output, module_name
 from haloquant.formats import QuantFormat
 from haloquant.modelio import decoder_layers
 from haloquant.progress import track
@@ -105,47 +106,6 @@ class GridWeight:
         return self.fmt.with_codes(self.data, self.shape, self.codes().cpu().numpy().astype(np.uint8))
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _layer_inputs(model, ids: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Block 0's input hidden states per minibatch, and every block's keyword arguments per
-    minibatch (position embeddings, masks: Gemma's alternate between sliding and global)."""
-    layers = decoder_layers(model)
-    hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = [[] for _ in layers]
-    handles = []
-
-    def grab(i):
-        def hook(_m, args, kw):
-            if i == 0:
-                hidden.append((args[0] if args else kw["hidden_states"]).detach())
-            kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states" and k != "past_key_values"
-                              and k != "past_key_value"})
-            if i == len(layers) - 1:
-                raise _Stop
-        return hook
-
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(grab(i), with_kwargs=True))
-    try:
-        for s in range(0, ids.shape[0], batch):
-            try:
-                model(ids[s : s + batch], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return hidden, kwargs
-
-
-def _out(y):
-    return y[0] if isinstance(y, tuple) else y
-
-
 def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], formats: dict[str, QuantFormat],
                 settings: TuneSettings, device, rounded: dict[str, np.ndarray] | None = None,
                 log=None) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -160,25 +120,25 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
     ids = ids.to(device)
     gen = torch.Generator().manual_seed(settings.seed)
     lr0 = settings.lr if settings.lr is not None else 1.0 / max(settings.iters, 1)
-    x_float, layer_kwargs = _layer_inputs(model, ids, settings.batch)
+    x_float, layer_kwargs = block_inputs(model, ids, settings.batch)
     x_quant = [x.clone() for x in x_float]
     out = dict(encoded)
     report = []
     layers = decoder_layers(model)
     for i, layer in track(enumerate(layers), "block tuning", "blocks", total=len(layers)):
-        prefix = f"{_prefix(model, layer)}."
+        prefix = f"{module_name(model, layer)}."
         params = dict(layer.named_parameters())
         grids = {n: GridWeight(formats[prefix + n], encoded[prefix + n], tuple(p.shape), device,
                                rounded[prefix + n] if prefix + n in rounded else p.detach().float().cpu().numpy())
                  for n, p in params.items() if prefix + n in encoded and not formats[prefix + n].is_float}
         kw = layer_kwargs[i]
         with torch.no_grad():
-            target = [_out(layer(x, **k)) for x, k in zip(x_float, kw)]
+            target = [block_output(layer(x, **k)) for x, k in zip(x_float, kw)]
 
         def block_error(hard: bool) -> float:
             with torch.no_grad():
                 w = {n: g.weight(hard) for n, g in grids.items()}
-                return sum(float(F.mse_loss(_out(functional_call(layer, w, (x,), k)), y, reduction="sum"))
+                return sum(float(F.mse_loss(block_output(functional_call(layer, w, (x,), k)), y, reduction="sum"))
                            for x, k, y in zip(x_quant, kw, target))
 
         before = block_error(True)
@@ -186,7 +146,7 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
             b = int(torch.randint(len(x_quant), (1,), generator=gen))
             w = {n: g.weight() for n, g in grids.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                y = _out(functional_call(layer, w, (x_quant[b],), kw[b]))
+                y = block_output(functional_call(layer, w, (x_quant[b],), kw[b]))
             loss = F.mse_loss(y.float(), target[b])
             loss.backward()
             lr = lr0 * (1 - it / settings.iters)
@@ -201,7 +161,7 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
             out[prefix + n] = g.tuned_data() if keep else encoded[prefix + n]
         with torch.no_grad():  # the next block's quantized-path input
             w = {n: g.weight(True) for n, g in grids.items()}
-            x_quant = [_out(functional_call(layer, w, (x,), k)) for x, k in zip(x_quant, kw)]
+            x_quant = [block_output(functional_call(layer, w, (x,), k)) for x, k in zip(x_quant, kw)]
         x_float = target
         changed = sum(int((g.codes() != g.q0).sum()) for g in grids.values()) if keep else 0
         report.append({"layer": i, "error_before": before, "error_after": after, "kept": keep,
@@ -209,10 +169,3 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
         if log:
             log(f"block {i}: output error {before:.4g} → {after:.4g}" + ("" if keep else " (starting codes kept)"))
     return out, report
-
-
-def _prefix(model, layer) -> str:
-    for name, module in model.named_modules():
-        if module is layer:
-            return name
-    raise ValueError("layer is not a module of the model")

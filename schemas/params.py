@@ -150,6 +150,9 @@ class FoldSpec(Strict):
 class GPTQSpec(Strict):
     damp: float = Field(0.01, gt=0, lt=1, description="λ = damp · mean diag(H) added to the Hessian")
     act_order: bool = Field(True, description="columns by decreasing Hessian diagonal, grids fitted up front")
+    sequential: bool = Field(False, description="each decoder block's Hessians from the inputs the already-"
+                             "quantized blocks (and, inside a block, the already-quantized groups) produce, "
+                             "instead of the float model's calibration statistics (haloquant/sequential.py)")
     tied_embedding_damp: float = Field(
         1.0, gt=0, le=100, description="damp for a tied embedding: its Hessian is the output head's E[xxᵀ], and "
         "its rows are also looked up, where error counts unweighted (identity Hessian, i.e. rounding): a larger "

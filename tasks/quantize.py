@@ -2,7 +2,8 @@
 
 Method `rtn`: each format's round-to-nearest encoder; with `importance`, k-quant scales are fitted
 to calibration-weighted error (llama.cpp's imatrix, from the calibrate stage's diag(XᵀX)).
-Method `gptq`: GPTQ on the format's own grid with the calibration Hessian (haloquant/gptq.py).
+Method `gptq`: GPTQ on the format's own grid with the calibration Hessian (haloquant/gptq.py), or
+with `gptq.sequential` the Hessians of the quantized model's own inputs (haloquant/sequential.py).
 With `block_tuning.iters` > 0 the codes of every decoder block are then tuned against the float
 block's output (haloquant/reconstruct.py); scales stay, bytes stay llama.cpp's.
 The artifact holds the exact block bytes that export_gguf writes and validate decodes.
@@ -25,6 +26,7 @@ from haloquant.progress import track
 from haloquant.quantizer import encode_tensor, uses_gptq
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
 from haloquant.reconstruct import TuneSettings, tune_blocks
+from haloquant.sequential import quantize_sequentially
 from haloquant.schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
 from haloquant.schemas.params import ModelSpec, QuantizeSpec
 
@@ -43,22 +45,29 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
                              "another model; re-run allocate")
 
     arrays: dict[str, np.ndarray] = {}
-    formats = {}
-    rounded: dict[str, np.ndarray] = {}
     quantized = []
+    device = resolve_device(model_spec.device)
+    formats = {t.name: get_format(chosen[t.name]) for t in infos}
+    in_blocks = [t for t in infos if t.layer >= 0 and uses_gptq(t, formats[t.name], spec)]
+    # block tuning starts from the weights GPTQ rounded
+    rounded = {t.name: np.empty(t.shape, np.float32) for t in in_blocks} if spec.block_tuning.iters else {}
+
+    def encode(t, gram=None):
+        return encode_tensor(t, params[t.name].detach().float().cpu().numpy(), formats[t.name], spec, stats, device,
+                             rounded.get(t.name), gram)
+
+    if spec.method == "gptq" and spec.gptq.sequential:  # decoder blocks in order, Hessians from the quantized path
+        arrays = quantize_sequentially(model.to(device), stats.tensor("calibration_ids"), in_blocks, formats,
+                                       stats.report.input_of, encode)
+        model = model.cpu()
     for t in track(infos, "quantize", "tensors"):
-        fmt = formats[t.name] = get_format(chosen[t.name])
-        weight = params[t.name].detach().float().numpy()
-        if spec.block_tuning.iters and t.layer >= 0 and uses_gptq(t, fmt, spec):  # tuning starts from what
-            rounded[t.name] = np.empty_like(weight)                                # GPTQ rounded
-        arrays[t.name] = encode_tensor(t, weight, fmt, spec, stats, resolve_device(model_spec.device),
-                                       rounded.get(t.name))
-        quantized.append(QuantizedTensor(name=t.name, gguf_name=t.gguf_name, format=fmt.name, shape=t.shape,
-                                         bytes=int(arrays[t.name].nbytes)))
+        if t.name not in arrays:
+            arrays[t.name] = encode(t)
+        quantized.append(QuantizedTensor(name=t.name, gguf_name=t.gguf_name, format=formats[t.name].name,
+                                         shape=t.shape, bytes=int(arrays[t.name].nbytes)))
     if spec.block_tuning.iters:
         arrays, _ = tune_blocks(model, stats.tensor("calibration_ids"), arrays, formats,
-                                TuneSettings(**spec.block_tuning.model_dump()), resolve_device(model_spec.device),
-                                rounded)
+                                TuneSettings(**spec.block_tuning.model_dump()), device, rounded)
         model = model.cpu()
     floats = float_tensors(model)
     arrays.update({n: v.float().numpy() for n, v in floats.items()})
