@@ -61,7 +61,8 @@ def main() -> None:
             t3 = time.perf_counter()
             t_own, t_lc, t_pick = t_own + t1 - t0, t_lc + t2 - t1, t_pick + t3 - t2
             err = lambda q: float((((fmt.decode(q, w.shape) - w) ** 2) * imp).sum())  # noqa: E731
-            ratios.append(err(both) / err(own))
+            e_own = err(own)
+            ratios.append(err(both) / e_own if e_own > 0 else 1.0)  # 0: the weights already lie on the grid
             per_block = both.reshape(w.shape[0], -1, fmt.type_size) != own.reshape(w.shape[0], -1, fmt.type_size)
             won += int(per_block.any(-1).sum())
             blocks += per_block.shape[0] * per_block.shape[1]
