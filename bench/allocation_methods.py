@@ -24,7 +24,7 @@ from haloquant.tasks.scale_fold import scale_fold
 from haloquant.tasks.sensitivity import score_sensitivity
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
-METRICS = ["output_error", "hessian_trace", "kl_calibrated", "kl_end_to_end"]
+METRICS = ["output_error", "hessian_trace", "kl_calibrated", "kl_end_to_end", "kl_fisher"]
 SOLVERS = ["milp", "lagrangian", "greedy"]
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=float, default=[3.5, 4.5])
     ap.add_argument("--chunks", type=int, default=50)
     ap.add_argument("--metrics", nargs="+", default=METRICS)
+    ap.add_argument("--solvers", nargs="+", default=SOLVERS)
     ap.add_argument("--kl-sequences", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-alloc"))
     args = ap.parse_args()
@@ -47,15 +48,17 @@ def main() -> None:
                           QuantizeSpec(), calib, sens)
         sens_s = time.perf_counter() - t0
         for budget in args.budgets:
-            for solver in SOLVERS:
+            for solver in args.solvers:
                 d = args.out / metric / f"{budget}-{solver}"
+                t1 = time.perf_counter()
                 res = allocate(AllocationSpec(budget={"bits_per_weight": budget}, solver=solver), sens, d / "allocate")
+                solve_s = time.perf_counter() - t1
                 scale_fold(spec, FoldSpec(), calib, d / "allocate", d / "scale_fold")
                 quantize(spec, QuantizeSpec(), calib, d / "allocate", d / "scale_fold", d / "quantize")
                 export_gguf(spec, GGUFSpec(), d / "quantize", d / "gguf")
                 ppl = llama_cpp_perplexity(d / "gguf" / "model.gguf", text, 512, args.chunks)["ppl"]
                 rows.append({"metric": metric, "sensitivity_s": sens_s, "budget": budget, "solver": solver,
-                             "solve_s": res.seconds, "bpw": res.bits_per_weight, "objective": res.objective,
+                             "solve_s": solve_s, "bpw": res.bits_per_weight, "objective": res.objective,
                              "gguf_bytes": (d / "gguf" / "model.gguf").stat().st_size, "ppl": ppl})
                 print(json.dumps(rows[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

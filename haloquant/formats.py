@@ -77,8 +77,8 @@ class QuantFormat:
         `importance` (one weight per input column, e.g. diag(XᵀX)) weights the scale fits. For
         the formats with `llama_cpp_candidate`, each block keeps the better (by importance-weighted
         error) of haloquant's own fit and llama.cpp's quantizer with the same importance, so the
-        result is never worse than llama.cpp's, block by block. `threads`: row chunks encoded side by side (default: the process's torch thread
-        count); the bytes do not depend on it."""
+        result is never worse than llama.cpp's, block by block. `threads`: row chunks encoded side
+        by side (default: the process's torch thread count); the bytes do not depend on it."""
         w = np.ascontiguousarray(weight, dtype=np.float32)
         self.storage_bytes(w.shape)  # validates the row length
         if self.ggml_type == GGMLQuantizationType.F32:

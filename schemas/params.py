@@ -55,8 +55,9 @@ class SensitivitySpec(Strict):
     fallback_formats: list[str] = Field(
         FALLBACK_FORMATS, description="candidates too, for a tensor whose rows a listed format does not fit (the "
         "k-quants need rows that are a multiple of 256): llama.cpp's fallback types")
-    metric: Literal["output_error", "kl_calibrated", "hessian_trace", "kl_end_to_end", "none"] = "kl_calibrated"
-    kl_sequences: PositiveInt = Field(8, description="calibration sequences for kl_calibrated's measurements")
+    metric: Literal["output_error", "kl_calibrated", "hessian_trace", "kl_end_to_end", "kl_fisher",
+                    "none"] = "kl_calibrated"
+    kl_sequences: PositiveInt = Field(8, description="calibration sequences for the kl_* metrics' measurements")
 
     @field_validator("formats", "fallback_formats")
     @classmethod

@@ -11,6 +11,9 @@ Metrics (cost of each, for T tensors and F formats):
   on `kl_sequences` calibration sequences: cost = KL_ref · err(f) / err(ref). T probes (each from the
   weight's own block on: KLProbe).
 - `kl_end_to_end`: that KL measured for every tensor and format — T·F forward passes.
+- `kl_fisher`: the second-order KL of an output-channel-diagonal Fisher (haloquant/fisher.py):
+  ½ Σ_i f_i (ΔW G ΔWᵀ)_ii, f from one forward and backward pass over `kl_sequences` sequences —
+  KL units for every tensor at once, at a cost that does not grow with depth × tensors.
 For a tied embedding the error of its lookup (token-frequency weighted, times the family's embedding
 scale², e.g. Gemma's √hidden) is added to the head's. Candidates: the listed formats that fit a
 tensor's rows, plus `fallback_formats` where a listed one does not (candidate_formats).
@@ -28,9 +31,11 @@ from haloquant.calibstats import CalibrationStats
 from haloquant.embedding import FEATURES, layer_embeddings
 from haloquant import HaloquantError
 from haloquant.families import family
+from haloquant.fisher import fisher_lookup_error, fisher_output_error, output_fisher
 from haloquant.formats import QuantFormat, get_format
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
-from haloquant.modelio import TensorInfo, decoder_layers, float_tensors, load_model, quantizable_tensors
+from haloquant.modelio import (TensorInfo, decoder_layers, float_tensors, load_model, output_head_module,
+                               quantizable_tensors)
 from haloquant.progress import track
 from haloquant.quantizer import encode_tensor
 from haloquant.schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
@@ -109,6 +114,11 @@ class KLProbe:
         return t.layer if 0 <= t.layer < len(self.layers) else 0
 
 
+def _linear_of(model, t: TensorInfo) -> str:
+    """The module whose output this weight makes: its own, or for a tied embedding the output head."""
+    return output_head_module(model) if t.tied else t.module
+
+
 def _gguf_overhead(model_spec: ModelSpec, infos, floats) -> int:
     """What a GGUF of this model holds beyond tensor data (for allocation.budget.file_bytes)."""
     return gguf_overhead_bytes(Path(model_spec.path), {t.name: t.shape for t in infos},
@@ -136,8 +146,11 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     device = next(model.parameters()).device
     params = dict(model.named_parameters(remove_duplicate=False))
     token_freq = stats.token_freq().to(device)
-    probe = KLProbe(model, stats.tensor("calibration_ids")[: spec.kl_sequences]) if spec.metric.startswith("kl_") else None
+    ids = stats.tensor("calibration_ids")[: spec.kl_sequences]
+    probe = KLProbe(model, ids) if spec.metric in ("kl_calibrated", "kl_end_to_end") else None
     local = diagonal_error if spec.metric == "hessian_trace" else output_error
+    if spec.metric == "kl_fisher":
+        fisher = output_fisher(model, ids, sorted({_linear_of(model, t) for t in quantizable_tensors(model)}))
 
     # a looked-up row's error in residual-stream units (Gemma multiplies the embedding by √hidden)
     lookup_scale = family(model).embedding_scale(model.config) ** 2
@@ -154,10 +167,18 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             data = encode_tensor(t, w.cpu().numpy(), fmt, quant_spec, stats, device)
             decoded[fmt.name] = torch.from_numpy(fmt.decode(data, t.shape)).to(device)
             delta = w - decoded[fmt.name]
-            err = local(delta, gram)  # as a linear (for embeddings: the output head)
-            if t.kind == "token_embd":
-                lookup = lookup_scale * lookup_error(delta, token_freq)
-                err = err + lookup if t.tied else lookup
+            if spec.metric == "kl_fisher":
+                err = 0.0
+                if t.kind != "token_embd" or t.tied:
+                    m = _linear_of(model, t)
+                    err = fisher.coherence[m] * fisher_output_error(delta, gram, fisher.channels[m])
+                if t.kind == "token_embd":
+                    err += lookup_scale * fisher_lookup_error(delta, token_freq, fisher.block0)
+            else:
+                err = local(delta, gram)  # as a linear (for embeddings: the output head)
+                if t.kind == "token_embd":
+                    lookup = lookup_scale * lookup_error(delta, token_freq)
+                    err = err + lookup if t.tied else lookup
             if spec.metric == "kl_end_to_end":
                 err = probe.kl(t.name, decoded[fmt.name], probe.first_block(t))
             cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=err)
