@@ -21,6 +21,7 @@ from haloquant.families.base import head_dim  # noqa: F401  (re-exported: used a
 from haloquant.hfcompat import model_view
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # a fast tokenizer, or SentencePiece's model
+MISTRAL_REGEX_MODEL_TYPES = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")  # transformers' list
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,14 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     # whole texts are tokenized at once and cut into windows by the callers
+    kwargs = {"model_max_length": 1 << 62}
+    if read_config(Path(path)).get("model_type") not in MISTRAL_REGEX_MODEL_TYPES:
+        # transformers 4.57.3–4.57.6 warn of Mistral's broken pre-tokenizer regex for every local folder
+        # saved by those versions (transformers#44031, fixed in 5.x); saying "not Mistral's" silences
+        # the false alarm and changes nothing else
+        kwargs["fix_mistral_regex"] = False
     with model_view(check_model_dir(path)) as view:
-        return AutoTokenizer.from_pretrained(view, model_max_length=1 << 62)
+        return AutoTokenizer.from_pretrained(view, **kwargs)
 
 
 def gguf_arch(model) -> gguf.MODEL_ARCH:

@@ -46,6 +46,14 @@ def size(n_bytes: int) -> str:
     return f"{n_bytes} B"
 
 
+def singular(unit: str) -> str:
+    """batches → batch, tensors → tensor, chunks → chunk."""
+    for plural, one in (("ches", "ch"), ("shes", "sh"), ("sses", "ss"), ("s", "")):
+        if unit.endswith(plural):
+            return unit[: len(unit) - len(plural)] + one
+    return unit
+
+
 def progress_line(what: str, done: int, total: int | None, unit: str, elapsed: float) -> str:
     """`sensitivity: 40/211 tensors (19 %), 0.52 tensors/s, 5m28s left` (the rate and the time left
     only once something is done)."""
@@ -55,7 +63,7 @@ def progress_line(what: str, done: int, total: int | None, unit: str, elapsed: f
         line += f" ({100 * done / total:.0f} %)"
     if done and elapsed > 0:
         rate = done / elapsed
-        line += f", {rate:.3g} {unit}/s" if rate >= 1 else f", {duration(elapsed / done)} per {unit.rstrip('s')}"
+        line += f", {rate:.3g} {unit}/s" if rate >= 1 else f", {duration(elapsed / done)} per {singular(unit)}"
         if total and done < total:
             line += f", {duration((total - done) / rate)} left"
         elif total and done >= total:

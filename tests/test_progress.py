@@ -1,6 +1,7 @@
 """Progress and stage lines: what a person watching a long stage sees."""
 
 import logging
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,10 @@ def test_rates_and_sizes_read_as_a_person_writes_them():
     assert progress.progress_line("quantize", 30, 120, "tensors", 10.0) == \
         "quantize: 30/120 tensors (25 %), 3 tensors/s, 30s left"
     assert progress.progress_line("calibrate", 0, 8, "batches", 1.0) == "calibrate: 0/8 batches (0 %)"
+    assert progress.progress_line("calibrate", 2, 8, "batches", 96.0) == \
+        "calibrate: 2/8 batches (25 %), 48s per batch, 4m48s left"
+    assert [progress.singular(u) for u in ("blocks", "chunks", "batches", "tensors", "items")] == \
+        ["block", "chunk", "batch", "tensor", "item"]
     assert [progress.duration(s) for s in (0.84, 42, 185, 3725)] == ["0.8s", "42s", "3m05s", "1h02m"]
     assert [progress.size(n) for n in (812, 43_100, 13_409_239, 2_410_000_000)] == \
         ["812 B", "43.1 kB", "13.4 MB", "2.41 GB"]
@@ -31,12 +36,14 @@ def test_rates_and_sizes_read_as_a_person_writes_them():
 
 def test_a_stage_ends_with_one_summary_line_on_stderr(tmp_path):
     """`haloquant stage calibrate` (what dvc repro calls): the stage's line says what it wrote, its
-    size and its time; nothing else is printed for a stage this quick."""
+    size and its time; besides it, at most progress lines (a loaded machine can make even this
+    stage's one batch slow enough to be reported)."""
     params = write_params(tmp_path, small_params())
     r = subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "stage", "calibrate", "--params", str(params)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("calibrate:")]
-    assert len(lines) == 1, r.stderr
+    assert all(re.match(r"calibrate: \d+/1 batches \(", ln) for ln in lines[:-1]), r.stderr
+    lines = lines[-1:]
     assert "1,024 tokens (8 × 128) through ref-llama-tiny" in lines[0]
     assert " MB written in " in lines[0]
