@@ -115,7 +115,8 @@ class KLProbe:
 
 
 def _linear_of(model, t: TensorInfo) -> str:
-    """The module whose output this weight makes: its own, or for a tied embedding the output head."""
+    """The linear whose output this weight makes: its own, or for a tied embedding the output head
+    (an untied embedding is only looked up: its cost is the lookup's)."""
     return output_head_module(model) if t.tied else t.module
 
 
@@ -150,7 +151,8 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     probe = KLProbe(model, ids) if spec.metric in ("kl_calibrated", "kl_end_to_end") else None
     local = diagonal_error if spec.metric == "hessian_trace" else output_error
     if spec.metric == "kl_fisher":
-        fisher = output_fisher(model, ids, sorted({_linear_of(model, t) for t in quantizable_tensors(model)}))
+        fisher = output_fisher(model, ids, sorted({_linear_of(model, t) for t in quantizable_tensors(model)
+                                                   if t.kind != "token_embd" or t.tied}))
 
     # a looked-up row's error in residual-stream units (Gemma multiplies the embedding by √hidden)
     lookup_scale = family(model).embedding_scale(model.config) ** 2

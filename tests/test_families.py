@@ -166,6 +166,59 @@ def test_kl_probe_replaying_earlier_blocks_is_exact(case, zoo):
         assert torch.equal(F.log_softmax(model(probe.batch).logits.float(), -1), probe.ref_logp)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_kl_fisher_is_the_measured_kl_to_second_order(case, zoo):
+    """kl_fisher's cost of a small weight error is the KL the probe measures with that error
+    swapped in — for every tensor of every family: fused projections, biases, Gemma's scaled
+    embedding and soft-capped logits, tied and untied heads."""
+    from haloquant.families import family
+    from haloquant.fisher import fisher_lookup_error, fisher_output_error, output_fisher
+    from haloquant.modelio import output_head_module
+    from haloquant.tasks.sensitivity import KLProbe
+
+    model = load_model(make_model(case, zoo), "cpu")
+    # tokens of text, not the padding row (zero: an RMSNorm of a zero vector is all curvature)
+    real = (model.get_input_embeddings().weight.norm(dim=1) > 0).nonzero().flatten()
+    ids = real[torch.randint(0, len(real), (8, 32), generator=torch.Generator().manual_seed(0))]
+    infos = quantizable_tensors(model)
+    linear = {t.name: output_head_module(model) if t.tied else t.module for t in infos if t.kind != "token_embd" or t.tied}
+    fisher = output_fisher(model, ids, sorted(set(linear.values())))
+    named, grams, handles = dict(model.named_modules()), {}, []
+    for m in set(linear.values()):
+        def keep(_mod, args, m=m):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            grams[m] = x.T @ x / x.shape[0]  # one forward pass: E[xxᵀ] over all its tokens
+        handles.append(named[m].register_forward_pre_hook(keep))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    freq = torch.bincount(ids.flatten(), minlength=model.config.vocab_size).double() / ids.numel()
+    probe = KLProbe(model, ids)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    gen = torch.Generator().manual_seed(1)
+    ratios = {}
+    for t in infos:
+        w = params[t.name].detach().double()
+        delta = 0.03 * w.std() * torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        est = 0.0
+        if t.name in linear:
+            m = linear[t.name]
+            est += fisher.coherence[m] * fisher_output_error(delta, grams[m], fisher.channels[m].double())
+        if t.kind == "token_embd":
+            scale = family(model).embedding_scale(model.config) ** 2
+            est += scale * fisher_lookup_error(delta, freq, fisher.block0.double())
+        ratios[t.gguf_name] = est / probe.kl(t.name, (w + delta).float(), probe.first_block(t))
+    entropy = float(-(probe.ref_logp.exp() * probe.ref_logp).sum(-1).mean())
+    if entropy < 1e-6:  # a random model certain of every next token: no KL to measure, none estimated
+        assert all(abs(r) < 1e-6 for r in ratios.values()), ratios
+        return
+    outliers = {k: round(r, 3) for k, r in ratios.items() if not 1 / 3 < r < 3}  # second order, one label sample
+    assert not outliers, str(outliers)
+    mean_ratio = math.exp(sum(map(math.log, ratios.values())) / len(ratios))
+    assert 2 / 3 < mean_ratio < 1.5, mean_ratio  # no bias beyond the noise of one label sample
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.hidden % 256], ids=lambda c: c.id)
 def test_default_pipeline_runs_at_any_width(case, zoo, tmp_path):
     """The default spec (k-quant candidates; llama.cpp's fallbacks where the rows need them), only

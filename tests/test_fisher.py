@@ -59,3 +59,19 @@ def test_output_fisher_is_reproducible_and_leaves_the_model_alone():
     assert first.block0.shape == (model.config.hidden_size,)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None
+
+
+def test_kl_fisher_prices_an_untied_embedding_and_head(tmp_path):
+    """An untied embedding is only looked up (no linear makes it): priced at block 0's input; the
+    separate output head by its own logits' Fisher."""
+    from tests.modelzoo import CASES, make_model
+
+    case = next(c for c in CASES if not c.tied)
+    spec = ModelSpec(path=make_model(case, tmp_path / "zoo"), device="cpu")
+    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), tmp_path / "calibrate")
+    table = score_sensitivity(spec, SensitivitySpec(formats=["Q4_0", "Q8_0"], metric="kl_fisher", kl_sequences=4),
+                              QuantizeSpec(), tmp_path / "calibrate", tmp_path / "sensitivity")
+    kinds = {t.kind for t in table.tensors}
+    assert {"token_embd", "output"} <= kinds
+    for t in table.tensors:
+        assert 0 < t.candidates["Q8_0"].error < t.candidates["Q4_0"].error, t.name
