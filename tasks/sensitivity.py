@@ -114,10 +114,12 @@ class KLProbe:
         return t.layer if 0 <= t.layer < len(self.layers) else 0
 
 
-def _linear_of(model, t: TensorInfo) -> str:
-    """The linear whose output this weight makes: its own, or for a tied embedding the output head
-    (an untied embedding is only looked up: its cost is the lookup's)."""
-    return output_head_module(model) if t.tied else t.module
+def linear_of(model, t: TensorInfo) -> str | None:
+    """The linear whose output this weight makes: its own, or for a tied embedding the output head;
+    None for an untied embedding, which is only looked up (its cost is the lookup's)."""
+    if t.kind == "token_embd":
+        return output_head_module(model) if t.tied else None
+    return t.module
 
 
 def _gguf_overhead(model_spec: ModelSpec, infos, floats) -> int:
@@ -151,8 +153,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     probe = KLProbe(model, ids) if spec.metric in ("kl_calibrated", "kl_end_to_end") else None
     local = diagonal_error if spec.metric == "hessian_trace" else output_error
     if spec.metric == "kl_fisher":
-        fisher = output_fisher(model, ids, sorted({_linear_of(model, t) for t in quantizable_tensors(model)
-                                                   if t.kind != "token_embd" or t.tied}))
+        fisher = output_fisher(model, ids, sorted({linear_of(model, t) for t in quantizable_tensors(model)} - {None}))
 
     # a looked-up row's error in residual-stream units (Gemma multiplies the embedding by √hidden)
     lookup_scale = family(model).embedding_scale(model.config) ** 2
@@ -170,10 +171,8 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             decoded[fmt.name] = torch.from_numpy(fmt.decode(data, t.shape)).to(device)
             delta = w - decoded[fmt.name]
             if spec.metric == "kl_fisher":
-                err = 0.0
-                if t.kind != "token_embd" or t.tied:
-                    m = _linear_of(model, t)
-                    err = fisher.coherence[m] * fisher_output_error(delta, gram, fisher.channels[m])
+                m = linear_of(model, t)
+                err = 0.0 if m is None else fisher.coherence[m] * fisher_output_error(delta, gram, fisher.channels[m])
                 if t.kind == "token_embd":
                     err += lookup_scale * fisher_lookup_error(delta, token_freq, fisher.block0)
             else:

@@ -173,15 +173,14 @@ def test_kl_fisher_is_the_measured_kl_to_second_order(case, zoo):
     embedding and soft-capped logits, tied and untied heads."""
     from haloquant.families import family
     from haloquant.fisher import fisher_lookup_error, fisher_output_error, output_fisher
-    from haloquant.modelio import output_head_module
-    from haloquant.tasks.sensitivity import KLProbe
+    from haloquant.tasks.sensitivity import KLProbe, linear_of
 
     model = load_model(make_model(case, zoo), "cpu")
     # tokens of text, not the padding row (zero: an RMSNorm of a zero vector is all curvature)
     real = (model.get_input_embeddings().weight.norm(dim=1) > 0).nonzero().flatten()
     ids = real[torch.randint(0, len(real), (8, 32), generator=torch.Generator().manual_seed(0))]
     infos = quantizable_tensors(model)
-    linear = {t.name: output_head_module(model) if t.tied else t.module for t in infos if t.kind != "token_embd" or t.tied}
+    linear = {t.name: linear_of(model, t) for t in infos if linear_of(model, t) is not None}
     fisher = output_fisher(model, ids, sorted(set(linear.values())))
     named, grams, handles = dict(model.named_modules()), {}, []
     for m in set(linear.values()):
