@@ -8,8 +8,8 @@ For the model: the F16 GGUF's llama.cpp perplexity; then for each preset (Q3_K_M
 default) llama.cpp's type map and file size for *this* model (llama_model_quantize on the F16
 file: at widths that are not a multiple of 256 it falls back to block-32 types), that map
 quantized by llama.cpp's quantizer with the calibration imatrix ("llama.cpp+imatrix", what
-llama-quantize --imatrix writes), and haloquant at exactly that file's tensor bytes (kl_calibrated
-sensitivity with the GPTQ quantizer → MILP → GPTQ, llama.cpp's fallback types among the
+llama-quantize --imatrix writes), and haloquant at exactly that file's tensor bytes (--metric
+sensitivity, auto by default as in params.yaml, with the GPTQ quantizer → MILP → GPTQ, llama.cpp's fallback types among the
 candidates). Every file is scored by llama.cpp: WikiText-2 test, ctx 512, the first --chunks
 chunks; perplexity, the 95 % paired interval of haloquant vs llama.cpp+imatrix, and KL from the
 F16 file. Then a chat completion through llama-cpp-python with the file's own chat template, and
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=PRESETS)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--default-pipeline", action="store_true")
+    ap.add_argument("--metric", default="auto", help="sensitivity.metric (auto: as the default params.yaml)")
     args = ap.parse_args()
     out = args.out or Path(f"/tmp/haloquant-real-{args.model.name}")
     spec, calib, text = setup(args.model, out)
@@ -85,16 +86,18 @@ def main() -> None:
     t0 = time.perf_counter()
     sens = out / "sensitivity"
     if not (sens / "sensitivity.json").is_file():
-        score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"]), QuantizeSpec(method="gptq"), calib, sens)
-    print(f"sensitivity (kl_calibrated, GPTQ quantizer, fallbacks where needed): {time.perf_counter() - t0:.0f} s",
+        score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"], metric=args.metric),
+                          QuantizeSpec(method="gptq"), calib, sens)
+    metric = json.loads((sens / "sensitivity.json").read_text())["metric"]
+    print(f"sensitivity ({metric}, GPTQ quantizer, fallbacks where needed): {time.perf_counter() - t0:.0f} s",
           flush=True)
 
     f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib, out / "F16")
     ref = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=out / "f16_logprobs.npy")
     f16_logprobs = ref.pop("logprobs")
     print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.4f}", flush=True)
-    result = {"model": args.model.name, "chunks": args.chunks, "f16": {"bytes": f16.stat().st_size, "ppl": ref["ppl"]},
-              "rows": []}
+    result = {"model": args.model.name, "chunks": args.chunks, "metric": metric,
+              "f16": {"bytes": f16.stat().st_size, "ppl": ref["ppl"]}, "rows": []}
 
     def scored(path: Path) -> dict:
         r = llama_cpp_perplexity(path, text, 512, args.chunks, reference=f16_logprobs)

@@ -55,9 +55,12 @@ class SensitivitySpec(Strict):
     fallback_formats: list[str] = Field(
         FALLBACK_FORMATS, description="candidates too, for a tensor whose rows a listed format does not fit (the "
         "k-quants need rows that are a multiple of 256): llama.cpp's fallback types")
-    metric: Literal["output_error", "kl_calibrated", "hessian_trace", "kl_end_to_end", "kl_fisher",
-                    "none"] = "kl_calibrated"
+    metric: Literal["auto", "output_error", "kl_calibrated", "hessian_trace", "kl_end_to_end", "kl_fisher",
+                    "none"] = Field("auto", description="auto: kl_calibrated where its probes cost at most "
+                                    "probe_budget_tflop, else kl_fisher (tasks/sensitivity.py)")
     kl_sequences: PositiveInt = Field(8, description="calibration sequences for the kl_* metrics' measurements")
+    probe_budget_tflop: float = Field(100.0, gt=0, description="metric auto: the most kl_calibrated's probes may "
+                                      "cost, in 10¹² multiply-adds × 2 (about 40 min on 2 CPU cores)")
 
     @field_validator("formats", "fallback_formats")
     @classmethod

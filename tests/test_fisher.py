@@ -17,13 +17,20 @@ from tests.conftest import CALIB_TEXT, TINY
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q8_0"]
 
 
+SPEC = ModelSpec(path=TINY, device="cpu", add_bos=True)
+
+
 @pytest.fixture(scope="module")
-def tables(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fisher")
-    spec = ModelSpec(path=TINY, device="cpu", add_bos=True)
-    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=8, seq_len=128), out / "calibrate")
-    return {m: score_sensitivity(spec, SensitivitySpec(formats=FORMATS, metric=m, kl_sequences=8), QuantizeSpec(),
-                                 out / "calibrate", out / m)
+def calib_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fisher") / "calibrate"
+    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=8, seq_len=128), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tables(calib_dir):
+    return {m: score_sensitivity(SPEC, SensitivitySpec(formats=FORMATS, metric=m, kl_sequences=8), QuantizeSpec(),
+                                 calib_dir, calib_dir.parent / m)
             for m in ("kl_fisher", "kl_end_to_end")}
 
 
@@ -75,3 +82,41 @@ def test_kl_fisher_prices_an_untied_embedding_and_head(tmp_path):
     assert {"token_embd", "output"} <= kinds
     for t in table.tensors:
         assert 0 < t.candidates["Q8_0"].error < t.candidates["Q4_0"].error, t.name
+
+
+def test_probe_cost_is_what_the_probes_compute():
+    """probe_tflop, which metric auto compares with its budget, is the probes' real matmul work:
+    torch's FLOP counter over one kl_calibrated probe per tensor agrees within 5 %."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from haloquant.tasks.sensitivity import KLProbe, probe_tflop
+
+    model = load_model(TINY, "cpu")
+    infos = quantizable_tensors(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    probe = KLProbe(model, ids)
+    params = dict(model.named_parameters())
+    with FlopCounterMode(display=False) as counter:
+        for t in infos:
+            probe.kl(t.name, params[t.name].detach() * 0.99, probe.first_block(t))
+    assert probe_tflop(model, infos, 2, 64) == pytest.approx(counter.get_total_flops() / 1e12, rel=0.05)
+
+
+def test_auto_metric_runs_kl_fisher_over_budget_and_kl_calibrated_within(tables, calib_dir, tmp_path):
+    from haloquant.tasks.sensitivity import probe_tflop, resolve_metric
+
+    model = load_model(TINY, "cpu")
+    infos = quantizable_tensors(model)
+    ids = torch.zeros(8, 128, dtype=torch.long)
+    cost = probe_tflop(model, infos, 8, 128)
+    assert resolve_metric(SensitivitySpec(formats=FORMATS, probe_budget_tflop=cost * 1.01), model, infos, ids) == \
+        "kl_calibrated"
+    assert resolve_metric(SensitivitySpec(formats=FORMATS, probe_budget_tflop=cost * 0.99), model, infos, ids) == \
+        "kl_fisher"
+    assert resolve_metric(SensitivitySpec(formats=FORMATS, metric="kl_end_to_end", probe_budget_tflop=1e-9), model,
+                          infos, ids) == "kl_end_to_end"
+    # the table says what ran, and holds the same costs as that metric asked for by name
+    auto = score_sensitivity(SPEC, SensitivitySpec(formats=FORMATS, probe_budget_tflop=cost * 0.99), QuantizeSpec(),
+                             calib_dir, tmp_path / "auto")
+    assert auto.metric == "kl_fisher"
+    assert [t.candidates for t in auto.tensors] == [t.candidates for t in tables["kl_fisher"].tensors]
