@@ -60,7 +60,7 @@ class SensitivitySpec(Strict):
                                     "probe_budget_tflop, else kl_fisher (tasks/sensitivity.py)")
     kl_sequences: PositiveInt = Field(8, description="calibration sequences for the kl_* metrics' measurements")
     probe_budget_tflop: float = Field(100.0, gt=0, description="metric auto: the most kl_calibrated's probes may "
-                                      "cost, in 10¹² multiply-adds × 2 (about 40 min on 2 CPU cores)")
+                                      "cost, in 10¹² floating-point operations (about 13 min on 2 CPU cores)")
 
     @field_validator("formats", "fallback_formats")
     @classmethod

@@ -15,9 +15,9 @@ Metrics (cost of each, for T tensors and F formats):
   ½ Σ_i f_i (ΔW G ΔWᵀ)_ii, f from one forward and backward pass over `kl_sequences` sequences —
   KL units for every tensor at once, at a cost that does not grow with depth × tensors.
 - `auto` (default): kl_calibrated where its T probes cost at most `probe_budget_tflop` (probe_tflop),
-  else kl_fisher. The probes grow as tensors × depth × (width + vocabulary): affordable on a small
-  model, hours on 2 CPU cores from ~0.5 B parameters on (Qwen2.5-0.5B: ~3 h), while kl_fisher costs
-  one forward and backward pass. Measured on ref-llama-a (bench/results/allocation_methods_*): the
+  else kl_fisher. The probes grow as tensors × depth × (width + vocabulary): minutes on a small
+  model, ~30 min of probes on 2 CPU cores for Qwen2.5-0.5B (229 TFLOP), hours from ~1 B on, while
+  kl_fisher costs one forward and backward pass. Measured on ref-llama-a (docs/stages.md): the
   two give the same perplexity at 3.5 bpw and kl_fisher's is 0.1 % higher at 4.5 bpw. The table
   records the metric that ran.
 For a tied embedding the error of its lookup (token-frequency weighted, times the family's embedding
