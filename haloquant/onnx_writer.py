@@ -1,13 +1,19 @@
-"""ONNX export: optimum exports the model holding the decoded quantized weights; then every linear
-whose format onnxruntime can hold as integers becomes a `com.microsoft.MatMulNBits` node carrying
-the *same* integer codes, scales and zero points as the GGUF — nothing is re-quantized.
+"""ONNX export: optimum exports the model holding the decoded quantized weights; then every
+quantized linear becomes a `com.microsoft.MatMulNBits` node and the quantized embedding a
+`GatherBlockQuantized` node carrying the *same* integer codes, scales and zero points as the GGUF —
+nothing is re-quantized, no float copy of a quantized weight stays in the file.
 
-onnxruntime's CPU kernel takes 2-, 4- and 8-bit codes in groups of 16–256; it refuses 8-bit codes
-with float zero points, so formats needing that (Q5_1) stay float MatMuls of the decoded weight.
+onnxruntime's kernels take 2-, 4- and 8-bit codes in groups of 16–256; MatMulNBits refuses 8-bit
+codes with float zero points and GatherBlockQuantized any non-default zero point, so there a format's
+own zero point (Q5_1's min, Q5_K's dmin·m) is carried as a per-block offset: (x summed per block) ·
+offsetᵀ beside the MatMulNBits, or a gathered offset added to the lookup. 3-bit codes are held as
+4-bit, 5- and 6-bit as 8-bit, IQ4's table values (−127…113) as 8-bit codes + 128. The folder also
+holds genai_config.json, so onnxruntime-genai's generator runs it with its KV cache.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -22,6 +28,7 @@ from onnx import helper, numpy_helper
 
 from haloquant import HaloquantError
 from haloquant.formats import AffineBlocks, get_format
+from haloquant.modelio import load_tokenizer
 from haloquant.schemas.artifacts import QuantizedManifest
 
 MS_DOMAIN = "com.microsoft"
@@ -71,6 +78,92 @@ def matmul_nbits(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tup
     return new, inits
 
 
+def quantized_gather(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tuple[list, list, str]:
+    """An embedding Gather → onnxruntime's GatherBlockQuantized over the same codes, held as
+    (rows, groups, bytes per group) — the layout of MatMulNBits' weight, so a tied head's
+    MatMulNBits and the lookup share one initializer (dedupe_initializers). It decodes
+    (u − D)·scale with D its fixed zero point, so a format's own zero point comes back as a
+    gathered per-block offset (integer_zero_form), added before the groups are flattened."""
+    integer, offset = integer_zero_form(blocks)
+    rows, groups, group = integer.q.shape
+    inits = [numpy_helper.from_array(pack_codes(integer.q, integer.bits), f"{prefix}.qweight"),
+             numpy_helper.from_array(integer.scale.reshape(rows, groups, 1).astype(np.float32), f"{prefix}.gather_scales"),
+             numpy_helper.from_array(np.array([0, 0, groups * group], np.int64), f"{prefix}.flat")]
+    decoded = f"{prefix}.decoded_groups"
+    nodes = [helper.make_node("GatherBlockQuantized", [inits[0].name, node.input[1], inits[1].name], [decoded],
+                              name=f"{node.name}_Q{integer.bits}", domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
+                              block_size=group, bits=integer.bits)]
+    how = f"GatherBlockQuantized bits={integer.bits} block={group}"
+    if offset.any():
+        inits += [numpy_helper.from_array(offset.reshape(rows, groups, 1), f"{prefix}.gather_offsets")]
+        nodes += [helper.make_node("Gather", [f"{prefix}.gather_offsets", node.input[1]], [f"{prefix}.offset_rows"]),
+                  helper.make_node("Add", [decoded, f"{prefix}.offset_rows"], [f"{prefix}.summed_groups"])]
+        decoded = f"{prefix}.summed_groups"
+        how += " + per-block offset"
+    nodes.append(helper.make_node("Reshape", [decoded, f"{prefix}.flat"], [node.output[0]]))
+    return nodes, inits, how
+
+
+def dedupe_initializers(graph: onnx.GraphProto) -> None:
+    """Initializers with the same type, shape and bytes become one (a tied head's codes and the
+    embedding lookup's): the file holds each quantized weight once."""
+    seen: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), init.raw_data) if init.raw_data else None
+        if key is not None and key in seen:
+            rename[init.name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = init.name
+        keep.append(init)
+    if not rename:
+        return
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+
+
+def integer_zero_form(blocks: AffineBlocks) -> tuple[AffineBlocks, np.ndarray]:
+    """Any linear or table-coded blocks as 4- or 8-bit codes with onnxruntime's default zero point
+    (8 or 128) plus a per-block offset (rows, groups), for the kernels that take only integer zero
+    points: value = (u − D)·scale + offset. IQ4's table values (−127…113) are stored as value + 128."""
+    if blocks.values is None:
+        bits, u, shift = (4 if blocks.bits <= 4 else 8), blocks.q.astype(np.uint8), 0
+    else:
+        bits, u, shift = 8, (blocks.values[blocks.q] + 128).astype(np.uint8), 128
+    default = 8 if bits == 4 else 128
+    offset = (((default - shift) - blocks.zero) * blocks.scale).astype(np.float32)
+    return AffineBlocks(u, blocks.scale, np.full_like(blocks.zero, default), bits, True), offset
+
+
+def matmul_nbits_with_offset(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tuple[list, list]:
+    """x·Wᵀ with W = (u − D)·scale + offset per block: MatMulNBits on the integer part, and the offset's
+    share as (x summed within each block) · offsetᵀ — one small float MatMul of K/group columns."""
+    integer, offset = integer_zero_form(blocks)
+    n, groups, group = integer.q.shape
+    base = f"{prefix}.integer_part"
+    inits = [numpy_helper.from_array(pack_codes(integer.q, integer.bits), f"{prefix}.qweight"),
+             numpy_helper.from_array(integer.scale.reshape(-1).astype(np.float32), f"{prefix}.scales"),
+             numpy_helper.from_array(np.ascontiguousarray(offset.T), f"{prefix}.offsets"),
+             numpy_helper.from_array(np.array([0, 0, groups, group], np.int64), f"{prefix}.blocked"),
+             numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}.last_axis")]
+    x = node.input[0]
+    nodes = [helper.make_node("MatMulNBits", [x, inits[0].name, inits[1].name], [base],
+                              name=f"{node.name}_Q{integer.bits}", domain=MS_DOMAIN, K=groups * group, N=n,
+                              bits=integer.bits, block_size=group),
+             helper.make_node("Reshape", [x, f"{prefix}.blocked"], [f"{prefix}.x_blocked"]),
+             helper.make_node("ReduceSum", [f"{prefix}.x_blocked", f"{prefix}.last_axis"], [f"{prefix}.x_sums"],
+                              keepdims=0),
+             helper.make_node("MatMul", [f"{prefix}.x_sums", f"{prefix}.offsets"], [f"{prefix}.offset_part"]),
+             helper.make_node("Add", [base, f"{prefix}.offset_part"], list(node.output))]
+    return nodes, inits
+
+
 def _module_of(node_name: str) -> str:
     """optimum's node names carry the module path: /model/layers.0/mlp/up_proj/MatMul."""
     return node_name.strip("/").rsplit("/", 1)[0].replace("/", ".")
@@ -87,6 +180,9 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
     for node in graph.node:
         module = _module_of(node.name)
         wname = weight_of_module.get(module)
+        if node.op_type == "Gather" and node.input[0] in inits and node.input[0] in qinfo:
+            stored[module] = _rewrite_gather(node, qinfo[node.input[0]], tensors, inits, graph, new_nodes, module)
+            continue
         if node.op_type != "MatMul" or wname not in qinfo or node.input[1] not in inits:
             new_nodes.append(node)
             continue
@@ -97,9 +193,23 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
         if actual.shape != expected.T.shape or not np.array_equal(actual, expected.T):
             raise HaloquantError(f"export_onnx: exported weight of {module} differs from the quantized artifact")
         blocks = fmt.affine_blocks(tensors[wname], q.shape)
-        if blocks is None or not ort_supports(blocks):
+        group = blocks.q.shape[-1] if blocks is not None else 0
+        if blocks is None or not (16 <= group <= 256 and group & (group - 1) == 0):
             stored[module] = f"{q.format}: MatMul float32 (no onnxruntime integer kernel for it)"
             new_nodes.append(node)
+            continue
+        if not ort_supports(blocks):  # 8-bit codes with a float zero point, or table-indexed codes
+            integer, offset = integer_zero_form(blocks)
+            if not offset.any():  # IQ4: table values + 128 with the default zero point are the weight
+                nb_node, nb_inits = matmul_nbits(node, integer, module)
+                graph.initializer.extend(nb_inits)
+                new_nodes.append(nb_node)
+                stored[module] = f"{q.format}: MatMulNBits bits={integer.bits} block={group}"
+                continue
+            nb_nodes, nb_inits = matmul_nbits_with_offset(node, blocks, module)
+            graph.initializer.extend(nb_inits)
+            new_nodes.extend(nb_nodes)
+            stored[module] = f"{q.format}: MatMulNBits bits={integer.bits} block={group} + per-block offset"
             continue
         nb_node, nb_inits = matmul_nbits(node, blocks, module)
         graph.initializer.extend(nb_inits)
@@ -107,6 +217,7 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
         stored[module] = f"{q.format}: MatMulNBits bits={blocks.bits} block={blocks.q.shape[-1]}"
     del graph.node[:]
     graph.node.extend(new_nodes)
+    dedupe_initializers(graph)
     used = {i for n in graph.node for i in n.input}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
@@ -114,6 +225,87 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return stored
+
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def _special_ids(model, tokenizer) -> tuple[int, int | list[int], int]:
+    """(bos, eos, pad) as the builder resolves them: generation_config, then config, then the
+    tokenizer; EOS also holds the tokenizer's own end token (a chat model's end of turn, e.g. Qwen's
+    <|im_end|>, where config.json names only <|endoftext|>); the generator needs numbers, so a
+    missing BOS becomes the builder's 1 and a missing pad the first EOS."""
+    def resolve(attr):
+        for source in (model.generation_config, model.config, tokenizer):
+            value = getattr(source, attr, None) if source is not None else None
+            if value is not None:
+                return value
+        return None
+
+    eos = resolve("eos_token_id")
+    if eos is None:
+        raise HaloquantError("export_onnx: no eos_token_id in generation_config.json, config.json or the tokenizer")
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    turn_end = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if turn_end is not None and turn_end not in eos:
+        eos.append(turn_end)
+    bos, pad = resolve("bos_token_id"), resolve("pad_token_id")
+    return (1 if bos is None else bos), (eos[0] if len(eos) == 1 else eos), (eos[0] if pad is None else pad)
+
+
+def genai_config(model, tokenizer, onnx_file: str) -> dict:
+    """onnxruntime-genai's description of the decoder graph (genai_config.json), in the form its
+    model builder writes for a graph it did not build (its config-only mode: that builder itself needs
+    transformers ≥ 5 to import, so the same fields are filled here from the model's config).
+    optimum's inputs and outputs already carry the names the generator expects; the model type is
+    the config's (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3: the generator's own)."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    bos, eos, pad = _special_ids(model, tokenizer)
+    return {
+        "model": {
+            "bos_token_id": bos,
+            "context_length": cfg.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": onnx_file,
+                "head_size": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": cfg.model_type,
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": cfg.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0},
+    }
+
+
+def _rewrite_gather(node, q, tensors, inits, graph, new_nodes, module) -> str:
+    """The embedding lookup of a quantized weight, as GatherBlockQuantized where it can be."""
+    fmt = get_format(q.format)
+    if not np.array_equal(numpy_helper.to_array(inits[node.input[0]]), fmt.decode(tensors[q.name], q.shape)):
+        raise HaloquantError(f"export_onnx: exported weight of {module} differs from the quantized artifact")
+    blocks = fmt.affine_blocks(tensors[q.name], q.shape)
+    group = blocks.q.shape[-1] if blocks is not None else 0
+    if blocks is None or not (16 <= group <= 256 and group & (group - 1) == 0):
+        new_nodes.append(node)
+        return f"{q.format}: Gather float32 (no block-quantized gather for it)"
+    nodes, new_inits, how = quantized_gather(node, blocks, module)
+    graph.initializer.extend(new_inits)
+    new_nodes.extend(nodes)
+    return f"{q.format}: {how}"
 
 
 @contextmanager
@@ -143,7 +335,8 @@ def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, t
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir, onnx_dir = Path(tmp) / "hf", Path(tmp) / "onnx"
         model.save_pretrained(hf_dir)
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                  "generation_config.json"):
             if (tokenizer_dir / f).is_file():
                 shutil.copy(tokenizer_dir / f, hf_dir / f)
         with warnings.catch_warnings(), _quiet("optimum", "transformers"):
@@ -159,4 +352,9 @@ def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, t
         onnx.save(onnx_model, str(onnx_dir / "model.onnx"))
         for f in sorted(onnx_dir.iterdir()):
             shutil.copy(f, out_dir / f.name)
+        config = genai_config(model, load_tokenizer(tokenizer_dir), "model.onnx")
+        (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2))
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (hf_dir / f).is_file():  # the generator's tokenizer reads them from the model folder
+                shutil.copy(hf_dir / f, out_dir / f)
     return stored

@@ -64,3 +64,28 @@ def onnx_check(path: Path, chunks: torch.Tensor, torch_model, batch_size: int = 
     return {"ppl": math.exp(nll / n_tok), "torch_ppl_same_chunks": math.exp(torch_nll / n_tok),
             "n_tokens": n_tok, "n_chunks": int(chunks.shape[0]), "max_abs_logit_error": max_abs,
             "max_rel_logit_error": max_rel, "seconds": time.perf_counter() - t0}
+
+
+def genai_greedy(folder: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation by onnxruntime-genai's generator from the export folder (its
+    genai_config.json, KV cache and all), the way an edge app runs the model: the new tokens only."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    n = len(prompt_ids) + new_tokens
+    params.set_search_options(max_length=n, min_length=n, do_sample=False)  # exactly new_tokens: EOS held off
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt_ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(prompt_ids):]]
+
+
+def torch_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """The same greedy continuation by transformers' generate (EOS held off the same way)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    return out[0, len(prompt_ids):].tolist()

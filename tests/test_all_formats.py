@@ -90,9 +90,13 @@ def test_onnx_holds_integer_weights_and_agrees(mixed):
     for expected in ("Q2_K: MatMulNBits bits=2 block=16", "Q3_K: MatMulNBits bits=4 block=16",
                      "Q4_K: MatMulNBits bits=4 block=32", "Q6_K: MatMulNBits bits=8 block=16",
                      "Q4_0: MatMulNBits bits=4 block=32", "Q8_0: MatMulNBits bits=8 block=32",
-                     "IQ4_NL: MatMul float32 (no onnxruntime integer kernel for it)",
-                     "IQ4_XS: MatMul float32 (no onnxruntime integer kernel for it)"):
+                     "Q5_1: MatMulNBits bits=8 block=32 + per-block offset",
+                     "Q5_K: MatMulNBits bits=8 block=32 + per-block offset",
+                     "IQ4_NL: MatMulNBits bits=8 block=32", "IQ4_XS: MatMulNBits bits=8 block=32"):
         assert expected in kinds, kinds
+    # no quantized weight is left as a float MatMul or Gather: every format has an integer form
+    assert all("float" not in how for how in kinds if not how.startswith("F16")), kinds
+    assert any("GatherBlockQuantized" in how for how in kinds), kinds  # the embedding too
     tok = load_tokenizer(TINY)
     chunks = eval_chunks(tokenize(tok, read_text(EVAL_TEXT, "eval")), 128, 2, tok.bos_token_id)
     r = onnx_check(out / "onnx" / "model.onnx", chunks, load_quantized_model(TINY, out / "quantize", "cpu"))

@@ -6,6 +6,7 @@ with torch; Scale-Fold's folds are exact; and the default pipeline runs end to e
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -20,7 +21,7 @@ from haloquant.folding import apply_fold, fold_groups
 from haloquant.formats import get_format
 from haloquant.llamacpp import llama_cpp_perplexity, llama_cpp_tokens
 from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
-from haloquant.onnxrt import onnx_check
+from haloquant.onnxrt import genai_greedy, onnx_check, torch_greedy
 from haloquant.presets import allocation_from_type_map
 from haloquant.quantized import load_quantized_model
 from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
@@ -123,6 +124,27 @@ def test_onnx_agrees_with_torch(exported):
     _, _, _, chunks = _chunks(folder)
     r = onnx_check(out / "onnx" / "model.onnx", chunks[:1, :64], load_quantized_model(folder, out / "quantize", "cpu"))
     assert r["max_abs_logit_error"] < 1e-3, r
+
+
+def test_onnxruntime_genai_generates_what_torch_generates(exported):
+    """The export folder is an onnxruntime-genai model: its generator (KV cache, genai_config.json)
+    greedily continues a prompt with the same 16 tokens as torch on the same quantized weights, and
+    its tokenizer and chat template are the model's."""
+    import onnxruntime_genai as og
+
+    case, folder, out, _ = exported
+    tok = load_tokenizer(folder)
+    text = read_text(EVAL_TEXT, "eval")[:2000]
+    prompt = tok(text)["input_ids"][:24]
+    expected = torch_greedy(load_quantized_model(folder, out / "quantize", "cpu"), prompt, 16)
+    assert len(expected) == 16 and genai_greedy(out / "onnx", prompt, 16) == expected
+    genai_tok = og.Tokenizer(og.Model(str(out / "onnx")))
+    # the generator's tokenizer adds no BOS of its own: a prompt's BOS comes from the chat template
+    assert [int(i) for i in genai_tok.encode(text)] == tok(text, add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "Name a river."}]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert genai_tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True) == chat
+    assert [int(i) for i in genai_tok.encode(chat)] == tok(chat, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
