@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 
 from haloquant import HaloquantError
 from haloquant.formats import AffineBlocks, get_format
+from haloquant.onnx_layout import integer_zero_form, ort_supports, to_default_zero, valid_group
 from haloquant.modelio import load_tokenizer
 from haloquant.schemas.artifacts import QuantizedManifest
 
@@ -57,18 +58,14 @@ def pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
     return out.reshape(-1)
 
 
-def ort_supports(blocks: AffineBlocks) -> bool:
-    """MatMulNBits decodes linear codes only: IQ4's table-indexed codes stay float MatMul."""
-    group = blocks.q.shape[-1]
-    return (blocks.values is None and blocks.bits in (2, 4, 8) and 16 <= group <= 256 and group & (group - 1) == 0
-            and not (blocks.bits == 8 and not blocks.zero_is_integer))
-
-
 def matmul_nbits(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tuple[onnx.NodeProto, list]:
+    blocks = to_default_zero(blocks)
     n, groups, group = blocks.q.shape
     inits = [numpy_helper.from_array(pack_codes(blocks.q, blocks.bits), f"{prefix}.qweight"),
              numpy_helper.from_array(blocks.scale.reshape(-1).astype(np.float32), f"{prefix}.scales")]
-    if blocks.zero_is_integer:
+    if blocks.zero_is_integer and np.all(blocks.zero == 1 << (blocks.bits - 1)):
+        pass  # MatMulNBits' own default zero point: none stored
+    elif blocks.zero_is_integer:
         inits.append(numpy_helper.from_array(pack_zero_points(np.rint(blocks.zero), blocks.bits), f"{prefix}.zeros"))
     else:
         inits.append(numpy_helper.from_array(blocks.zero.reshape(-1).astype(np.float32), f"{prefix}.zeros"))
@@ -79,25 +76,30 @@ def matmul_nbits(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tup
 
 
 def quantized_gather(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tuple[list, list, str]:
-    """An embedding Gather → onnxruntime's GatherBlockQuantized over the same codes, held as
-    (rows, groups, bytes per group) — the layout of MatMulNBits' weight, so a tied head's
-    MatMulNBits and the lookup share one initializer (dedupe_initializers). It decodes
-    (u − D)·scale with D its fixed zero point, so a format's own zero point comes back as a
-    gathered per-block offset (integer_zero_form), added before the groups are flattened."""
+    """An embedding Gather → onnxruntime's GatherBlockQuantized over the same codes and scales,
+    stored exactly as a MatMulNBits of this weight stores them — (rows, groups, bytes per group)
+    codes, flat scales, (rows, groups) offsets — so a tied head and the lookup share every
+    initializer (dedupe_initializers). It decodes (u − D)·scale with D its fixed zero point, so a
+    format's own zero point comes back as a gathered per-block offset (integer_zero_form)."""
     integer, offset = integer_zero_form(blocks)
     rows, groups, group = integer.q.shape
     inits = [numpy_helper.from_array(pack_codes(integer.q, integer.bits), f"{prefix}.qweight"),
-             numpy_helper.from_array(integer.scale.reshape(rows, groups, 1).astype(np.float32), f"{prefix}.gather_scales"),
+             numpy_helper.from_array(integer.scale.reshape(-1).astype(np.float32), f"{prefix}.scales"),
+             numpy_helper.from_array(np.array([rows, groups, 1], np.int64), f"{prefix}.per_group"),
+             numpy_helper.from_array(np.array([0, 0, groups, 1], np.int64), f"{prefix}.rows_per_group"),
              numpy_helper.from_array(np.array([0, 0, groups * group], np.int64), f"{prefix}.flat")]
     decoded = f"{prefix}.decoded_groups"
-    nodes = [helper.make_node("GatherBlockQuantized", [inits[0].name, node.input[1], inits[1].name], [decoded],
-                              name=f"{node.name}_Q{integer.bits}", domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
-                              block_size=group, bits=integer.bits)]
+    nodes = [helper.make_node("Reshape", [f"{prefix}.scales", f"{prefix}.per_group"], [f"{prefix}.group_scales"]),
+             helper.make_node("GatherBlockQuantized", [inits[0].name, node.input[1], f"{prefix}.group_scales"],
+                              [decoded], name=f"{node.name}_Q{integer.bits}", domain=MS_DOMAIN, gather_axis=0,
+                              quantize_axis=2, block_size=group, bits=integer.bits)]
     how = f"GatherBlockQuantized bits={integer.bits} block={group}"
     if offset.any():
-        inits += [numpy_helper.from_array(offset.reshape(rows, groups, 1), f"{prefix}.gather_offsets")]
-        nodes += [helper.make_node("Gather", [f"{prefix}.gather_offsets", node.input[1]], [f"{prefix}.offset_rows"]),
-                  helper.make_node("Add", [decoded, f"{prefix}.offset_rows"], [f"{prefix}.summed_groups"])]
+        inits.append(numpy_helper.from_array(offset, f"{prefix}.offsets"))
+        nodes += [helper.make_node("Gather", [f"{prefix}.offsets", node.input[1]], [f"{prefix}.offset_rows"]),
+                  helper.make_node("Reshape", [f"{prefix}.offset_rows", f"{prefix}.rows_per_group"],
+                                   [f"{prefix}.offset_groups"]),
+                  helper.make_node("Add", [decoded, f"{prefix}.offset_groups"], [f"{prefix}.summed_groups"])]
         decoded = f"{prefix}.summed_groups"
         how += " + per-block offset"
     nodes.append(helper.make_node("Reshape", [decoded, f"{prefix}.flat"], [node.output[0]]))
@@ -111,7 +113,8 @@ def dedupe_initializers(graph: onnx.GraphProto) -> None:
     rename: dict[str, str] = {}
     keep = []
     for init in graph.initializer:
-        key = (init.data_type, tuple(init.dims), init.raw_data) if init.raw_data else None
+        key = (init.data_type, tuple(init.dims), init.raw_data) if init.raw_data and not init.name.endswith(".zeros") \
+            else None
         if key is not None and key in seen:
             rename[init.name] = seen[key]
             continue
@@ -128,19 +131,6 @@ def dedupe_initializers(graph: onnx.GraphProto) -> None:
                 node.input[i] = rename[name]
 
 
-def integer_zero_form(blocks: AffineBlocks) -> tuple[AffineBlocks, np.ndarray]:
-    """Any linear or table-coded blocks as 4- or 8-bit codes with onnxruntime's default zero point
-    (8 or 128) plus a per-block offset (rows, groups), for the kernels that take only integer zero
-    points: value = (u − D)·scale + offset. IQ4's table values (−127…113) are stored as value + 128."""
-    if blocks.values is None:
-        bits, u, shift = (4 if blocks.bits <= 4 else 8), blocks.q.astype(np.uint8), 0
-    else:
-        bits, u, shift = 8, (blocks.values[blocks.q] + 128).astype(np.uint8), 128
-    default = 8 if bits == 4 else 128
-    offset = (((default - shift) - blocks.zero) * blocks.scale).astype(np.float32)
-    return AffineBlocks(u, blocks.scale, np.full_like(blocks.zero, default), bits, True), offset
-
-
 def matmul_nbits_with_offset(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tuple[list, list]:
     """x·Wᵀ with W = (u − D)·scale + offset per block: MatMulNBits on the integer part, and the offset's
     share as (x summed within each block) · offsetᵀ — one small float MatMul of K/group columns."""
@@ -149,7 +139,7 @@ def matmul_nbits_with_offset(node: onnx.NodeProto, blocks: AffineBlocks, prefix:
     base = f"{prefix}.integer_part"
     inits = [numpy_helper.from_array(pack_codes(integer.q, integer.bits), f"{prefix}.qweight"),
              numpy_helper.from_array(integer.scale.reshape(-1).astype(np.float32), f"{prefix}.scales"),
-             numpy_helper.from_array(np.ascontiguousarray(offset.T), f"{prefix}.offsets"),
+             numpy_helper.from_array(offset, f"{prefix}.offsets"),  # (rows, groups): as the lookup's
              numpy_helper.from_array(np.array([0, 0, groups, group], np.int64), f"{prefix}.blocked"),
              numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}.last_axis")]
     x = node.input[0]
@@ -159,7 +149,8 @@ def matmul_nbits_with_offset(node: onnx.NodeProto, blocks: AffineBlocks, prefix:
              helper.make_node("Reshape", [x, f"{prefix}.blocked"], [f"{prefix}.x_blocked"]),
              helper.make_node("ReduceSum", [f"{prefix}.x_blocked", f"{prefix}.last_axis"], [f"{prefix}.x_sums"],
                               keepdims=0),
-             helper.make_node("MatMul", [f"{prefix}.x_sums", f"{prefix}.offsets"], [f"{prefix}.offset_part"]),
+             helper.make_node("Transpose", [f"{prefix}.offsets"], [f"{prefix}.offsets_t"], perm=[1, 0]),
+             helper.make_node("MatMul", [f"{prefix}.x_sums", f"{prefix}.offsets_t"], [f"{prefix}.offset_part"]),
              helper.make_node("Add", [base, f"{prefix}.offset_part"], list(node.output))]
     return nodes, inits
 
@@ -169,19 +160,27 @@ def _module_of(node_name: str) -> str:
     return node_name.strip("/").rsplit("/", 1)[0].replace("/", ".")
 
 
+WEIGHT_PARTS = (".qweight", ".scales", ".zeros", ".offsets")  # the initializers holding a quantized weight
+
+
 def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors: dict[str, np.ndarray],
-                    weight_of_module: dict[str, str]) -> dict[str, str]:
-    """Replace MatMuls of quantized weights by MatMulNBits in place; returns module → how stored."""
+                    weight_of_module: dict[str, str]) -> tuple[dict[str, str], int]:
+    """Replace MatMuls and the embedding Gather of quantized weights by MatMulNBits and
+    GatherBlockQuantized in place; returns module → how stored, and the bytes of the initializers
+    that hold quantized weights (what haloquant/onnx_layout.py predicts for the allocation)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     qinfo = {q.name: q for q in manifest.quantized}
     stored: dict[str, str] = {}
+    float_weights: set[str] = set()
     new_nodes = []
     for node in graph.node:
         module = _module_of(node.name)
         wname = weight_of_module.get(module)
         if node.op_type == "Gather" and node.input[0] in inits and node.input[0] in qinfo:
             stored[module] = _rewrite_gather(node, qinfo[node.input[0]], tensors, inits, graph, new_nodes, module)
+            if "float32" in stored[module]:
+                float_weights.add(node.input[0])
             continue
         if node.op_type != "MatMul" or wname not in qinfo or node.input[1] not in inits:
             new_nodes.append(node)
@@ -194,8 +193,9 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
             raise HaloquantError(f"export_onnx: exported weight of {module} differs from the quantized artifact")
         blocks = fmt.affine_blocks(tensors[wname], q.shape)
         group = blocks.q.shape[-1] if blocks is not None else 0
-        if blocks is None or not (16 <= group <= 256 and group & (group - 1) == 0):
+        if blocks is None or not valid_group(group):
             stored[module] = f"{q.format}: MatMul float32 (no onnxruntime integer kernel for it)"
+            float_weights.add(node.input[1])
             new_nodes.append(node)
             continue
         if not ort_supports(blocks):  # 8-bit codes with a float zero point, or table-indexed codes
@@ -224,7 +224,9 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
     graph.initializer.extend(keep)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return stored
+    weight_bytes = sum(numpy_helper.to_array(i).nbytes for i in graph.initializer
+                       if i.name in float_weights or i.name.endswith(WEIGHT_PARTS))
+    return stored, weight_bytes
 
 
 GENAI_CONFIG = "genai_config.json"
@@ -299,7 +301,7 @@ def _rewrite_gather(node, q, tensors, inits, graph, new_nodes, module) -> str:
         raise HaloquantError(f"export_onnx: exported weight of {module} differs from the quantized artifact")
     blocks = fmt.affine_blocks(tensors[q.name], q.shape)
     group = blocks.q.shape[-1] if blocks is not None else 0
-    if blocks is None or not (16 <= group <= 256 and group & (group - 1) == 0):
+    if blocks is None or not valid_group(group):
         new_nodes.append(node)
         return f"{q.format}: Gather float32 (no block-quantized gather for it)"
     nodes, new_inits, how = quantized_gather(node, blocks, module)
@@ -322,7 +324,7 @@ def _quiet(*loggers: str):
 
 
 def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, tensors: dict[str, np.ndarray],
-                      out_dir: Path, opset: int) -> dict[str, str]:
+                      out_dir: Path, opset: int) -> tuple[dict[str, str], int]:
     """optimum export of `model` (already holding decoded weights) + integer rewrite, into out_dir
     (an existing, empty folder: the caller swaps it in whole)."""
     from optimum.exporters.onnx import main_export
@@ -347,7 +349,7 @@ def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, t
             main_export(str(hf_dir), output=str(onnx_dir), task="text-generation-with-past", opset=opset,
                         device="cpu", do_validation=False)
         onnx_model = onnx.load(str(onnx_dir / "model.onnx"))
-        stored = rewrite_linears(onnx_model, manifest, tensors, weight_of_module)
+        stored, weight_bytes = rewrite_linears(onnx_model, manifest, tensors, weight_of_module)
         onnx.checker.check_model(onnx_model)
         onnx.save(onnx_model, str(onnx_dir / "model.onnx"))
         for f in sorted(onnx_dir.iterdir()):
@@ -357,4 +359,4 @@ def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, t
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (hf_dir / f).is_file():  # the generator's tokenizer reads them from the model folder
                 shutil.copy(hf_dir / f, out_dir / f)
-    return stored
+    return stored, weight_bytes

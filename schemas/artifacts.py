@@ -72,6 +72,7 @@ class TensorChoice(Artifact):
     bytes: int
     bits_per_weight: float
     error: float
+    onnx_bytes: int | None = None  # the ONNX export's initializers for it (haloquant/onnx_layout.py)
 
 
 class AllocationResult(Artifact):
@@ -84,6 +85,8 @@ class AllocationResult(Artifact):
     objective: float
     min_feasible_bits_per_weight: float
     tensors: list[TensorChoice]
+    onnx_bytes: int | None = None  # Σ the tensors' onnx_bytes: the ONNX file's quantized weights
+    onnx_budget_bytes: int | None = None  # allocation.onnx_budget × budget_bytes, where asked for
 
 
 class PolicyCard(Artifact):

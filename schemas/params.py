@@ -113,6 +113,9 @@ class AllocationSpec(Strict):
     solver: Literal["milp", "greedy", "lagrangian", "sac"] = "milp"
     rules: list[TensorRule] = []
     time_limit_s: float = Field(60.0, gt=0)
+    onnx_budget: float | None = Field(None, gt=0, description="also fit the ONNX export's quantized weights in this "
+                                      "multiple of the budget (e.g. 1.15: ONNX at most 15 % over); null: the budget "
+                                      "counts the GGUF only (solver milp)")
     policy: FilePath = Field(Path("policies/sac-llama-family"),
                          description="solver sac: a train_policy output folder (policy.zip + policy.json)")
 

@@ -12,6 +12,9 @@ Solvers:
   tensor's layer embedding and picks its bits; no costs needed (works with sensitivity.metric none),
   a repair step keeps it within budget (haloquant/policy.py).
 Per-tensor `rules` pin tensors to a format or give them a floor in bits per weight.
+The budget counts the GGUF; `onnx_budget` (milp) also bounds the ONNX export's quantized weights,
+whose bytes per format differ (haloquant/onnx_layout.py): one allocation, both files within budget.
+Every allocation reports both files' weight bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from scipy.sparse import lil_matrix
 from haloquant import HaloquantError
 from haloquant.artifacts import read_artifact, write_json
 from haloquant.formats import get_format
+from haloquant.onnx_layout import onnx_weight_bytes
 from haloquant.schemas.artifacts import AllocationResult, FormatCost, LayerEmbeddings, SensitivityTable, TensorChoice
 from haloquant.schemas.params import AllocationSpec
 
@@ -68,7 +72,16 @@ def apply_rules(spec: AllocationSpec, table: SensitivityTable) -> Candidates:
     return cands
 
 
-def _solve_milp(cands: Candidates, budget: int, time_limit: float) -> list[str]:
+def onnx_sizes(table: SensitivityTable, cands: Candidates) -> list[dict[str, int]]:
+    """Each candidate's bytes in the ONNX export: an embedding is a lookup (and, tied, the head too)."""
+    tied = not any(t.kind == "output" for t in table.tensors)
+    uses = ["linear" if t.kind != "token_embd" else "tied" if tied else "gather" for t in table.tensors]
+    return [{f: onnx_weight_bytes(f, tuple(t.shape), use) for f in cs} for t, cs, use in zip(table.tensors, cands, uses)]
+
+
+def _solve_milp(cands: Candidates, budget: int, time_limit: float,
+                second: tuple[list[dict[str, int]], int] | None = None) -> list[str]:
+    """`second`: per-candidate sizes and a budget of another file that must fit too (ONNX)."""
     cols = [(i, f, c) for i, cs in enumerate(cands) for f, c in cs.items()]
     cost = np.array([c.error for _, _, c in cols], dtype=np.float64)
     size = np.array([c.bytes for _, _, c in cols], dtype=np.float64)
@@ -76,10 +89,16 @@ def _solve_milp(cands: Candidates, budget: int, time_limit: float) -> list[str]:
     one_hot = lil_matrix((len(cands), len(cols)))
     for j, (i, _, _) in enumerate(cols):
         one_hot[i, j] = 1
-    res = milp(c=cost / scale, constraints=[LinearConstraint(one_hot.tocsr(), 1, 1),
-                                            LinearConstraint(size[None, :], 0, budget)],
-               integrality=np.ones(len(cols)), bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    constraints = [LinearConstraint(one_hot.tocsr(), 1, 1), LinearConstraint(size[None, :], 0, budget)]
+    if second is not None:
+        sizes, cap = second
+        constraints.append(LinearConstraint(np.array([[sizes[i][f] for i, f, _ in cols]], dtype=np.float64), 0, cap))
+    res = milp(c=cost / scale, constraints=constraints, integrality=np.ones(len(cols)), bounds=Bounds(0, 1),
+               options={"time_limit": time_limit})
     if res.x is None:
+        if second is not None and res.status == 2:
+            raise HaloquantError("allocation.onnx_budget: infeasible — no allocation fits both the budget and the ONNX "
+                                 f"budget ({second[1]} bytes of ONNX weights); raise allocation.onnx_budget or the budget")
         raise HaloquantError(f"allocation: the MILP solver found no solution ({res.message})")
     picks = {cols[j][0]: cols[j][1] for j in np.flatnonzero(res.x > 0.5)}
     return [picks[i] for i in range(len(cands))]
@@ -168,8 +187,15 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
             + "); raise the budget or add smaller formats"
         )
     cap = min(budget, max_bytes)
+    onnx = onnx_sizes(table, cands)
+    onnx_cap = None
+    if spec.onnx_budget is not None:
+        if spec.solver != "milp":
+            raise HaloquantError(f"allocation.onnx_budget: only solver milp fits a second file's budget; got solver "
+                                 f"{spec.solver}")
+        onnx_cap = int(np.floor(spec.onnx_budget * budget))
     if spec.solver == "milp":
-        picks = _solve_milp(cands, cap, spec.time_limit_s)
+        picks = _solve_milp(cands, cap, spec.time_limit_s, None if onnx_cap is None else (onnx, onnx_cap))
     elif spec.solver == "sac":
         picks = _solve_sac(spec, table, embeddings, cands, cap)
     elif spec.solver == "lagrangian":
@@ -177,16 +203,17 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
     else:
         picks = _fill_greedy(cands, _cheapest(cands), cap)
     choices = []
-    for t, cs, f in zip(table.tensors, cands, picks):
+    for t, cs, f, o in zip(table.tensors, cands, picks, onnx):
         c = cs[f]
         choices.append(TensorChoice(name=t.name, gguf_name=t.gguf_name, format=f, bytes=c.bytes,
-                                    bits_per_weight=8 * c.bytes / t.n_weights, error=c.error))
+                                    bits_per_weight=8 * c.bytes / t.n_weights, error=c.error, onnx_bytes=o[f]))
     used = sum(c.bytes for c in choices)
     assert used <= budget
     return AllocationResult(
         solver=spec.solver, budget_bytes=budget, budget_spec=spec.budget.model_dump(exclude_none=True),
         used_bytes=used, total_bytes=used + table.fixed_bytes, bits_per_weight=8 * used / n_weights,
         objective=sum(c.error for c in choices), min_feasible_bits_per_weight=min_bpw, tensors=choices,
+        onnx_bytes=sum(c.onnx_bytes for c in choices), onnx_budget_bytes=onnx_cap,
     )
 
 

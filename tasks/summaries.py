@@ -21,8 +21,10 @@ def summary(obj) -> str:
         n = sum(len(t.candidates) for t in obj.tensors)
         return f"{len(obj.tensors)} tensors, {n} tensor × format costs ({obj.metric})"
     if isinstance(obj, AllocationResult):
+        onnx = "" if obj.onnx_bytes is None else f"; ONNX {obj.onnx_bytes:,} bytes" + (
+            f" of {obj.onnx_budget_bytes:,}" if obj.onnx_budget_bytes is not None else "")
         return (f"{obj.bits_per_weight:.3f} bits per weight, {obj.used_bytes:,} of {obj.budget_bytes:,} bytes "
-                f"({obj.solver}): {_counts(c.format for c in obj.tensors)}")
+                f"({obj.solver}){onnx}: {_counts(c.format for c in obj.tensors)}")
     if isinstance(obj, FoldResult):
         folded = sum(1 for g in obj.groups if g.get("alpha", 0) > 0)
         return f"{obj.method}: {folded} of {len(obj.groups)} groups folded"

@@ -1,0 +1,78 @@
+"""The ONNX export budgeted in its own bytes: haloquant/onnx_layout.py's byte accounting is what
+the export writes, and `allocation.onnx_budget` gives one allocation whose GGUF and ONNX files both
+fit (issue 18: the tiny model at 4.5 bpw, ONNX ≤ 1.15 × GGUF, logits as torch's)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from haloquant import HaloquantError
+from haloquant.artifacts import read_artifact
+from haloquant.modelio import load_tokenizer
+from haloquant.onnxrt import onnx_check
+from haloquant.quantized import load_quantized_model
+from haloquant.schemas.artifacts import SensitivityTable
+from haloquant.schemas.params import (AllocationSpec, Budget, CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, ONNXSpec,
+                                      QuantizeSpec, SensitivitySpec)
+from haloquant.tasks.allocate import allocate, allocate_bits
+from haloquant.tasks.calibrate import calibrate
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.export_onnx import export_onnx
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
+from haloquant.tasks.sensitivity import score_sensitivity
+from haloquant.textdata import eval_chunks, read_text, tokenize
+from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY
+
+SPEC = ModelSpec(path=TINY, device="cpu", add_bos=True)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx_target")
+    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=8, seq_len=128), out / "calibrate")
+    score_sensitivity(SPEC, SensitivitySpec(formats=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1",
+                                                     "Q5_0", "IQ4_NL"], metric="output_error"),
+                      QuantizeSpec(), out / "calibrate", out / "sensitivity")
+    return out
+
+
+def _build(out, run: str, allocation: AllocationSpec):
+    d = out / run
+    result = allocate(allocation, out / "sensitivity", d / "allocate")
+    scale_fold(SPEC, FoldSpec(), None, None, d / "scale_fold")
+    quantize(SPEC, QuantizeSpec(), out / "calibrate", d / "allocate", d / "scale_fold", d / "quantize")
+    export_gguf(SPEC, GGUFSpec(), d / "quantize", d / "gguf")
+    export_onnx(SPEC, ONNXSpec(), d / "quantize", d / "onnx")
+    return result, json.loads((d / "onnx" / "export.json").read_text()), d
+
+
+def test_onnx_budget_fits_both_files_and_the_export_is_what_was_counted(measured):
+    result, export, d = _build(measured, "both", AllocationSpec(budget=Budget(bits_per_weight=4.5), onnx_budget=1.15))
+    assert result.used_bytes <= result.budget_bytes and result.onnx_bytes <= result.onnx_budget_bytes
+    assert export["weight_bytes"] == result.onnx_bytes  # the accounting is the file's
+    gguf_bytes = (d / "gguf" / "model.gguf").stat().st_size
+    assert export["bytes"] <= 1.15 * gguf_bytes, (export["bytes"], gguf_bytes)
+    assert all("float" not in how for how in export["linears"].values())
+    tok = load_tokenizer(TINY)
+    chunks = eval_chunks(tokenize(tok, read_text(EVAL_TEXT, "eval")), 128, 2, tok.bos_token_id)
+    r = onnx_check(d / "onnx" / "model.onnx", chunks, load_quantized_model(TINY, d / "quantize", "cpu"))
+    assert r["max_abs_logit_error"] < 1e-3
+
+
+def test_onnx_bytes_are_counted_right_for_any_allocation(measured):
+    """Without an ONNX budget the allocation picks by GGUF bytes alone (k-quants, offsets, 2-bit
+    codes, IQ4 tables): its ONNX count is still the file's, and that file is larger."""
+    result, export, d = _build(measured, "gguf_only", AllocationSpec(budget=Budget(bits_per_weight=4.5)))
+    assert result.onnx_budget_bytes is None and export["weight_bytes"] == result.onnx_bytes
+    assert result.onnx_bytes > 1.15 * result.budget_bytes  # what the ONNX budget is for
+
+
+def test_an_onnx_budget_that_cannot_be_met_names_the_field(measured):
+    table = read_artifact(measured / "sensitivity" / "sensitivity.json", SensitivityTable)
+    with pytest.raises(HaloquantError, match="allocation.onnx_budget"):
+        allocate_bits(AllocationSpec(budget=Budget(bits_per_weight=4.5), onnx_budget=0.8), table)
+    with pytest.raises(HaloquantError, match="allocation.onnx_budget: only solver milp"):
+        allocate_bits(AllocationSpec(budget=Budget(bits_per_weight=4.5), onnx_budget=1.2, solver="greedy"), table)
