@@ -28,8 +28,8 @@ from onnx import helper, numpy_helper
 
 from haloquant import HaloquantError
 from haloquant.formats import AffineBlocks, get_format
-from haloquant.onnx_layout import integer_zero_form, ort_supports, to_default_zero, valid_group
 from haloquant.modelio import load_tokenizer
+from haloquant.onnx_layout import integer_zero_form, ort_supports, to_default_zero, valid_group
 from haloquant.schemas.artifacts import QuantizedManifest
 
 MS_DOMAIN = "com.microsoft"

@@ -1,0 +1,117 @@
+"""Issue 18's bench: the ONNX export as an edge model beside the GGUF.
+
+    python bench/onnx_edge.py --model ../shared/models/ref-llama-a --bpw 3.5 4.5
+    python bench/onnx_edge.py --model /work/models/real/smollm2-135m --bpw 4.5 5.5
+
+For each budget, two allocations (MILP, output_error costs, RTN — the point here is the files, not
+the allocation): the GGUF budget alone, and with `allocation.onnx_budget` 1.15. For each: GGUF and
+ONNX file bytes; perplexity of the same WikiText-2 test chunks (ctx 512) in torch, onnxruntime and
+llama.cpp; the largest ONNX logit deviation from torch; and greedy decoding speed (prompt of 128
+tokens, 64 new) in onnxruntime-genai and llama.cpp (llama-cpp-python), same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.modelio import load_tokenizer
+from haloquant.onnxrt import onnx_check
+from haloquant.quantized import load_quantized_model
+from haloquant.schemas.params import (AllocationSpec, Budget, FoldSpec, GGUFSpec, ONNXSpec, QuantizeSpec,
+                                      SensitivitySpec)
+from haloquant.tasks.allocate import allocate
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.export_onnx import export_onnx
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
+from haloquant.tasks.sensitivity import score_sensitivity
+from haloquant.textdata import eval_chunks, sequence_bos, tokenize
+
+from common import setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "IQ4_NL"]
+
+
+def genai_tokens_per_s(folder: Path, prompt: list[int], new: int) -> float:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    t0 = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    return new / (time.perf_counter() - t0)
+
+
+def llama_cpp_tokens_per_s(gguf: Path, prompt: list[int], new: int) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), n_ctx=512, verbose=False, n_threads=os.cpu_count())
+    llm.eval(prompt)
+    t0 = time.perf_counter()
+    for _ in range(new):
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+    return new / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--bpw", type=float, nargs="+", default=[3.5, 4.5])
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    out = args.out or Path(f"/tmp/haloquant-onnx-edge-{args.model.name}")
+    spec, calib, text = setup(args.model, out)
+    sens = out / "sensitivity"
+    if not (sens / "sensitivity.json").is_file():
+        score_sensitivity(spec, SensitivitySpec(formats=FORMATS, metric="output_error"), QuantizeSpec(), calib, sens)
+    tok = load_tokenizer(spec.path)
+    ids = tokenize(tok, text)
+    chunks = eval_chunks(ids, 512, args.chunks, sequence_bos(tok, spec.add_bos))
+    prompt = ids[:128]
+    rows = []
+    for bpw in args.bpw:
+        for onnx_budget in (None, 1.15):
+            d = out / f"{bpw}-{onnx_budget or 'gguf'}"
+            a = allocate(AllocationSpec(budget=Budget(bits_per_weight=bpw), onnx_budget=onnx_budget), sens,
+                         d / "allocate")
+            scale_fold(spec, FoldSpec(), None, None, d / "scale_fold")
+            quantize(spec, QuantizeSpec(), calib, d / "allocate", d / "scale_fold", d / "quantize")
+            export_gguf(spec, GGUFSpec(), d / "quantize", d / "gguf")
+            export_onnx(spec, ONNXSpec(), d / "quantize", d / "onnx")
+            gguf, onnx_file = d / "gguf" / "model.gguf", d / "onnx" / "model.onnx"
+            o = onnx_check(onnx_file, chunks, load_quantized_model(spec.path, d / "quantize", "cpu"))
+            lc = llama_cpp_perplexity(gguf, text, 512, args.chunks)
+            row = {"bpw": bpw, "onnx_budget": onnx_budget, "gguf_bytes": gguf.stat().st_size,
+                   "onnx_bytes": onnx_file.stat().st_size, "onnx_weight_bytes_counted": a.onnx_bytes,
+                   "ppl_torch": o["torch_ppl_same_chunks"], "ppl_onnxruntime": o["ppl"], "ppl_llama_cpp": lc["ppl"],
+                   "max_abs_logit_error": o["max_abs_logit_error"],
+                   "genai_tok_s": genai_tokens_per_s(d / "onnx", prompt, 64),
+                   "llama_cpp_tok_s": llama_cpp_tokens_per_s(gguf, prompt, 64)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(f"\n{args.model.name}: WikiText-2 test, ctx 512, first {args.chunks} chunks (the same in all three runtimes); "
+          f"decode: 128-token prompt, 64 greedy tokens, {os.cpu_count()} threads\n")
+    print("| bpw | ONNX budget | GGUF bytes | ONNX bytes | ONNX / GGUF | ppl torch | ppl onnxruntime | ppl llama.cpp "
+          "| max Δlogit | genai tok/s | llama.cpp tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bpw']} | {r['onnx_budget'] or '—'} | {r['gguf_bytes']:,} | {r['onnx_bytes']:,} | "
+              f"{r['onnx_bytes'] / r['gguf_bytes']:.3f} | {r['ppl_torch']:.3f} | {r['ppl_onnxruntime']:.3f} | "
+              f"{r['ppl_llama_cpp']:.3f} | {r['max_abs_logit_error']:.1e} | {r['genai_tok_s']:.1f} | "
+              f"{r['llama_cpp_tok_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
