@@ -3,21 +3,22 @@
     python bench/onnx_edge.py --model ../shared/models/ref-llama-a --bpw 3.5 4.5
     python bench/onnx_edge.py --model /work/models/real/smollm2-135m --bpw 4.5 5.5
 
-For each budget, two allocations (MILP, output_error costs, RTN — the point here is the files, not
-the allocation): the GGUF budget alone, and with `allocation.onnx_budget` 1.15. For each: GGUF and
+For each budget, two allocations (the default sensitivity metric, MILP, RTN): the GGUF budget alone,
+and with `allocation.onnx_budget` 1.15. For each: GGUF and
 ONNX file bytes; perplexity of the same WikiText-2 test chunks (ctx 512) in torch, onnxruntime and
 llama.cpp; the largest ONNX logit deviation from torch; and greedy decoding speed (prompt of 128
-tokens, 64 new) in onnxruntime-genai and llama.cpp (llama-cpp-python), same threads.
+tokens, 64 new) in onnxruntime-genai and llama.cpp (llama-cpp-python), --threads threads each (the
+bench writes that thread count into the export's genai_config.json session options).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
+from haloquant import HaloquantError
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_tokenizer
 from haloquant.onnxrt import onnx_check
@@ -37,9 +38,13 @@ from common import setup  # noqa: E402  (bench/ is on sys.path when run as a scr
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "IQ4_NL"]
 
 
-def genai_tokens_per_s(folder: Path, prompt: list[int], new: int) -> float:
+def genai_tokens_per_s(folder: Path, prompt: list[int], new: int, threads: int) -> float:
     import onnxruntime_genai as og
 
+    config_file = folder / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads  # as llama.cpp's
+    config_file.write_text(json.dumps(config, indent=2))
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
@@ -51,10 +56,10 @@ def genai_tokens_per_s(folder: Path, prompt: list[int], new: int) -> float:
     return new / (time.perf_counter() - t0)
 
 
-def llama_cpp_tokens_per_s(gguf: Path, prompt: list[int], new: int) -> float:
+def llama_cpp_tokens_per_s(gguf: Path, prompt: list[int], new: int, threads: int) -> float:
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=512, verbose=False, n_threads=os.cpu_count())
+    llm = llama_cpp.Llama(str(gguf), n_ctx=512, verbose=False, n_threads=threads, n_threads_batch=threads)
     llm.eval(prompt)
     t0 = time.perf_counter()
     for _ in range(new):
@@ -69,12 +74,13 @@ def main() -> None:
     ap.add_argument("--bpw", type=float, nargs="+", default=[3.5, 4.5])
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="decode threads, the same for both runtimes")
     args = ap.parse_args()
     out = args.out or Path(f"/tmp/haloquant-onnx-edge-{args.model.name}")
     spec, calib, text = setup(args.model, out)
     sens = out / "sensitivity"
     if not (sens / "sensitivity.json").is_file():
-        score_sensitivity(spec, SensitivitySpec(formats=FORMATS, metric="output_error"), QuantizeSpec(), calib, sens)
+        score_sensitivity(spec, SensitivitySpec(formats=FORMATS), QuantizeSpec(), calib, sens)
     tok = load_tokenizer(spec.path)
     ids = tokenize(tok, text)
     chunks = eval_chunks(ids, 512, args.chunks, sequence_bos(tok, spec.add_bos))
@@ -83,8 +89,13 @@ def main() -> None:
     for bpw in args.bpw:
         for onnx_budget in (None, 1.15):
             d = out / f"{bpw}-{onnx_budget or 'gguf'}"
-            a = allocate(AllocationSpec(budget=Budget(bits_per_weight=bpw), onnx_budget=onnx_budget), sens,
-                         d / "allocate")
+            try:
+                a = allocate(AllocationSpec(budget=Budget(bits_per_weight=bpw), onnx_budget=onnx_budget), sens,
+                             d / "allocate")
+            except HaloquantError as e:  # onnxruntime's smallest exact forms cost ≥ 5 bits per weight
+                rows.append({"bpw": bpw, "onnx_budget": onnx_budget, "infeasible": str(e)})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             scale_fold(spec, FoldSpec(), None, None, d / "scale_fold")
             quantize(spec, QuantizeSpec(), calib, d / "allocate", d / "scale_fold", d / "quantize")
             export_gguf(spec, GGUFSpec(), d / "quantize", d / "gguf")
@@ -96,17 +107,20 @@ def main() -> None:
                    "onnx_bytes": onnx_file.stat().st_size, "onnx_weight_bytes_counted": a.onnx_bytes,
                    "ppl_torch": o["torch_ppl_same_chunks"], "ppl_onnxruntime": o["ppl"], "ppl_llama_cpp": lc["ppl"],
                    "max_abs_logit_error": o["max_abs_logit_error"],
-                   "genai_tok_s": genai_tokens_per_s(d / "onnx", prompt, 64),
-                   "llama_cpp_tok_s": llama_cpp_tokens_per_s(gguf, prompt, 64)}
+                   "genai_tok_s": genai_tokens_per_s(d / "onnx", prompt, 64, args.threads),
+                   "llama_cpp_tok_s": llama_cpp_tokens_per_s(gguf, prompt, 64, args.threads)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     print(f"\n{args.model.name}: WikiText-2 test, ctx 512, first {args.chunks} chunks (the same in all three runtimes); "
-          f"decode: 128-token prompt, 64 greedy tokens, {os.cpu_count()} threads\n")
+          f"decode: 128-token prompt, 64 greedy tokens, {args.threads} thread(s) each\n")
     print("| bpw | ONNX budget | GGUF bytes | ONNX bytes | ONNX / GGUF | ppl torch | ppl onnxruntime | ppl llama.cpp "
           "| max Δlogit | genai tok/s | llama.cpp tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "infeasible" in r:
+            print(f"| {r['bpw']} | {r['onnx_budget']} | infeasible: {r['infeasible'].split(';')[-1].strip()} |")
+            continue
         print(f"| {r['bpw']} | {r['onnx_budget'] or '—'} | {r['gguf_bytes']:,} | {r['onnx_bytes']:,} | "
               f"{r['onnx_bytes'] / r['gguf_bytes']:.3f} | {r['ppl_torch']:.3f} | {r['ppl_onnxruntime']:.3f} | "
               f"{r['ppl_llama_cpp']:.3f} | {r['max_abs_logit_error']:.1e} | {r['genai_tok_s']:.1f} | "

@@ -131,10 +131,11 @@ def dedupe_initializers(graph: onnx.GraphProto) -> None:
                 node.input[i] = rename[name]
 
 
-def matmul_nbits_with_offset(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tuple[list, list]:
-    """x·Wᵀ with W = (u − D)·scale + offset per block: MatMulNBits on the integer part, and the offset's
-    share as (x summed within each block) · offsetᵀ — one small float MatMul of K/group columns."""
-    integer, offset = integer_zero_form(blocks)
+def matmul_nbits_with_offset(node: onnx.NodeProto, integer: AffineBlocks, offset: np.ndarray,
+                             prefix: str) -> tuple[list, list]:
+    """x·Wᵀ with W = (u − D)·scale + offset per block (integer_zero_form): MatMulNBits on the integer
+    part, and the offset's share as (x summed within each block) · offsetᵀ — one small float MatMul
+    of K/group columns."""
     n, groups, group = integer.q.shape
     base = f"{prefix}.integer_part"
     inits = [numpy_helper.from_array(pack_codes(integer.q, integer.bits), f"{prefix}.qweight"),
@@ -185,36 +186,9 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
         if node.op_type != "MatMul" or wname not in qinfo or node.input[1] not in inits:
             new_nodes.append(node)
             continue
-        q = qinfo[wname]
-        fmt = get_format(q.format)
-        expected = fmt.decode(tensors[wname], q.shape)
-        actual = numpy_helper.to_array(inits[node.input[1]])
-        if actual.shape != expected.T.shape or not np.array_equal(actual, expected.T):
-            raise HaloquantError(f"export_onnx: exported weight of {module} differs from the quantized artifact")
-        blocks = fmt.affine_blocks(tensors[wname], q.shape)
-        group = blocks.q.shape[-1] if blocks is not None else 0
-        if blocks is None or not valid_group(group):
-            stored[module] = f"{q.format}: MatMul float32 (no onnxruntime integer kernel for it)"
+        stored[module] = _rewrite_matmul(node, qinfo[wname], tensors, inits, graph, new_nodes, module)
+        if "float32" in stored[module]:
             float_weights.add(node.input[1])
-            new_nodes.append(node)
-            continue
-        if not ort_supports(blocks):  # 8-bit codes with a float zero point, or table-indexed codes
-            integer, offset = integer_zero_form(blocks)
-            if not offset.any():  # IQ4: table values + 128 with the default zero point are the weight
-                nb_node, nb_inits = matmul_nbits(node, integer, module)
-                graph.initializer.extend(nb_inits)
-                new_nodes.append(nb_node)
-                stored[module] = f"{q.format}: MatMulNBits bits={integer.bits} block={group}"
-                continue
-            nb_nodes, nb_inits = matmul_nbits_with_offset(node, blocks, module)
-            graph.initializer.extend(nb_inits)
-            new_nodes.extend(nb_nodes)
-            stored[module] = f"{q.format}: MatMulNBits bits={integer.bits} block={group} + per-block offset"
-            continue
-        nb_node, nb_inits = matmul_nbits(node, blocks, module)
-        graph.initializer.extend(nb_inits)
-        new_nodes.append(nb_node)
-        stored[module] = f"{q.format}: MatMulNBits bits={blocks.bits} block={blocks.q.shape[-1]}"
     del graph.node[:]
     graph.node.extend(new_nodes)
     dedupe_initializers(graph)
@@ -294,14 +268,48 @@ def genai_config(model, tokenizer, onnx_file: str) -> dict:
     }
 
 
-def _rewrite_gather(node, q, tensors, inits, graph, new_nodes, module) -> str:
-    """The embedding lookup of a quantized weight, as GatherBlockQuantized where it can be."""
+def _blocks(q, tensors, exported: np.ndarray, module: str, transposed: bool) -> AffineBlocks | None:
+    """The artifact's codes of a weight as blocks, after checking that optimum exported that weight
+    decoded (a MatMul's initializer is the transposed weight, a Gather's the weight)."""
     fmt = get_format(q.format)
-    if not np.array_equal(numpy_helper.to_array(inits[node.input[0]]), fmt.decode(tensors[q.name], q.shape)):
+    expected = fmt.decode(tensors[q.name], q.shape)
+    if transposed:
+        expected = expected.T
+    if exported.shape != expected.shape or not np.array_equal(exported, expected):
         raise HaloquantError(f"export_onnx: exported weight of {module} differs from the quantized artifact")
     blocks = fmt.affine_blocks(tensors[q.name], q.shape)
-    group = blocks.q.shape[-1] if blocks is not None else 0
-    if blocks is None or not valid_group(group):
+    return blocks if blocks is not None and valid_group(blocks.q.shape[-1]) else None
+
+
+def _rewrite_matmul(node, q, tensors, inits, graph, new_nodes, module) -> str:
+    """A linear of a quantized weight as MatMulNBits over its codes; returns how it is stored."""
+    blocks = _blocks(q, tensors, numpy_helper.to_array(inits[node.input[1]]), module, transposed=True)
+    if blocks is None:
+        new_nodes.append(node)
+        return f"{q.format}: MatMul float32 (no onnxruntime integer kernel for it)"
+    group = blocks.q.shape[-1]
+    if ort_supports(blocks):
+        nb_node, new_inits = matmul_nbits(node, blocks, module)
+        nodes = [nb_node]
+        how = f"MatMulNBits bits={blocks.bits} block={group}"
+    else:  # 8-bit codes with a float zero point, or table-indexed codes
+        integer, offset = integer_zero_form(blocks)
+        how = f"MatMulNBits bits={integer.bits} block={group}"
+        if offset.any():
+            nodes, new_inits = matmul_nbits_with_offset(node, integer, offset, module)
+            how += " + per-block offset"
+        else:  # IQ4: table values + 128 with the default zero point are the weight
+            nb_node, new_inits = matmul_nbits(node, integer, module)
+            nodes = [nb_node]
+    graph.initializer.extend(new_inits)
+    new_nodes.extend(nodes)
+    return f"{q.format}: {how}"
+
+
+def _rewrite_gather(node, q, tensors, inits, graph, new_nodes, module) -> str:
+    """The embedding lookup of a quantized weight as GatherBlockQuantized over its codes."""
+    blocks = _blocks(q, tensors, numpy_helper.to_array(inits[node.input[0]]), module, transposed=False)
+    if blocks is None:
         new_nodes.append(node)
         return f"{q.format}: Gather float32 (no block-quantized gather for it)"
     nodes, new_inits, how = quantized_gather(node, blocks, module)

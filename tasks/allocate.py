@@ -97,8 +97,11 @@ def _solve_milp(cands: Candidates, budget: int, time_limit: float,
                options={"time_limit": time_limit})
     if res.x is None:
         if second is not None and res.status == 2:
-            raise HaloquantError("allocation.onnx_budget: infeasible — no allocation fits both the budget and the ONNX "
-                                 f"budget ({second[1]} bytes of ONNX weights); raise allocation.onnx_budget or the budget")
+            smallest = sum(min(s.values()) for s in second[0])
+            raise HaloquantError(f"allocation.onnx_budget: infeasible — no allocation fits both the budget ({budget} "
+                                 f"bytes) and the ONNX budget ({second[1]} bytes of ONNX weights); the smallest ONNX "
+                                 f"weights of these formats alone take {smallest} bytes ({smallest / budget:.3f} × "
+                                 "the budget): raise allocation.onnx_budget or the budget")
         raise HaloquantError(f"allocation: the MILP solver found no solution ({res.message})")
     picks = {cols[j][0]: cols[j][1] for j in np.flatnonzero(res.x > 0.5)}
     return [picks[i] for i in range(len(cands))]
