@@ -52,11 +52,19 @@ def to_default_zero(blocks: AffineBlocks) -> AffineBlocks:
 
 def integer_zero_form(blocks: AffineBlocks) -> tuple[AffineBlocks, np.ndarray]:
     """Any linear or table-coded blocks as 4- or 8-bit codes with onnxruntime's default zero point
-    (8 or 128) plus a per-block offset (rows, groups): value = (u − D)·scale + offset."""
+    (8 or 128) plus a per-block offset (rows, groups): value = (u − D)·scale + offset. Codes narrower
+    than their storage (2-bit in 4, 5-bit in 8) are centred on D (u = q + shift): held at u = q,
+    (u − 128)·scale and the offset would each be ~100× the weight and cancel, costing float32 digits
+    (seen: 2e-3 on logits). 4-bit codes in 4 bits stay as they are: a tied head shares them."""
     if blocks.values is None:
         if blocks.bits in (4, 8):
             blocks = to_default_zero(blocks)  # the same codes as the head's MatMulNBits, and no offset
-        bits, u, shift = (4 if blocks.bits <= 4 else 8), blocks.q.astype(np.uint8), 0
+        bits = 4 if blocks.bits <= 4 else 8
+        default = 8 if bits == 4 else 128
+        lo, hi = (int(blocks.q.min()), int(blocks.q.max())) if blocks.q.size else (0, 0)
+        narrow = blocks.bits < bits or (bits == 8 and hi < 128)
+        shift = default - (lo + hi + 1) // 2 if narrow and not np.all(blocks.zero == default) else 0
+        u = (blocks.q.astype(np.int32) + shift).astype(np.uint8)
     else:
         bits, u, shift = 8, (blocks.values[blocks.q] + 128).astype(np.uint8), 128
     default = 8 if bits == 4 else 128
