@@ -7,7 +7,7 @@ graph is float32). MatMulNBits also takes a zero point per group — packed inte
 Q5_K), or for the lookup, whose zero point is fixed, the weight is held as codes with the default
 zero point D (8 or 128) plus a float32 per-block offset (D − zero)·scale. IQ4's table values
 (−127…113) are held as 8-bit codes value + 128. So a format's ONNX size differs from its GGUF
-size: Q4_0 5.125 bits per weight (GGUF 4.5), Q8_0 9.25 (8.5), Q4_K 6 (4.5), Q2_K 6 (2.625), Q5_K
+size: Q4_0 5.0 bits per weight (GGUF 4.5), Q8_0 9.0 (8.5), Q4_K 6 (4.5), Q2_K 6 (2.625), Q5_K
 10 (5.5). `onnx_weight_bytes` is what the allocation's ONNX budget counts (tasks/allocate.py) and
 what the export writes (tests/test_onnx_target.py checks the two agree). Codes with one constant
 integer zero point are shifted onto the kernel's default one (to_default_zero): no zero points stored.
