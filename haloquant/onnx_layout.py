@@ -30,6 +30,11 @@ def ort_supports(blocks: AffineBlocks) -> bool:
             and not (blocks.bits == 8 and not blocks.zero_is_integer))
 
 
+def has_default_zero(blocks: AffineBlocks) -> bool:
+    """Integer zero points that are MatMulNBits' own default 2^(bits−1): none need storing."""
+    return blocks.zero_is_integer and bool(np.all(blocks.zero == 1 << (blocks.bits - 1)))
+
+
 def valid_group(group: int) -> bool:
     return 16 <= group <= 256 and group & (group - 1) == 0
 
@@ -125,8 +130,7 @@ def onnx_layout(fmt_name: str) -> OnnxLayout | None:
     shifted = to_default_zero(blocks)
     return OnnxLayout(group=blocks.q.shape[-1], direct_bits=blocks.bits if direct else None,
                       direct_float_zero=direct and not blocks.zero_is_integer,
-                      direct_default_zero=direct and shifted.zero_is_integer and
-                      bool(np.all(shifted.zero == 1 << (blocks.bits - 1))),
+                      direct_default_zero=direct and has_default_zero(shifted),
                       integer_bits=integer.bits,
                       needs_offset=bool(offset.any()))
 

@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 from haloquant import HaloquantError
 from haloquant.formats import AffineBlocks, get_format
 from haloquant.modelio import load_tokenizer
-from haloquant.onnx_layout import integer_zero_form, ort_supports, to_default_zero, valid_group
+from haloquant.onnx_layout import has_default_zero, integer_zero_form, ort_supports, to_default_zero, valid_group
 from haloquant.schemas.artifacts import QuantizedManifest
 
 MS_DOMAIN = "com.microsoft"
@@ -63,7 +63,7 @@ def matmul_nbits(node: onnx.NodeProto, blocks: AffineBlocks, prefix: str) -> tup
     n, groups, group = blocks.q.shape
     inits = [numpy_helper.from_array(pack_codes(blocks.q, blocks.bits), f"{prefix}.qweight"),
              numpy_helper.from_array(blocks.scale.reshape(-1).astype(np.float32), f"{prefix}.scales")]
-    if blocks.zero_is_integer and np.all(blocks.zero == 1 << (blocks.bits - 1)):
+    if has_default_zero(blocks):
         pass  # MatMulNBits' own default zero point: none stored
     elif blocks.zero_is_integer:
         inits.append(numpy_helper.from_array(pack_zero_points(np.rint(blocks.zero), blocks.bits), f"{prefix}.zeros"))

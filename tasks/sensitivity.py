@@ -206,16 +206,17 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     params = dict(model.named_parameters(remove_duplicate=False))
     token_freq = stats.token_freq().to(device)
     ids = stats.tensor("calibration_ids")[: spec.kl_sequences]
-    metric = resolve_metric(spec, model, quantizable_tensors(model), ids)
+    infos = quantizable_tensors(model)
+    metric = resolve_metric(spec, model, infos, ids)
     probe = KLProbe(model, ids) if metric in ("kl_calibrated", "kl_end_to_end") else None
     local = diagonal_error if metric == "hessian_trace" else output_error
     if metric == "kl_fisher":
-        fisher = output_fisher(model, ids, sorted({linear_of(model, t) for t in quantizable_tensors(model)} - {None}))
+        fisher = output_fisher(model, ids, sorted({linear_of(model, t) for t in infos} - {None}))
 
     # a looked-up row's error in residual-stream units (Gemma multiplies the embedding by √hidden)
     lookup_scale = family(model).embedding_scale(model.config) ** 2
     rows: list[TensorSensitivity] = []
-    for t in track(quantizable_tensors(model), "sensitivity", "tensors"):
+    for t in track(infos, "sensitivity", "tensors"):
         w = params[t.name].detach().float()
         gram = stats.gram(t).to(device)
         cands: dict[str, FormatCost] = {}
@@ -249,7 +250,6 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             cands = {f: FormatCost(bytes=c.bytes, error=c.error * scale) for f, c in cands.items()}
         rows.append(TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer,
                                       shape=t.shape, n_weights=t.n_weights, candidates=cands))
-    infos = quantizable_tensors(model)
     emb = layer_embeddings(infos, {t.name: params[t.name].detach().cpu() for t in infos}, stats,
                            model.config.num_hidden_layers, model.config.hidden_size)
     write_json(out_dir / EMBEDDINGS_FILE, LayerEmbeddings(features=list(FEATURES), tensors=[
