@@ -32,7 +32,7 @@ class QuantFormat:
 
     name: str
     ggml_type: GGMLQuantizationType
-    encoder: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None
+    encoder: Callable[..., np.ndarray] | None = None  # (weight, importance, device) → block bytes
     # also try llama.cpp's quantizer block by block and keep the better block; off where llama.cpp's
     # block measurably never wins (IQ4_NL, Q8_0: bench/results/llama_cpp_candidate_ref-llama-a.md)
     llama_cpp_candidate: bool = True
@@ -71,14 +71,16 @@ class QuantFormat:
         return self.name.endswith("_K")
 
     def encode(self, weight: np.ndarray, importance: np.ndarray | None = None,
-               threads: int | None = None) -> np.ndarray:
+               threads: int | None = None, device=None) -> np.ndarray:
         """Float matrix → uint8 array (rows, bytes per row) holding llama.cpp's block bytes.
 
         `importance` (one weight per input column, e.g. diag(XᵀX)) weights the scale fits. For
         the formats with `llama_cpp_candidate`, each block keeps the better (by importance-weighted
         error) of haloquant's own fit and llama.cpp's quantizer with the same importance, so the
         result is never worse than llama.cpp's, block by block. `threads`: row chunks encoded side
-        by side (default: the process's torch thread count); the bytes do not depend on it."""
+        by side (default: the process's torch thread count); the bytes do not depend on it.
+        `device` (a torch device, e.g. "cuda"): where haloquant's own scale searches run, in torch
+        — the same bytes as numpy's (haloquant.arrays); llama.cpp's blocks are made on the CPU."""
         w = np.ascontiguousarray(weight, dtype=np.float32)
         self.storage_bytes(w.shape)  # validates the row length
         if self.ggml_type == GGMLQuantizationType.F32:
@@ -86,22 +88,24 @@ class QuantFormat:
         elif self.ggml_type == GGMLQuantizationType.F16:
             out = w.astype(np.float16)
         else:
-            out = by_row_chunks(lambda rows: self._encode_rows(rows, importance), w, threads)
+            out = by_row_chunks(lambda rows: self._encode_rows(rows, importance, device), w,
+                                threads if device is None else 1)
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
     def encode_own(self, weight: np.ndarray, importance: np.ndarray | None = None,
-                   threads: int | None = None) -> np.ndarray:
+                   threads: int | None = None, device=None) -> np.ndarray:
         """haloquant's own fit alone, without llama.cpp's blocks (bench/llama_cpp_candidate.py
         measures what the comparison adds)."""
         w = np.ascontiguousarray(weight, dtype=np.float32)
-        return by_row_chunks(lambda rows: self._own_rows(rows, importance), w, threads)
+        return by_row_chunks(lambda rows: self._own_rows(rows, importance, device), w,
+                             threads if device is None else 1)
 
-    def _own_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        own = self.encoder(w, importance) if self.encoder is not None else gq.quantize(w, self.ggml_type)
+    def _own_rows(self, w: np.ndarray, importance: np.ndarray | None, device=None) -> np.ndarray:
+        own = self.encoder(w, importance, device) if self.encoder is not None else gq.quantize(w, self.ggml_type)
         return np.ascontiguousarray(own).view(np.uint8).reshape(w.shape[0], -1)
 
-    def _encode_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        own = self._own_rows(w, importance)
+    def _encode_rows(self, w: np.ndarray, importance: np.ndarray | None, device=None) -> np.ndarray:
+        own = self._own_rows(w, importance, device)
         if not self.llama_cpp_candidate:
             return own
         out = self.best_blocks(w, importance, own, _llama_cpp_encoding(self, w, importance))
@@ -268,13 +272,14 @@ _AFFINE_PARSERS = {**{lay.ggml_type: _affine_legacy(lay) for lay in LAYOUTS.valu
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
-        QuantFormat("Q2_K", _T.Q2_K, lambda w, imp: encode_kquant("Q2_K", w, imp)),
-        QuantFormat("Q3_K", _T.Q3_K, lambda w, imp: encode_kquant("Q3_K", w, imp)),
-        QuantFormat("Q4_K", _T.Q4_K, lambda w, imp: encode_kquant("Q4_K", w, imp)),
-        QuantFormat("Q5_K", _T.Q5_K, lambda w, imp: encode_kquant("Q5_K", w, imp)),
-        QuantFormat("Q6_K", _T.Q6_K, lambda w, imp: encode_kquant("Q6_K", w, imp)),
-        QuantFormat("IQ4_NL", _T.IQ4_NL, lambda w, imp: encode_iq4("IQ4_NL", w, imp), llama_cpp_candidate=False),
-        QuantFormat("IQ4_XS", _T.IQ4_XS, lambda w, imp: encode_iq4("IQ4_XS", w, imp)),
+        QuantFormat("Q2_K", _T.Q2_K, lambda w, imp, dev=None: encode_kquant("Q2_K", w, imp, dev)),
+        QuantFormat("Q3_K", _T.Q3_K, lambda w, imp, dev=None: encode_kquant("Q3_K", w, imp, dev)),
+        QuantFormat("Q4_K", _T.Q4_K, lambda w, imp, dev=None: encode_kquant("Q4_K", w, imp, dev)),
+        QuantFormat("Q5_K", _T.Q5_K, lambda w, imp, dev=None: encode_kquant("Q5_K", w, imp, dev)),
+        QuantFormat("Q6_K", _T.Q6_K, lambda w, imp, dev=None: encode_kquant("Q6_K", w, imp, dev)),
+        QuantFormat("IQ4_NL", _T.IQ4_NL, lambda w, imp, dev=None: encode_iq4("IQ4_NL", w, imp, dev),
+                    llama_cpp_candidate=False),
+        QuantFormat("IQ4_XS", _T.IQ4_XS, lambda w, imp, dev=None: encode_iq4("IQ4_XS", w, imp, dev)),
         QuantFormat("Q4_0", _T.Q4_0, LEGACY_ENCODERS["Q4_0"]),
         QuantFormat("Q4_1", _T.Q4_1, LEGACY_ENCODERS["Q4_1"]),
         QuantFormat("Q5_0", _T.Q5_0, LEGACY_ENCODERS["Q5_0"]),

@@ -4,9 +4,10 @@ Columns are processed in order (or by decreasing Hessian diagonal with `act_orde
 column's rounding error is compensated in the columns not yet quantized through the inverse
 Hessian H = E[xxᵀ] + λI from calibration. When a column starts a new format block (32 columns
 for the classic types, a 256-column super-block for k-quants), that block's scales and mins are
-fitted by the format's own encoder on the *current*, error-compensated weights and then fixed;
-every column of the block is rounded onto that grid (codes q ∈ [0, max], value (q − zero)·scale;
-for IQ4_NL / IQ4_XS the nearest of the format's 16 table values times the block scale).
+fitted by the format's own encoder on the *current*, error-compensated weights (on the GPU where
+GPTQ runs there, the same bytes: haloquant.arrays) and then fixed; every column of the block is
+rounded onto that grid (codes q ∈ [0, max], value (q − zero)·scale; for IQ4_NL / IQ4_XS the
+nearest of the format's 16 table values times the block scale).
 The codes are written back into the fitted block bytes, so the result is ordinary llama.cpp data.
 With act_order the blocks' grids are fitted up front on the original weights (static groups).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from haloquant.arrays import fit_device
 from haloquant.formats import QuantFormat
 
 BLOCK = 128  # columns per lazy batch update (rounded up to a multiple of the format's block)
@@ -79,7 +81,7 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
     compensated = None if rounded is None else torch.zeros(rows, cols, device=device)
 
     def fit(start: int, w_block: torch.Tensor) -> None:
-        b = fmt.encode(w_block.cpu().numpy(), importance[start : start + sb])
+        b = fmt.encode(w_block.cpu().numpy(), importance[start : start + sb], device=fit_device(device))
         data[:, start // sb * fmt.type_size : (start // sb + 1) * fmt.type_size] = b
         s, z, c = _grid(fmt, b, rows, sb)
         scale[:, start : start + sb] = torch.from_numpy(s).to(device)

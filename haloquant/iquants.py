@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from haloquant.arrays import (array_namespace, device_of, fp16_bytes, fp16_round, on_device, scalar, sqrt32,
+                              sum_last, to_host, u8)
+
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 QK_K = 256
 _BLOCK = 32
@@ -21,94 +24,111 @@ _EPS = 1e-15
 _CHUNK = 4096  # super-blocks per vectorised pass
 
 
-def nearest_index(x: np.ndarray) -> np.ndarray:
-    """Index of the nearest table value (ggml best_index_int8: ties go to the larger value)."""
-    i = np.clip(np.searchsorted(KVALUES, x, side="left"), 1, 15)
-    lower = x - KVALUES[i - 1] < KVALUES[i] - x
-    return np.where(x <= KVALUES[0], 0, np.where(x >= KVALUES[15], 15, i - lower)).astype(np.uint8)
+def _table(like):
+    """KVALUES in `like`'s namespace and device."""
+    xp = array_namespace(like)
+    return xp.asarray(KVALUES, dtype=like.dtype, device=device_of(like))
 
 
-def _weights(x: np.ndarray, imp: np.ndarray | None, super_size: int) -> np.ndarray:
+def nearest_index(x):
+    """Index of the nearest table value (ggml best_index_int8: ties go to the larger value);
+    numpy or torch (int64 indices), the same on either."""
+    xp = array_namespace(x)
+    kv = _table(x)
+    i = xp.clip(xp.searchsorted(kv, xp.reshape(x, (-1,)), side="left"), 1, 15)
+    i = xp.reshape(i, x.shape)
+    lower = xp.astype(x - kv[i - 1] < kv[i] - x, i.dtype)
+    return xp.where(x <= kv[0], xp.zeros_like(i), xp.where(x >= kv[15], xp.full_like(i, 15), i - lower))
+
+
+def _weights(x, imp, super_size: int):
     """ggml's per-weight fit weights: imatrix · sqrt(σ² + x²) with σ² = 2·mean(x²) over the super-block,
     or x² without an imatrix."""
     if imp is None:
         return x * x
+    xp = array_namespace(x)
     sb = x.reshape(-1, super_size)
-    sigma2 = 2 * (sb * sb).sum(-1, keepdims=True) / super_size
-    return (imp.reshape(-1, super_size) * np.sqrt(sigma2 + sb * sb)).reshape(x.shape)
+    sigma2 = (scalar(x, 2.0) * sum_last(sb * sb) / scalar(x, super_size))[:, None]
+    return (imp.reshape(-1, super_size) * sqrt32(sigma2 + sb * sb)).reshape(x.shape)
 
 
-def _fit(x: np.ndarray, w: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit(x, w, inv):
     """Per block (rows of x): index every weight at inverse scale `inv`, then the weighted
     least-squares scale for those indices; returns (scale, Σ w·q·x, Σ w·q²)."""
-    idx = nearest_index(x * inv[:, None])
-    q = KVALUES[idx]
-    sumqx = (w * q * x).sum(-1)
-    sumq2 = (w * q * q).sum(-1)
-    d = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, 1), 0)
+    xp = array_namespace(x)
+    q = _table(x)[nearest_index(x * inv[:, None])]
+    sumqx = sum_last(w * q * x)
+    sumq2 = sum_last(w * q * q)
+    d = xp.where(sumq2 > 0, sumqx / xp.where(sumq2 > 0, sumq2, scalar(x, 1.0)), scalar(x, 0.0))
     return d, sumqx, sumq2
 
 
-def block_scales(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Per 32-block float scale (ggml's search over 15 inverse scales around −max/127)."""
-    amax_i = np.abs(x).argmax(-1)
-    mx = np.take_along_axis(x, amax_i[:, None], -1)[:, 0]
-    ok = np.abs(mx) >= _EPS
-    safe = np.where(ok, mx, 1.0)
-    d, sumqx, _ = _fit(x, w, -KVALUES[0] / safe)  # first guess: the largest |x| onto −127
+def block_scales(x, w):
+    """Per 32-block float scale (ggml's search over 15 inverse scales around −max/127); numpy or
+    torch, the same on either."""
+    xp = array_namespace(x, w)
+    c = lambda v: scalar(x, v)  # noqa: E731
+    amax_i = xp.argmax(xp.abs(x), axis=-1)
+    mx = xp.take_along_axis(x, amax_i[:, None], axis=-1)[:, 0]
+    ok = xp.abs(mx) >= c(_EPS)
+    safe = xp.where(ok, mx, c(1.0))
+    d, sumqx, _ = _fit(x, w, c(-KVALUES[0]) / safe)  # first guess: the largest |x| onto −127
     best = d * sumqx
     for itry in range(-_NTRY, _NTRY + 1):
-        dt, sqx, sq2 = _fit(x, w, (itry + KVALUES[0]) / safe)
+        dt, sqx, sq2 = _fit(x, w, c(itry + KVALUES[0]) / safe)
         better = (sq2 > 0) & (sqx * sqx > best * sq2)
-        d = np.where(better, dt, d)
-        best = np.where(better, dt * sqx, best)
-    return np.where(ok, d, 0.0).astype(np.float32)
+        d = xp.where(better, dt, d)
+        best = xp.where(better, dt * sqx, best)
+    return xp.where(ok, d, c(0.0))
 
 
-def _pack(idx: np.ndarray) -> np.ndarray:
+def _pack(idx):
     """(N, 32) indices → (N, 16) bytes: element j low nibble, element j+16 high nibble."""
-    return (idx[:, :16] | (idx[:, 16:] << 4)).astype(np.uint8)
+    return u8(idx[:, :16] | (idx[:, 16:] << 4))
 
 
-def _fp16(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16)
-
-
-def _inverse(v: np.ndarray) -> np.ndarray:
+def _inverse(v):
     """1/v, and 0 where v is 0 (an all-zero block decodes to zeros whatever its indices)."""
+    xp = array_namespace(v)
     nz = v != 0
-    return np.where(nz, 1 / np.where(nz, v, 1), 0)
+    one = xp.asarray(1.0, dtype=v.dtype, device=device_of(v))
+    return xp.where(nz, one / xp.where(nz, v, one), one * 0)
 
 
-def _encode_nl(x: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
-    x = x.reshape(-1, _BLOCK)
-    w = _weights(x, imp, _BLOCK)
-    d = _fp16(block_scales(x, w))
-    df = d.astype(np.float32)
-    idx = nearest_index(x * _inverse(df)[:, None])
-    return np.concatenate([d.view(np.uint8).reshape(-1, 2), _pack(idx)], axis=1)
+# x: (blocks, size) float32 numpy; device: where the encoding runs (torch; None: numpy), same bytes.
+
+def _encode_nl(x: np.ndarray, imp: np.ndarray | None, device=None) -> np.ndarray:
+    xd = on_device(x.reshape(-1, _BLOCK), device)
+    xp = array_namespace(xd)
+    d = fp16_round(block_scales(xd, _weights(xd, on_device(imp, device), _BLOCK)))
+    idx = nearest_index(xd * _inverse(d)[:, None])
+    return to_host(xp.concat([fp16_bytes(d), _pack(idx)], axis=1))
 
 
-def _encode_xs(x: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
+def _encode_xs(x: np.ndarray, imp: np.ndarray | None, device=None) -> np.ndarray:
     n = x.shape[0]
-    xb = x.reshape(-1, _BLOCK)
-    w = _weights(x, imp, QK_K).reshape(-1, _BLOCK)
+    xd = on_device(x, device)
+    xp = array_namespace(xd)
+    xb = xd.reshape(-1, _BLOCK)
+    w = _weights(xd, on_device(imp, device), QK_K).reshape(-1, _BLOCK)
     sc = block_scales(xb, w).reshape(n, QK_K // _BLOCK)
-    mx = np.take_along_axis(sc, np.abs(sc).argmax(-1)[:, None], -1)[:, 0]
-    d = _fp16(-mx / 32)
-    df = d.astype(np.float32)
-    ls = np.clip(np.rint(_inverse(df)[:, None] * sc), -32, 31).astype(np.int32)
-    dl = (df[:, None] * ls).reshape(-1)
+    mx = xp.take_along_axis(sc, xp.argmax(xp.abs(sc), axis=-1)[:, None], axis=-1)[:, 0]
+    df = fp16_round(-mx / scalar(mx, 32))
+    ls = xp.astype(xp.clip(xp.round(_inverse(df)[:, None] * sc), -32.0, 31.0), xp.int32)
+    dl = (xp.astype(df, xp.float64)[:, None] * xp.astype(ls, xp.float64)).reshape(-1)  # float64, as numpy promotes
     idx = nearest_index(xb * _inverse(dl)[:, None])
-    u = (ls + 32).astype(np.uint16)  # (n, 8) 6-bit block scales
-    scales_l = ((u[:, 0::2] & 0xF) | ((u[:, 1::2] & 0xF) << 4)).astype(np.uint8)
-    scales_h = np.bitwise_or.reduce((u >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=-1).astype(np.uint16)
-    return np.concatenate([d.view(np.uint8).reshape(-1, 2), scales_h[:, None].view(np.uint8), scales_l,
-                           _pack(idx).reshape(n, -1)], axis=1)
+    u = ls + 32  # (n, 8) 6-bit block scales
+    scales_l = u8((u[:, 0::2] & 0xF) | ((u[:, 1::2] & 0xF) << 4))
+    h = u[:, 0] >> 4
+    for j in range(1, 8):
+        h = h | ((u[:, j] >> 4) << (2 * j))  # the high bits of all 8 scales: one little-endian uint16
+    return to_host(xp.concat([fp16_bytes(df), u8(h & 0xFF)[:, None], u8(h >> 8)[:, None], scales_l,
+                              _pack(idx).reshape(n, -1)], axis=1))
 
 
-def encode_iq4(name: str, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-    """(rows, cols) float32 → (rows, bytes per row) uint8 in ggml's IQ4_NL / IQ4_XS layout."""
+def encode_iq4(name: str, weight: np.ndarray, importance: np.ndarray | None = None, device=None) -> np.ndarray:
+    """(rows, cols) float32 → (rows, bytes per row) uint8 in ggml's IQ4_NL / IQ4_XS layout;
+    `device`: where the scale searches run (a torch device; None: numpy), the same bytes."""
     rows, cols = weight.shape
     size = QK_K if name == "IQ4_XS" else _BLOCK
     x = np.ascontiguousarray(weight, np.float32).reshape(-1, size)
@@ -117,6 +137,6 @@ def encode_iq4(name: str, weight: np.ndarray, importance: np.ndarray | None = No
         imp = np.broadcast_to(np.asarray(importance, np.float32).reshape(1, cols // size, size),
                               (rows, cols // size, size)).reshape(-1, size)
     enc = _encode_xs if name == "IQ4_XS" else _encode_nl
-    step = _CHUNK * (QK_K // size)
-    parts = [enc(x[i : i + step], None if imp is None else imp[i : i + step]) for i in range(0, len(x), step)]
+    step = _CHUNK * (QK_K // size) * (1 if device is None else 16)
+    parts = [enc(x[i : i + step], None if imp is None else imp[i : i + step], device) for i in range(0, len(x), step)]
     return np.concatenate(parts).reshape(rows, -1)

@@ -13,97 +13,95 @@ from __future__ import annotations
 
 import numpy as np
 
+from haloquant.arrays import (array_namespace, device_of, fp16_bytes, fp16_round, int8_bytes, on_device, scalar,
+                              sqrt32, sum_last, to_host, u8)
+
 QK_K = 256
 _CHUNK = 8192  # super-blocks per vectorised pass (bounds temporary memory)
+_DEVICE_CHUNK = 1 << 16  # on a torch device: fewer, larger passes (~1 GB of temporaries)
 _EPS = 1e-15
-
-
-def _rint(x: np.ndarray) -> np.ndarray:
-    return np.rint(x)  # round half to even, as ggml's nearest_int
-
-
-def _fp16_round(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).astype(np.float32)
-
-
-def _fp16_bytes(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 # ---------------------------------------------------------------- sub-block fits
 
-def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+def fit_scale_min(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Weighted fit of x ≈ scale·q − m, q ∈ [0, nmax], m ≥ 0 (ggml make_qkx2_quants, vectorised).
-    x, w: (S, n). Returns scale (S,), m (S,)."""
-    mn = np.minimum(x.min(-1), 0)
-    rng = x.max(-1) - mn
+    x, w: (S, n) numpy arrays or torch tensors (haloquant.arrays: the same bytes on either).
+    Returns scale (S,), m (S,) float32 of x's kind."""
+    xp = array_namespace(x, w)
+    c = lambda v: scalar(x, v)  # noqa: E731
+    mn = xp.clip(xp.min(x, axis=-1), max=0.0)
+    rng = xp.max(x, axis=-1) - mn
     flat = rng <= 0
-    rng = np.where(flat, 1, rng)
-    sum_w, sum_x = w.sum(-1), (w * x).sum(-1)
+    rng = xp.where(flat, c(1.0), rng)
+    sum_w, sum_x = sum_last(w), sum_last(w * x)
     xs = x - mn[:, None]
-    scale = rng / nmax
-    q = np.clip(_rint(xs / scale[:, None]), 0, nmax)
-    best = (w * (scale[:, None] * q + mn[:, None] - x) ** 2).sum(-1)
+    scale = rng / c(nmax)
+    q = xp.clip(xp.round(xs / scale[:, None]), 0.0, float(nmax))
+    best = sum_last(w * (scale[:, None] * q + mn[:, None] - x) ** 2)
     best_scale, best_min = scale, mn
     for i in range(nstep + 1):
-        q = np.clip(_rint(xs * ((rmin + rdelta * i + nmax) / rng)[:, None]), 0, nmax)
-        sl, sl2, sxl = (w * q).sum(-1), (w * q * q).sum(-1), (w * q * x).sum(-1)
+        q = xp.clip(xp.round(xs * (c(rmin + rdelta * i + nmax) / rng)[:, None]), 0.0, float(nmax))
+        sl, sl2, sxl = sum_last(w * q), sum_last(w * q * q), sum_last(w * q * x)
         det = sum_w * sl2 - sl * sl
         ok = det > 0
-        det = np.where(ok, det, 1)
+        det = xp.where(ok, det, c(1.0))
         s = (sum_w * sxl - sum_x * sl) / det
         m = (sl2 * sum_x - sl * sxl) / det
         pos = m > 0  # the min may not be positive: refit the scale alone
-        s = np.where(pos, sxl / np.where(sl2 > 0, sl2, 1), s)
-        m = np.where(pos, 0, m)
-        err = (w * (s[:, None] * q + m[:, None] - x) ** 2).sum(-1)
+        s = xp.where(pos, sxl / xp.where(sl2 > 0, sl2, c(1.0)), s)
+        m = xp.where(pos, c(0.0), m)
+        err = sum_last(w * (s[:, None] * q + m[:, None] - x) ** 2)
         better = ok & (err < best)
-        best = np.where(better, err, best)
-        best_scale = np.where(better, s, best_scale)
-        best_min = np.where(better, m, best_min)
-    best_scale = np.where(flat, 0, best_scale)
-    best_min = np.where(flat, mn, best_min)
-    return best_scale.astype(np.float32), (-best_min).astype(np.float32)
+        best = xp.where(better, err, best)
+        best_scale = xp.where(better, s, best_scale)
+        best_min = xp.where(better, m, best_min)
+    best_scale = xp.where(flat, c(0.0), best_scale)
+    best_min = xp.where(flat, mn, best_min)
+    return best_scale, -best_min
 
 
-def fit_scale_symmetric(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int = 9) -> np.ndarray:
-    """Weighted fit of x ≈ scale·q, q ∈ [−nmax, nmax−1] (ggml make_qx_quants, vectorised).
-    The largest-magnitude value maps to −nmax, so the scale carries its sign."""
-    idx = np.abs(x).argmax(-1)
-    mx = np.take_along_axis(x, idx[:, None], -1)[:, 0]
-    zero = np.abs(mx) < 1e-30
-    mx = np.where(zero, 1, mx)
-    best_obj = np.full(x.shape[0], -np.inf)
-    best = np.zeros(x.shape[0])
+def fit_scale_symmetric(x, w, nmax: int, nstep: int = 9):
+    """Weighted fit of x ≈ scale·q, q ∈ [−nmax, nmax−1] (ggml make_qx_quants, vectorised; numpy or
+    torch as fit_scale_min). The largest-magnitude value maps to −nmax, so the scale carries its sign."""
+    xp = array_namespace(x, w)
+    c = lambda v: scalar(x, v)  # noqa: E731
+    idx = xp.argmax(xp.abs(x), axis=-1)
+    mx = xp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+    zero = xp.abs(mx) < c(1e-30)
+    mx = xp.where(zero, c(1.0), mx)
+    best_obj = xp.full(mx.shape, -xp.inf, dtype=xp.float32, device=device_of(x))
+    best = xp.zeros(mx.shape, dtype=xp.float32, device=device_of(x))
     for i in range(-nstep, nstep + 1):
-        q = np.clip(_rint(x * (-(nmax + 0.1 * i) / mx)[:, None]), -nmax, nmax - 1)
-        slx, sl2 = (w * x * q).sum(-1), (w * q * q).sum(-1)
+        q = xp.clip(xp.round(x * (c(-(nmax + 0.1 * i)) / mx)[:, None]), -float(nmax), float(nmax - 1))
+        slx, sl2 = sum_last(w * x * q), sum_last(w * q * q)
         ok = sl2 > 0
-        sl2 = np.where(ok, sl2, 1)
-        obj = np.where(ok, slx * slx / sl2, -np.inf)
+        sl2 = xp.where(ok, sl2, c(1.0))
+        obj = xp.where(ok, slx * slx / sl2, c(-np.inf))
         better = obj > best_obj
-        best_obj = np.where(better, obj, best_obj)
-        best = np.where(better, slx / sl2, best)
-    return np.where(zero, 0, best).astype(np.float32)
+        best_obj = xp.where(better, obj, best_obj)
+        best = xp.where(better, slx / sl2, best)
+    return xp.where(zero, c(0.0), best)
 
 
-def _weights(x: np.ndarray, importance: np.ndarray | None, default: str) -> np.ndarray:
-    """Per-element weights for the sub-block fits, shape of x (B, 256)."""
+def _weights(x, importance, default: str):
+    """Per-element weights for the sub-block fits, shape of x (B, 256); numpy or torch."""
+    xp = array_namespace(x)
     if importance is not None:  # llama.cpp's imatrix weighting: qw·sqrt(σ² + x²)
-        sigma2 = (x * x).mean(-1, keepdims=True)
-        return importance * np.sqrt(sigma2 + x * x)
+        sigma2 = sum_last(x * x)[:, None] / scalar(x, x.shape[-1])
+        return importance * sqrt32(sigma2 + x * x)
     if default == "abs":
-        return np.abs(x)
+        return xp.abs(x)
     if default == "sq":
         return x * x
     raise ValueError(default)
 
 
-# ---------------------------------------------------------------- bit packing
+# ---------------------------------------------------------------- bit packing (numpy or torch)
 
-def _pack_2bit(q: np.ndarray) -> np.ndarray:
+def _pack_2bit(q):
     """(B, 256) codes < 4 → (B, 64): byte l of each 128-half holds elements l, l+32, l+64, l+96."""
-    r = q.reshape(-1, 2, 4, 32).astype(np.uint8)
+    r = u8(q.reshape(-1, 2, 4, 32))
     return (r[:, :, 0] | (r[:, :, 1] << 2) | (r[:, :, 2] << 4) | (r[:, :, 3] << 6)).reshape(-1, 64)
 
 
@@ -112,9 +110,9 @@ def _unpack_2bit(b: np.ndarray) -> np.ndarray:
     return (r & 3).reshape(-1, 256)
 
 
-def _pack_nibbles64(q: np.ndarray) -> np.ndarray:
+def _pack_nibbles64(q):
     """(B, 256) → (B, 128): for each 64-chunk, byte l = element l | element l+32 << 4."""
-    r = q.reshape(-1, 4, 2, 32).astype(np.uint8)
+    r = u8(q.reshape(-1, 4, 2, 32))
     return (r[:, :, 0] | (r[:, :, 1] << 4)).reshape(-1, 128)
 
 
@@ -123,14 +121,20 @@ def _unpack_nibbles64(b: np.ndarray) -> np.ndarray:
     return (r & 0xF).reshape(-1, 256)
 
 
-def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """8 six-bit scales and mins → 12 bytes (ggml's get_scale_min_k4 layout)."""
-    ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
-    out = np.empty((ls.shape[0], 12), np.uint8)
-    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+def _or_bits(planes):
+    """(B, k, n) of 0/1 → (B, n) uint8 with plane j in bit j."""
+    out = u8(planes[:, 0])
+    for j in range(1, planes.shape[1]):
+        out = out | (u8(planes[:, j]) << j)
     return out
+
+
+def _pack_scales_k4(ls, lm):
+    """8 six-bit scales and mins → 12 bytes (ggml's get_scale_min_k4 layout)."""
+    xp = array_namespace(ls)
+    ls, lm = u8(ls), u8(lm)
+    return xp.concat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                      (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], axis=1)
 
 
 def _unpack_scales_k4(s: np.ndarray):
@@ -139,14 +143,13 @@ def _unpack_scales_k4(s: np.ndarray):
     return ls, lm
 
 
-def _pack_scales_q3(ls: np.ndarray) -> np.ndarray:
+def _pack_scales_q3(ls):
     """16 six-bit scales (already offset by 32) → 12 bytes (ggml's Q3_K layout)."""
-    ls = ls.astype(np.uint8)
-    out = np.empty((ls.shape[0], 12), np.uint8)
-    out[:, 0:8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    xp = array_namespace(ls)
+    ls = u8(ls)
     hi = (ls >> 4).reshape(-1, 4, 4)  # [j//4, j%4]
-    out[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
-    return out
+    return xp.concat([(ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4),
+                      hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)], axis=1)
 
 
 def _unpack_scales_q3(s: np.ndarray) -> np.ndarray:
@@ -157,105 +160,124 @@ def _unpack_scales_q3(s: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- super-block scale grids
 
-def _quantize_unsigned(values: np.ndarray, levels: int):
+def _quantize_unsigned(values, levels: int):
     """Per-row grid for non-negative sub-block scales: fp16 super-scale d, integer l ≤ levels."""
-    mx = values.max(-1)
-    inv = np.where(mx > 0, levels / np.where(mx > 0, mx, 1), 0)
-    l = np.minimum(levels, _rint(inv[:, None] * values)).astype(np.uint8)
-    return _fp16_round(mx / levels), l
+    xp = array_namespace(values)
+    c = lambda v: scalar(values, v)  # noqa: E731
+    mx = xp.max(values, axis=-1)
+    inv = xp.where(mx > 0, c(levels) / xp.where(mx > 0, mx, c(1.0)), c(0.0))
+    l = u8(xp.clip(xp.round(inv[:, None] * values), max=float(levels)))
+    return fp16_round(mx / c(levels)), l
 
 
-def _requantize_affine(x, d, ls, dmin, lm, group: int, nmax: int) -> np.ndarray:
+def _requantize_affine(x, d, ls, dmin, lm, group: int, nmax: int):
     """Codes against the stored scales: q = round((x + dmin·lm) / (d·ls)), groups with d·ls = 0 → 0."""
-    scale = (d[:, None] * ls).astype(np.float32)
-    mins = (dmin[:, None] * lm).astype(np.float32)
+    xp = array_namespace(x)
+    scale = d[:, None] * xp.astype(ls, xp.float32)
+    mins = dmin[:, None] * xp.astype(lm, xp.float32)
     xg = x.reshape(x.shape[0], -1, group)
     ok = scale != 0
-    q = _rint((xg + mins[..., None]) / np.where(ok, scale, 1)[..., None])
-    return np.where(ok[..., None], np.clip(q, 0, nmax), 0).reshape(x.shape[0], -1).astype(np.uint8)
+    q = xp.round((xg + mins[..., None]) / xp.where(ok, scale, scalar(x, 1.0))[..., None])
+    return u8(xp.where(ok[..., None], xp.clip(q, 0.0, float(nmax)), scalar(x, 0.0)).reshape(x.shape[0], -1))
 
 
-def _requantize_symmetric(x, d, ls, group: int, nmax: int) -> np.ndarray:
-    scale = (d[:, None] * ls).astype(np.float32)
+def _requantize_symmetric(x, d, ls, group: int, nmax: int):
+    xp = array_namespace(x)
+    scale = d[:, None] * ls
     xg = x.reshape(x.shape[0], -1, group)
     ok = scale != 0
-    q = _rint(xg / np.where(ok, scale, 1)[..., None])
-    return (np.where(ok[..., None], np.clip(q, -nmax, nmax - 1), 0) + nmax).reshape(x.shape[0], -1).astype(np.uint8)
+    q = xp.round(xg / xp.where(ok, scale, scalar(x, 1.0))[..., None])
+    q = xp.where(ok[..., None], xp.clip(q, -float(nmax), float(nmax - 1)), scalar(x, 0.0)) + scalar(x, nmax)
+    return u8(q.reshape(x.shape[0], -1))
 
 
-# ---------------------------------------------------------------- encoders (x: (B, 256) float32)
-
-def _encode_q2_k(x, imp):
-    w = _weights(x, imp, "abs")
-    sc, mn = fit_scale_min(x.reshape(-1, 16), w.reshape(-1, 16), 3, -0.5, 0.1, 15)
-    sc, mn = sc.reshape(-1, 16), mn.reshape(-1, 16)
-    d, ls = _quantize_unsigned(sc, 15)
-    dmin, lm = _quantize_unsigned(mn, 15)
-    q = _requantize_affine(x, d, ls, dmin, lm, 16, 3)
-    return np.concatenate([ls | (lm << 4), _pack_2bit(q), _fp16_bytes(d), _fp16_bytes(dmin)], axis=1)
+def _signed_max(sc):
+    """Per row, the entry of largest magnitude (first on ties), sign kept."""
+    xp = array_namespace(sc)
+    return xp.take_along_axis(sc, xp.argmax(xp.abs(sc), axis=-1)[:, None], axis=-1)[:, 0]
 
 
-def _encode_q3_k(x, imp):
-    w = _weights(x, imp, "sq")
-    sc = fit_scale_symmetric(x.reshape(-1, 16), w.reshape(-1, 16), 4).reshape(-1, 16)
-    idx = np.abs(sc).argmax(-1)
-    mx = np.take_along_axis(sc, idx[:, None], -1)[:, 0]
+# ---------------------------------------------------------------- encoders
+# x: (B, 256) float32 numpy; imp: the same or None; device: where the whole encoding runs (a torch
+# device, None: numpy) — the bytes come back as numpy and are the same either way.
+
+def _encode_q2_k(x, imp, device):
+    xd = on_device(x, device)
+    xp = array_namespace(xd)
+    w = _weights(xd, on_device(imp, device), "abs")
+    sc, mn = fit_scale_min(xd.reshape(-1, 16), w.reshape(-1, 16), 3, -0.5, 0.1, 15)
+    d, ls = _quantize_unsigned(sc.reshape(-1, 16), 15)
+    dmin, lm = _quantize_unsigned(mn.reshape(-1, 16), 15)
+    q = _requantize_affine(xd, d, ls, dmin, lm, 16, 3)
+    return to_host(xp.concat([ls | (lm << 4), _pack_2bit(q), fp16_bytes(d), fp16_bytes(dmin)], axis=1))
+
+
+def _encode_q3_k(x, imp, device):
+    xd = on_device(x, device)
+    xp = array_namespace(xd)
+    c = lambda v: scalar(xd, v)  # noqa: E731
+    w = _weights(xd, on_device(imp, device), "sq")
+    sc = fit_scale_symmetric(xd.reshape(-1, 16), w.reshape(-1, 16), 4).reshape(-1, 16)
+    mx = _signed_max(sc)
     nz = mx != 0
-    iscale = np.where(nz, -32 / np.where(nz, mx, 1), 0)
-    ls = np.clip(_rint(iscale[:, None] * sc), -32, 31)
-    d = _fp16_round(np.where(nz, 1 / np.where(nz, iscale, 1), 0))
-    q = _requantize_symmetric(x, d, ls, 16, 4)
-    hmask = (q > 3).reshape(-1, 8, 32).astype(np.uint8)
-    hmask = np.bitwise_or.reduce(hmask << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
-    return np.concatenate([hmask, _pack_2bit(q & 3), _pack_scales_q3(ls + 32), _fp16_bytes(d)], axis=1)
+    iscale = xp.where(nz, c(-32.0) / xp.where(nz, mx, c(1.0)), c(0.0))
+    ls = xp.clip(xp.round(iscale[:, None] * sc), -32.0, 31.0)
+    d = fp16_round(xp.where(nz, c(1.0) / xp.where(nz, iscale, c(1.0)), c(0.0)))
+    q = _requantize_symmetric(xd, d, ls, 16, 4)
+    hmask = _or_bits((q > 3).reshape(-1, 8, 32))
+    return to_host(xp.concat([hmask, _pack_2bit(q & 3), _pack_scales_q3(ls + c(32.0)), fp16_bytes(d)], axis=1))
 
 
-def _encode_q45_k(x, imp, bits: int):
+def _encode_q45_k(x, imp, device, bits: int):
     nmax = (1 << bits) - 1
+    xd = on_device(x, device)
+    xp = array_namespace(xd)
     if imp is None:  # ggml's reference weighting: rms of the sub-block + |x|
-        xs = x.reshape(-1, 32)
-        w = (np.sqrt((xs * xs).mean(-1, keepdims=True)) + np.abs(xs)).reshape(x.shape)
+        xs = xd.reshape(-1, 32)
+        w = (sqrt32(sum_last(xs * xs)[:, None] / scalar(xs, 32)) + xp.abs(xs)).reshape(x.shape)
     else:
-        w = _weights(x, imp, "abs")
+        w = _weights(xd, on_device(imp, device), "abs")
     rmin, nstep = (-1.0, 20) if bits == 4 else (-0.5, 15)
-    sc, mn = fit_scale_min(x.reshape(-1, 32), w.reshape(-1, 32), nmax, rmin, 0.1, nstep)
+    sc, mn = fit_scale_min(xd.reshape(-1, 32), w.reshape(-1, 32), nmax, rmin, 0.1, nstep)
     d, ls = _quantize_unsigned(sc.reshape(-1, 8), 63)
     dmin, lm = _quantize_unsigned(mn.reshape(-1, 8), 63)
-    q = _requantize_affine(x, d, ls, dmin, lm, 32, nmax)
-    head = [_fp16_bytes(d), _fp16_bytes(dmin), _pack_scales_k4(ls, lm)]
+    q = _requantize_affine(xd, d, ls, dmin, lm, 32, nmax)
+    head = [fp16_bytes(d), fp16_bytes(dmin), _pack_scales_k4(ls, lm)]
     if bits == 4:
-        return np.concatenate(head + [_pack_nibbles64(q)], axis=1)
+        return to_host(xp.concat(head + [_pack_nibbles64(q)], axis=1))
     hi = (q >> 4).reshape(-1, 4, 2, 32)
-    qh = np.zeros((q.shape[0], 32), np.uint8)
-    for c in range(4):
-        for h in range(2):
-            qh |= hi[:, c, h] << np.uint8(2 * c + h)
-    return np.concatenate(head + [qh, _pack_nibbles64(q & 0xF)], axis=1)
+    qh = _or_bits(hi.reshape(-1, 8, 32))  # plane 2c+h: bit 4 of the codes of chunk c, half h
+    return to_host(xp.concat(head + [qh, _pack_nibbles64(q & 0xF)], axis=1))
 
 
-def _encode_q6_k(x, imp):
-    w = _weights(x, imp, "sq")
-    sc = fit_scale_symmetric(x.reshape(-1, 16), w.reshape(-1, 16), 32).reshape(-1, 16)
-    idx = np.abs(sc).argmax(-1)
-    mx = np.take_along_axis(sc, idx[:, None], -1)[:, 0]
-    nz = np.abs(mx) >= _EPS
-    iscale = np.where(nz, -128 / np.where(nz, mx, 1), 0)
-    ls = np.minimum(127, _rint(iscale[:, None] * sc))
-    d = _fp16_round(np.where(nz, 1 / np.where(nz, iscale, 1), 0))
-    q = _requantize_symmetric(x, d, ls, 16, 32)
+def _encode_q6_k(x, imp, device):
+    xd = on_device(x, device)
+    xp = array_namespace(xd)
+    c = lambda v: scalar(xd, v)  # noqa: E731
+    w = _weights(xd, on_device(imp, device), "sq")
+    sc = fit_scale_symmetric(xd.reshape(-1, 16), w.reshape(-1, 16), 32).reshape(-1, 16)
+    mx = _signed_max(sc)
+    nz = xp.abs(mx) >= c(_EPS)
+    iscale = xp.where(nz, c(-128.0) / xp.where(nz, mx, c(1.0)), c(0.0))
+    ls = xp.clip(xp.round(iscale[:, None] * sc), max=127.0)
+    d = fp16_round(xp.where(nz, c(1.0) / xp.where(nz, iscale, c(1.0)), c(0.0)))
+    q = _requantize_symmetric(xd, d, ls, 16, 32)
     r = q.reshape(-1, 2, 4, 32)
-    ql = np.concatenate([(r[:, :, 0] & 0xF) | ((r[:, :, 2] & 0xF) << 4),
-                         (r[:, :, 1] & 0xF) | ((r[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+    ql = xp.concat([(r[:, :, 0] & 0xF) | ((r[:, :, 2] & 0xF) << 4),
+                    (r[:, :, 1] & 0xF) | ((r[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
     qh = ((r[:, :, 0] >> 4) | ((r[:, :, 1] >> 4) << 2) | ((r[:, :, 2] >> 4) << 4) | ((r[:, :, 3] >> 4) << 6))
-    return np.concatenate([ql, qh.reshape(-1, 64), ls.astype(np.int8).view(np.uint8), _fp16_bytes(d)], axis=1)
+    return to_host(xp.concat([ql, qh.reshape(-1, 64), int8_bytes(ls), fp16_bytes(d)], axis=1))
 
 
-_ENCODERS = {"Q2_K": _encode_q2_k, "Q3_K": _encode_q3_k, "Q4_K": lambda x, i: _encode_q45_k(x, i, 4),
-             "Q5_K": lambda x, i: _encode_q45_k(x, i, 5), "Q6_K": _encode_q6_k}
+_ENCODERS = {"Q2_K": _encode_q2_k, "Q3_K": _encode_q3_k, "Q4_K": lambda x, i, d: _encode_q45_k(x, i, d, 4),
+             "Q5_K": lambda x, i, d: _encode_q45_k(x, i, d, 5), "Q6_K": _encode_q6_k}
 
 
-def encode_kquant(name: str, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-    """(rows, cols) float32 → (rows, cols/256 · type_size) uint8 in ggml's block layout."""
+def encode_kquant(name: str, weight: np.ndarray, importance: np.ndarray | None = None,
+                  device=None) -> np.ndarray:
+    """(rows, cols) float32 → (rows, cols/256 · type_size) uint8 in ggml's block layout.
+    `device` (a torch device): run the scale searches there, in torch — the same bytes as numpy's
+    (haloquant.arrays); None: numpy."""
     rows, cols = weight.shape
     x = np.ascontiguousarray(weight, np.float32).reshape(-1, QK_K)
     imp = None
@@ -263,7 +285,8 @@ def encode_kquant(name: str, weight: np.ndarray, importance: np.ndarray | None =
         imp = np.broadcast_to(np.asarray(importance, np.float32).reshape(1, cols // QK_K, QK_K),
                               (rows, cols // QK_K, QK_K)).reshape(-1, QK_K)
     enc = _ENCODERS[name]
-    parts = [enc(x[i : i + _CHUNK], None if imp is None else imp[i : i + _CHUNK]) for i in range(0, len(x), _CHUNK)]
+    step = _CHUNK if device is None else _DEVICE_CHUNK
+    parts = [enc(x[i : i + step], None if imp is None else imp[i : i + step], device) for i in range(0, len(x), step)]
     return np.concatenate(parts).reshape(rows, -1)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
+from haloquant.arrays import on_device, to_host
 from haloquant.kquants import fit_scale_min, fit_scale_symmetric
 
 QK = 32
@@ -106,16 +107,18 @@ def _fp16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
-def _fit_blocks(lay: LegacyLayout, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Blocks (n, type size) for x, w of shape (n, 32)."""
+def _fit_blocks(lay: LegacyLayout, x: np.ndarray, w: np.ndarray, device=None) -> np.ndarray:
+    """Blocks (n, type size) for x, w of shape (n, 32); the scale searches on `device` (torch) or
+    in numpy (None), the same bytes either way."""
+    xd, wd = on_device(x, device), on_device(w, device)
     size = gq.GGML_QUANT_SIZES[lay.ggml_type][1]
     out = np.zeros((x.shape[0], size), np.uint8)
     if lay.m is None:  # d·(q − zero): the largest |x| onto −zero, as ggml (codes −zero … zero − 1)
-        d = _fp16(fit_scale_symmetric(x, w, int(lay.zero)))
+        d = _fp16(to_host(fit_scale_symmetric(xd, wd, int(lay.zero))))
         safe = np.where(d != 0, d, 1)
         q = np.where(d[:, None] != 0, np.clip(np.rint(x / safe[:, None]), -lay.zero, lay.zero - 1), 0) + lay.zero
     else:  # d·q + m with m ≤ 0 (ggml make_qkx3_quants' step grid: rmin −0.9, rdelta 0.05, 36 steps)
-        scale, neg_min = fit_scale_min(x, w, lay.nmax, -0.9, 0.05, 36)
+        scale, neg_min = map(to_host, fit_scale_min(xd, wd, lay.nmax, -0.9, 0.05, 36))
         d, m = _fp16(scale), _fp16(-neg_min)
         safe = np.where(d != 0, d, 1)
         q = np.where(d[:, None] != 0, np.clip(np.rint((x - m[:, None]) / safe[:, None]), 0, lay.nmax), 0)
@@ -125,8 +128,10 @@ def _fit_blocks(lay: LegacyLayout, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_legacy(name: str, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-    """Float matrix (rows, cols) → llama.cpp's block bytes (rows, cols/32 · type size)."""
+def encode_legacy(name: str, weight: np.ndarray, importance: np.ndarray | None = None,
+                  device=None) -> np.ndarray:
+    """Float matrix (rows, cols) → llama.cpp's block bytes (rows, cols/32 · type size); `device`:
+    where the imatrix scale searches run (a torch device; None: numpy)."""
     lay = LAYOUTS[name]
     w32 = np.ascontiguousarray(weight, dtype=np.float32)
     if importance is None or name == "Q8_0":
@@ -137,10 +142,11 @@ def encode_legacy(name: str, weight: np.ndarray, importance: np.ndarray | None =
     imp = np.asarray(importance, np.float32).reshape(1, nb, QK)
     x = w32.reshape(rows * nb, QK)
     wt = (imp * np.sqrt(sigma2[:, None, None] + w32.reshape(rows, nb, QK) ** 2)).astype(np.float32).reshape(rows * nb, QK)
-    parts = [_fit_blocks(lay, x[i : i + _CHUNK], wt[i : i + _CHUNK]) for i in range(0, x.shape[0], _CHUNK)]
+    step = _CHUNK if device is None else _CHUNK * 8
+    parts = [_fit_blocks(lay, x[i : i + step], wt[i : i + step], device) for i in range(0, x.shape[0], step)]
     return np.concatenate(parts).reshape(rows, -1)
 
 
-ENCODERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
-    name: (lambda n: lambda w, imp: encode_legacy(n, w, imp))(name) for name in LAYOUTS
+ENCODERS: dict[str, Callable[..., np.ndarray]] = {
+    name: (lambda n: lambda w, imp, device=None: encode_legacy(n, w, imp, device))(name) for name in LAYOUTS
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from haloquant.arrays import fit_device
 from haloquant.calibstats import CalibrationStats
 from haloquant.formats import QuantFormat
 from haloquant.gptq import gptq_quantize
@@ -38,4 +39,4 @@ def encode_tensor(t: TensorInfo, weight: np.ndarray, fmt: QuantFormat, spec: Qua
     importance = stats.importance(t) if spec.importance and stats is not None else None
     if spec.method == "llamacpp" and not fmt.is_float:
         return ggml_quantize(fmt, weight, importance)
-    return fmt.encode(weight, importance)
+    return fmt.encode(weight, importance, device=fit_device(device))

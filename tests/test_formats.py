@@ -155,3 +155,38 @@ def test_encoding_on_threads_gives_the_same_bytes(fmt):
         one = fmt.encode(w, importance, threads=1)
         for threads in (3, 64, None):
             assert np.array_equal(one, fmt.encode(w, importance, threads=threads)), (threads, importance is None)
+
+
+def _torch_devices() -> list[str]:
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _torch_devices())
+@pytest.mark.parametrize("fmt", [f for f in QUANT if f.encoder is not None], ids=lambda f: f.name)
+def test_torch_fits_give_numpy_bytes(fmt, device):
+    """The scale searches run in torch (GPU encoders, issue 14) give exactly numpy's bytes — on a
+    real weight, and on rows with zero, constant and outlier blocks, with and without importance."""
+    w = np.concatenate([real_weight(), np.random.default_rng(3).standard_t(4, (512, 768)).astype(np.float32) * 0.02])
+    w[-1], w[-2, :64], w[-3, 32:64] = 0.0, 0.01, -0.003
+    rng = np.random.default_rng(4)
+    for importance in (None, rng.lognormal(0, 1.5, w.shape[1]).astype(np.float32),
+                       rng.gamma(1.0, size=w.shape[1]).astype(np.float32)):
+        ref = fmt.encode_own(w, importance)
+        np.testing.assert_array_equal(fmt.encode_own(w, importance, device=device), ref)
+
+
+def test_backend_sums_and_roots_are_numpys():
+    """The two operations torch does not do as numpy does by default: last-axis float32 sums
+    (another addition order) and √ (not correctly rounded in torch's CPU kernel)."""
+    import torch
+
+    from haloquant.arrays import sqrt32, sum_last
+
+    rng = np.random.default_rng(5)
+    for n in (3, 16, 32, 136, 256, 1000):
+        a = (rng.standard_normal((4000, n)) * rng.gamma(1, size=(4000, 1))).astype(np.float32)
+        np.testing.assert_array_equal(sum_last(torch.from_numpy(a)).numpy(), a.sum(-1))
+    a = rng.gamma(1, size=1_000_000).astype(np.float32)
+    np.testing.assert_array_equal(sqrt32(torch.from_numpy(a)).numpy(), np.sqrt(a))
