@@ -1,0 +1,122 @@
+"""Issue 14's scale bench: the default pipeline on a large random model, per-stage time and memory.
+
+    python bench/scale.py --layers 1                      # Llama-3-8B widths, one decoder layer
+    python bench/scale.py --hidden 2048 --ffn 5632 --layers 22 --heads 32 --kv-heads 4 --vocab 32000
+
+Makes a Llama model of the given widths (random weights in bf16, the reference tokenizer of
+data/models/ref-llama-tiny with the vocabulary padded to --vocab), writes the repository's
+params.yaml with only model.path, model.device and validate.runtimes changed, and runs the main
+stages in order in this process: for each, wall time, peak GPU memory (torch's allocator) and the
+process's peak RSS so far. --stages limits the run (e.g. a machine without llama.cpp's converter
+stops before export_gguf). Where llama-cpp-python is absent the per-block llama.cpp candidate of
+the encoders is switched off (said in the output): the numbers are then a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def make_model(out: Path, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = REPO / "data/models/ref-llama-tiny"
+    cfg = json.loads((src / "config.json").read_text())
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
+                         bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, out / f)
+    del model
+    return out
+
+
+def disable_llama_cpp_candidate() -> bool:
+    """True if llama-cpp-python is absent and the encoders' llama.cpp candidate was switched off."""
+    try:
+        import llama_cpp  # noqa: F401
+        return False
+    except ImportError:
+        from haloquant import formats
+
+        for k, f in formats.FORMATS.items():
+            formats.FORMATS[k] = dataclasses.replace(f, llama_cpp_candidate=False)
+        return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--ffn", type=int, default=14336)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--stages", nargs="+", default=None, help="default: every main stage")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-scale"))
+    args = ap.parse_args()
+
+    no_lc = disable_llama_cpp_candidate()
+    from tasks import STAGES
+    from tasks.runner import artifacts_root, timed_line
+    from haloquant.schemas.params import load_params
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    t0 = time.perf_counter()
+    model = make_model(args.out / "model", args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
+    made = time.perf_counter() - t0
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["path"] = str(model)
+    params["model"]["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    for section in ("calibration", "validate"):
+        params[section]["text"] = str(REPO / params[section]["text"])
+    params["allocation"]["policy"] = str(REPO / params["allocation"]["policy"])
+    params["validate"]["runtimes"] = []
+    (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = load_params(args.out / "params.yaml")
+    root = artifacts_root(args.out / "params.yaml")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"model: hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
+          f"vocab {args.vocab}, bf16 ({made:.0f} s to make); GPU {gpu}; torch {torch.__version__}"
+          + ("; llama-cpp-python absent: no llama.cpp block candidate" if no_lc else ""), flush=True)
+    print("\n| stage | seconds | peak GPU GiB | peak RSS GiB (process, so far) | summary |\n|---|---|---|---|---|", flush=True)
+    total = 0.0
+    for stage in STAGES:
+        if args.stages and stage.name not in args.stages:
+            continue
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        try:
+            _, line = timed_line(stage, p, root)
+        except Exception as e:  # a bench: say what stopped it and stop
+            print(f"| {stage.name} | — | — | — | not run: {type(e).__name__}: {str(e)[:200]} |", flush=True)
+            break
+        s = time.perf_counter() - t
+        total += s
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"| {stage.name} | {s:.1f} | {peak:.1f} | {rss:.1f} | {line} |", flush=True)
+    print(f"\nstages run: {total:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
