@@ -40,8 +40,8 @@ def main() -> None:
               CalibrationSpec(text=REPO / "data/wikitext-2-raw/wiki.valid.raw", n_sequences=64, seq_len=256),
               args.out / "calibrate")
     print(f"calibrate on {dev}: {time.perf_counter() - t0:.1f} s", flush=True)
-    stats = CalibrationStats(args.out / "calibrate")
     model = load_model(args.model, "cpu")
+    stats = CalibrationStats(args.out / "calibrate", model=model)
     params = dict(model.named_parameters(remove_duplicate=False))
     fmt = get_format(args.format)
     tensors = [t for t in quantizable_tensors(model) if t.kind != "token_embd"]

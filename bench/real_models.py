@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.llamacpp import llama_cpp_perplexity, scored_slice
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map, tensor_data_bytes
 from haloquant.schemas.params import QuantizeSpec, SensitivitySpec
@@ -51,6 +51,30 @@ def chat(gguf: Path, prompt: str = PROMPT) -> str:
     assert llm.metadata.get("tokenizer.chat_template"), "the GGUF carries no chat template"
     out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=48, temperature=0.0)
     return out["choices"][0]["message"]["content"].strip()
+
+
+def f16_reference(f16: Path, text: str, chunks: int, npy: Path) -> tuple[dict, np.ndarray]:
+    """The F16 file's perplexity and its per-token log-probs (the KL reference), kept in `npy`.
+    A complete `npy` from an earlier run is reused: the NLL is read from it at llama.cpp's own tokens."""
+    meta = npy.with_suffix(".json")
+    if npy.is_file() and meta.is_file() and json.loads(meta.read_text())["chunks"] == chunks:
+        return json.loads(meta.read_text()), np.load(npy, mmap_mode="r")
+    if npy.is_file() and np.load(npy, mmap_mode="r").shape[0] == chunks:
+        import llama_cpp
+
+        logprobs = np.load(npy, mmap_mode="r")
+        vocab = llama_cpp.Llama(str(f16), vocab_only=True, verbose=False)
+        tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        sl = scored_slice(512)
+        nll = [float(-logprobs[c][np.arange(logprobs.shape[1]), tokens[c * 512 + sl.start + 1: c * 512 + sl.stop + 1]]
+                     .astype(np.float64).sum()) for c in range(chunks)]
+        ref = {"ppl": float(np.exp(sum(nll) / (chunks * logprobs.shape[1]))), "chunks": chunks}
+    else:
+        ref = llama_cpp_perplexity(f16, text, 512, chunks, keep_logprobs=npy)
+        logprobs = ref.pop("logprobs")
+        ref = {"ppl": ref["ppl"], "chunks": chunks}
+    meta.write_text(json.dumps(ref))
+    return ref, logprobs
 
 
 def default_pipeline(model: Path, out: Path) -> dict:
@@ -92,25 +116,35 @@ def main() -> None:
     print(f"sensitivity ({metric}, GPTQ quantizer, fallbacks where needed): {time.perf_counter() - t0:.0f} s",
           flush=True)
 
-    f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib, out / "F16")
-    ref = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=out / "f16_logprobs.npy")
-    f16_logprobs = ref.pop("logprobs")
+    f16 = out / "F16" / "gguf" / "model.gguf"
+    if not f16.is_file():
+        f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib, out / "F16")
+    ref, f16_logprobs = f16_reference(f16, text, args.chunks, out / "f16_logprobs.npy")
     print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.4f}", flush=True)
     result = {"model": args.model.name, "chunks": args.chunks, "metric": metric,
               "f16": {"bytes": f16.stat().st_size, "ppl": ref["ppl"]}, "rows": []}
 
     def scored(path: Path) -> dict:
+        """llama.cpp's perplexity and KL of one file, cached beside it (a rerun resumes where it stopped)."""
+        cache = path.with_name(f"{path.stem}.score-{args.chunks}.json")
+        if cache.is_file() and json.loads(cache.read_text())["bytes"] == path.stat().st_size:
+            return json.loads(cache.read_text())
         r = llama_cpp_perplexity(path, text, 512, args.chunks, reference=f16_logprobs)
-        return {"bytes": path.stat().st_size, "ppl": r["ppl"], "kl": r["kl"], "chunk_nll": r["chunk_nll"],
-                "chunk_kl": r["chunk_kl"]}
+        row = {"bytes": path.stat().st_size, "ppl": r["ppl"], "kl": r["kl"], "chunk_nll": r["chunk_nll"],
+               "chunk_kl": r["chunk_kl"]}
+        cache.write_text(json.dumps(row))
+        return row
 
     for preset in args.presets:
         d = out / preset
         d.mkdir(parents=True, exist_ok=True)
         lc_file = d / "llama.cpp.gguf"
         type_map = preset_type_map(f16, preset, lc_file)
-        imatrix, _ = build(spec, infos, type_map, "llamacpp", calib, d / "llamacpp")
-        mixed = build_mixed(spec, sens, tensor_data_bytes(lc_file), calib, d / "mixed")
+        imatrix, mixed = d / "llamacpp" / "gguf" / "model.gguf", d / "mixed" / "gguf" / "model.gguf"
+        if not imatrix.is_file():  # a file exists only once written whole: a rerun resumes here
+            build(spec, infos, type_map, "llamacpp", calib, d / "llamacpp")
+        if not mixed.is_file():
+            build_mixed(spec, sens, tensor_data_bytes(lc_file), calib, d / "mixed")
         row = {"preset": preset, "types": dict(sorted({v: list(type_map.values()).count(v)
                                                        for v in set(type_map.values())}.items())),
                "llama.cpp+imatrix": scored(imatrix), "haloquant": scored(mixed)}

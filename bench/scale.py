@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--stages", nargs="+", default=None, help="default: every main stage")
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-scale"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep --out: reuse its model and skip the stages an earlier run finished (their rows are reprinted)")
     args = ap.parse_args()
 
     no_lc = disable_llama_cpp_candidate()
@@ -79,10 +81,15 @@ def main() -> None:
     from tasks.runner import artifacts_root, timed_line
     from haloquant.schemas.params import load_params
 
-    shutil.rmtree(args.out, ignore_errors=True)
+    rows_file = args.out / "rows.jsonl"
+    if not args.resume:
+        shutil.rmtree(args.out, ignore_errors=True)
     t0 = time.perf_counter()
-    model = make_model(args.out / "model", args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
+    model = args.out / "model"
+    if not (model / "config.json").is_file():
+        make_model(model, args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
     made = time.perf_counter() - t0
+    done = {r["stage"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["path"] = str(model)
     params["model"]["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,6 +109,11 @@ def main() -> None:
     for stage in STAGES:
         if args.stages and stage.name not in args.stages:
             continue
+        if stage.name in done:
+            r = done[stage.name]
+            total += r["seconds"]
+            print(f"| {stage.name} | {r['seconds']:.1f} | {r['gpu']:.1f} | {r['rss']:.1f} | {r['line']} (earlier call) |")
+            continue
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
@@ -115,6 +127,8 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"| {stage.name} | {s:.1f} | {peak:.1f} | {rss:.1f} | {line} |", flush=True)
+        with rows_file.open("a") as f:
+            f.write(json.dumps({"stage": stage.name, "seconds": s, "gpu": peak, "rss": rss, "line": line}) + "\n")
     print(f"\nstages run: {total:.0f} s")
 
 

@@ -1,5 +1,5 @@
-"""Running a causal LM one decoder block at a time on calibration windows (block tuning and
-sequential GPTQ both carry each block's input from the block before)."""
+"""Running a causal LM one decoder block at a time on calibration windows (block tuning, sequential
+GPTQ and the per-block Hessians all carry each block's input from the block before)."""
 
 from __future__ import annotations
 
@@ -15,33 +15,39 @@ class _Stop(Exception):
 @torch.no_grad()
 def block_inputs(model, ids: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
     """Block 0's input hidden states per minibatch, and every block's keyword arguments per
-    minibatch (position embeddings, masks: Gemma's alternate between sliding and global)."""
+    minibatch (position embeddings, masks: Gemma's alternate between sliding and global).
+
+    No decoder block computes anything here: each block's forward is replaced, for this call
+    only, by one that records its arguments and hands its input on, so the cost is the embedding
+    and the mask/rotary set-up — and a caller can keep the blocks' weights off the device."""
     layers = decoder_layers(model)
+    device = next(model.get_input_embeddings().parameters()).device
     hidden: list[torch.Tensor] = []
     kwargs: list[list[dict]] = [[] for _ in layers]
-    handles = []
 
-    def grab(i):
-        def hook(_m, args, kw):
+    def recorder(i):
+        def forward(*args, **kw):
+            h = args[0] if args else kw["hidden_states"]
             if i == 0:
-                hidden.append((args[0] if args else kw["hidden_states"]).detach())
-            kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states" and k != "past_key_values"
-                              and k != "past_key_value"})
+                hidden.append(h.detach())
+            kwargs[i].append({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values",
+                                                                        "past_key_value")})
             if i == len(layers) - 1:
                 raise _Stop
-        return hook
+            return h
+        return forward
 
     for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(grab(i), with_kwargs=True))
+        layer.forward = recorder(i)  # an instance attribute: nn.Module.__call__ finds it first
     try:
         for s in range(0, ids.shape[0], batch):
             try:
-                model(ids[s : s + batch], use_cache=False)
+                model(ids[s : s + batch].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
-        for h in handles:
-            h.remove()
+        for layer in layers:
+            del layer.forward
     return hidden, kwargs
 
 

@@ -83,12 +83,17 @@ def tensor_features(t: TensorInfo, w: torch.Tensor, stats: CalibrationStats, n_l
     ]
 
 
-def layer_embeddings(tensors: list[TensorInfo], weights: dict[str, torch.Tensor], stats: CalibrationStats,
-                     n_layers: int, hidden: int) -> list[list[float]]:
-    """One 11-vector per tensor, in the order given."""
-    mean_weights = sum(t.n_weights for t in tensors) / len(tensors)
-    rows = [tensor_features(t, weights[t.name], stats, n_layers, hidden, mean_weights) for t in tensors]
+def relative_sizes(rows: list[list[float]]) -> list[list[float]]:
+    """The eleventh feature made relative to the model's median tensor (in place; returns `rows`)."""
     median = statistics.median(r[10] for r in rows)
     for r in rows:
         r[10] -= median
     return rows
+
+
+def layer_embeddings(tensors: list[TensorInfo], weights: dict[str, torch.Tensor], stats: CalibrationStats,
+                     n_layers: int, hidden: int) -> list[list[float]]:
+    """One 11-vector per tensor, in the order given (model order: one pass over the blocks' Hessians)."""
+    mean_weights = sum(t.n_weights for t in tensors) / len(tensors)
+    return relative_sizes([tensor_features(t, weights[t.name], stats, n_layers, hidden, mean_weights)
+                           for t in tensors])

@@ -87,13 +87,33 @@ def load_config(path: str | Path):
         return AutoConfig.from_pretrained(view)
 
 
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype the weights are stored in: bf16/fp16 when every floating tensor of the shards is,
+    else float32 (config.json's torch_dtype is not trusted: a float32 file may claim bf16)."""
+    from safetensors import safe_open
+
+    found = set()
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    floats = found & {"F64", "F32", "F16", "BF16"}
+    return _SAFETENSORS_DTYPES[floats.pop()] if len(floats) == 1 and floats <= set(_SAFETENSORS_DTYPES) \
+        else torch.float32
+
+
 def load_model(path: str | Path, device: str = "auto"):
-    """Load a causal LM in float32 (quantization error is measured against exact float weights)."""
+    """Load a causal LM in float32 (quantization error is measured against exact float weights).
+
+    A bf16/fp16 checkpoint is read in its own dtype and widened on the device (exact): the host
+    holds half of what a float32 copy would, and never both."""
     from transformers import AutoModelForCausalLM
 
     with model_view(check_model_dir(path)) as view:
-        model = AutoModelForCausalLM.from_pretrained(view, dtype=torch.float32)
-    return model.to(resolve_device(device)).eval()
+        model = AutoModelForCausalLM.from_pretrained(view, dtype=stored_dtype(Path(view)))
+    return model.to(resolve_device(device)).float().eval()
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

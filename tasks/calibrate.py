@@ -1,8 +1,12 @@
 """calibrate: run calibration text through the float model and keep, for every linear layer's
-input, per-channel mean |x|, max |x| and the Gram matrix XᵀX (plus token counts for embeddings).
+input, per-channel mean |x|, max |x| and E[x²] (llama.cpp's imatrix), the windows themselves and
+token counts (for embeddings); the Gram matrix E[xxᵀ] only for inputs outside the decoder blocks
+(the output head's).
 
-These statistics are all later stages need from activations: the sensitivity stage's output
-error ‖(W−Q)X‖² = tr(ΔW XᵀX ΔWᵀ), Scale-Fold's outlier scales and GPTQ's Hessian.
+The decoder blocks' Gram matrices — the sensitivity stage's output error tr(ΔW E[xxᵀ] ΔWᵀ),
+Scale-Fold's search and GPTQ's Hessian — are d×d per input: 33 GB for Llama-3-8B. The stages that
+need them rebuild one block's at a time from the kept windows (haloquant/layergrams.py), so this
+artifact stays O(width) per input, whatever the model.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from safetensors.torch import save_file
 from haloquant import HaloquantError
 from haloquant.artifacts import atomic_path, sha256_file, write_json
 from haloquant.inputs import check_enough_tokens, check_finite
-from haloquant.modelio import load_model, load_tokenizer, output_head_module, quantizable_tensors
+from haloquant.modelio import decoder_layers, load_model, load_tokenizer, output_head_module, quantizable_tensors
 from haloquant.progress import track
 from haloquant.textdata import calibration_batch, read_text, sequence_bos, tokenize
 from haloquant.schemas.artifacts import CalibrationReport
@@ -29,10 +33,11 @@ MICRO_BATCH = 8
 class _InputStats:
     """Accumulates per-channel statistics of one linear input, deduplicated across modules."""
 
-    def __init__(self, dim: int, device: torch.device):
+    def __init__(self, dim: int, device: torch.device, with_gram: bool):
         self.sum_abs = torch.zeros(dim, dtype=torch.float64, device=device)
         self.max_abs = torch.zeros(dim, dtype=torch.float32, device=device)
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if with_gram else None
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -41,7 +46,9 @@ class _InputStats:
         self.sum_abs += xa.sum(0, dtype=torch.float64)
         self.max_abs = torch.maximum(self.max_abs, xa.amax(0).float())
         xd = x.double()
-        self.gram += xd.T @ xd
+        self.sum_sq += xd.pow(2).sum(0)
+        if self.gram is not None:
+            self.gram += xd.T @ xd
         self.count += x.shape[0]
 
 
@@ -64,6 +71,11 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
     linears = {n: m for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and id(m.weight) in weight_ids}
 
+    block_prefixes = tuple(f"{n}." for n, m in model.named_modules() if any(m is b for b in decoder_layers(model)))
+
+    def in_blocks(name: str) -> bool:
+        return name.startswith(block_prefixes)
+
     stats: dict[str, _InputStats] = {}
     input_of: dict[str, str] = {}
     # Modules that read the very same tensor (q/k/v, gate/up) share one set of statistics. The
@@ -79,7 +91,7 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
             if seen is None:  # first module to see this tensor owns its statistics
                 key = input_of.setdefault(name, name)
                 seen_this_batch[id(x)] = (x, key)
-                stats.setdefault(key, _InputStats(x.shape[-1], device)).add(x)
+                stats.setdefault(key, _InputStats(x.shape[-1], device, not in_blocks(name))).add(x)
             else:
                 key = seen[1]
             input_of.setdefault(name, key)
@@ -100,12 +112,14 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
     # the windows themselves: sensitivity's KL probe reruns the first of them
     tensors: dict[str, torch.Tensor] = {"token_counts": token_counts, "calibration_ids": batch}
     for key, s in stats.items():
-        if not (torch.isfinite(s.gram).all() and torch.isfinite(s.max_abs).all()):
+        if not (torch.isfinite(s.sum_sq).all() and torch.isfinite(s.max_abs).all()):
             raise HaloquantError(f"calibration.text: the input of {key} takes non-finite values (NaN or Inf) on "
                                  "the calibration text: the model overflows in float32 there")
         tensors[f"{key}.mean_abs"] = (s.sum_abs / s.count).float().cpu()
         tensors[f"{key}.max_abs"] = s.max_abs.cpu()
-        tensors[f"{key}.gram"] = (s.gram / s.count).float().cpu()  # E[x xᵀ] per token
+        tensors[f"{key}.sq_mean"] = (s.sum_sq / s.count).float().cpu()  # E[x²] per channel
+        if s.gram is not None:
+            tensors[f"{key}.gram"] = (s.gram / s.count).float().cpu()  # E[x xᵀ] per token
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / STATS_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))

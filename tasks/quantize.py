@@ -35,7 +35,9 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
              out_dir: Path) -> QuantizedManifest:
     allocation = read_artifact(allocation_dir / "allocation.json", AllocationResult)
     model = load_model(model_spec.path, "cpu")
-    stats = CalibrationStats(calib_dir, input_scales=load_folds(model, fold_dir))
+    input_scales = load_folds(model, fold_dir)
+    device = resolve_device(model_spec.device)
+    stats = CalibrationStats(calib_dir, input_scales=input_scales, model=model, device=device)
     params = dict(model.named_parameters(remove_duplicate=False))
     chosen = {c.name: c.format for c in allocation.tensors}
     infos = quantizable_tensors(model)
@@ -46,7 +48,6 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
 
     arrays: dict[str, np.ndarray] = {}
     quantized = []
-    device = resolve_device(model_spec.device)
     formats = {t.name: get_format(chosen[t.name]) for t in infos}
     in_blocks = [t for t in infos if t.layer >= 0 and uses_gptq(t, formats[t.name], spec)]
     # block tuning starts from the weights GPTQ rounded

@@ -21,7 +21,7 @@ from haloquant.artifacts import atomic_path, read_artifact, write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.folding import apply_fold, expand_scales, fold_groups, outlier_stats, search_alpha, weight_outliers
 from haloquant.formats import get_format
-from haloquant.modelio import load_model
+from haloquant.modelio import load_model, resolve_device
 from haloquant.schemas.artifacts import AllocationResult, FoldResult
 from haloquant.schemas.params import FoldSpec, ModelSpec
 
@@ -46,10 +46,10 @@ def scale_fold(model_spec: ModelSpec, spec: FoldSpec, calib_dir: Path, allocatio
 
 def _search(model_spec: ModelSpec, spec: FoldSpec, calib_dir: Path, allocation_dir: Path,
             scales: dict[str, torch.Tensor], groups: list[dict], plot: list[dict]) -> None:
-    stats = CalibrationStats(calib_dir)
     allocation = read_artifact(allocation_dir / "allocation.json", AllocationResult)
     formats = {c.name.removesuffix(".weight"): c.format for c in allocation.tensors}
     model = load_model(model_spec.path, "cpu")
+    stats = CalibrationStats(calib_dir, model=model, device=resolve_device(model_spec.device))
     mods = dict(model.named_modules())
     for g in fold_groups(model):
         if any(get_format(formats[t]).is_float for t in g.targets):
@@ -57,7 +57,7 @@ def _search(model_spec: ModelSpec, spec: FoldSpec, calib_dir: Path, allocation_d
         key = stats.report.input_of[g.stats_module]
         x_max = stats.tensor(f"{key}.max_abs")
         x_mean = stats.tensor(f"{key}.mean_abs")
-        gram = stats.tensor(f"{key}.gram")
+        gram = stats.gram_of(key)  # of the unfolded input: this group is folded only below
         w_before = torch.cat([mods[t].weight.detach() for t in g.targets])
         alpha, err, base, s = search_alpha(model, g, x_max, gram, formats, spec.alpha_grid)
         s_in = expand_scales(s, g, model)

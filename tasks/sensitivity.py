@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from haloquant.artifacts import write_json
 from haloquant.calibstats import CalibrationStats
-from haloquant.embedding import FEATURES, layer_embeddings
+from haloquant.embedding import FEATURES, relative_sizes, tensor_features
 from haloquant import HaloquantError
 from haloquant.families import family
 from haloquant.fisher import fisher_lookup_error, fisher_output_error, output_fisher
@@ -200,9 +200,9 @@ def candidate_formats(spec: SensitivitySpec, shape: tuple[int, int]) -> list[Qua
 def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: QuantizeSpec, calib_dir: Path,
                       out_dir: Path) -> SensitivityTable:
     """`quant_spec` is the quantizer the costs are measured for (the one quantize will run)."""
-    stats = CalibrationStats(calib_dir)
     model = load_model(model_spec.path, model_spec.device)
     device = next(model.parameters()).device
+    stats = CalibrationStats(calib_dir, model=model)
     params = dict(model.named_parameters(remove_duplicate=False))
     token_freq = stats.token_freq().to(device)
     ids = stats.tensor("calibration_ids")[: spec.kl_sequences]
@@ -216,9 +216,13 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     # a looked-up row's error in residual-stream units (Gemma multiplies the embedding by √hidden)
     lookup_scale = family(model).embedding_scale(model.config) ** 2
     rows: list[TensorSensitivity] = []
+    features: list[list[float]] = []  # the SAC policy's per-tensor features, while the block's Hessians are held
+    mean_weights = sum(t.n_weights for t in infos) / len(infos)
     for t in track(infos, "sensitivity", "tensors"):
         w = params[t.name].detach().float()
         gram = stats.gram(t).to(device)
+        features.append(tensor_features(t, w.cpu(), stats, model.config.num_hidden_layers, model.config.hidden_size,
+                                        mean_weights))
         cands: dict[str, FormatCost] = {}
         decoded: dict[str, torch.Tensor] = {}
         for fmt in candidate_formats(spec, t.shape):
@@ -250,8 +254,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             cands = {f: FormatCost(bytes=c.bytes, error=c.error * scale) for f, c in cands.items()}
         rows.append(TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer,
                                       shape=t.shape, n_weights=t.n_weights, candidates=cands))
-    emb = layer_embeddings(infos, {t.name: params[t.name].detach().cpu() for t in infos}, stats,
-                           model.config.num_hidden_layers, model.config.hidden_size)
+    emb = relative_sizes(features)
     write_json(out_dir / EMBEDDINGS_FILE, LayerEmbeddings(features=list(FEATURES), tensors=[
         TensorEmbedding(gguf_name=t.gguf_name, values=v) for t, v in zip(infos, emb)]).model_dump())
     floats = float_tensors(model)

@@ -165,6 +165,48 @@ def test_scale_folds_are_exact(case, zoo):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_block_hessians_are_the_full_forward_passes(case, zoo, tmp_path):
+    """The calibrate artifact keeps no decoder-block Gram matrix; rebuilt one block at a time from
+    its windows (haloquant/layergrams.py), each equals, to the last bit, the E[xxᵀ] that hooks on
+    the whole model's forward pass accumulate — in one pass when asked in model order."""
+    from safetensors.torch import load_file
+
+    from haloquant.calibstats import CalibrationStats
+
+    folder = make_model(case, zoo)
+    calibrate(ModelSpec(path=folder, device="cpu"), CalibrationSpec(text=CALIB_TEXT, n_sequences=12, seq_len=32),
+              tmp_path)
+    model = load_model(folder, "cpu")
+    stats = CalibrationStats(tmp_path, model=model)
+    kept = load_file(str(tmp_path / "stats.safetensors"))
+    keys = sorted(set(stats.report.input_of.values()) - {stats.report.input_of[stats.report.output_head]})
+    assert keys and not any(f"{k}.gram" in kept for k in keys)
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(key):
+        def fn(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums[key] + x.T @ x if key in sums else x.T @ x
+        return fn
+
+    handles = [modules[k].register_forward_pre_hook(hook(k)) for k in keys]
+    ids = kept["calibration_ids"]
+    with torch.no_grad():
+        for s in range(0, ids.shape[0], 8):  # the calibrate stage's micro-batches
+            model(ids[s : s + 8])
+    for h in handles:
+        h.remove()
+    order = [k for k in stats.report.input_of.values() if k in keys]  # model order, with repeats
+    for k in order:
+        assert torch.equal(stats.gram_of(k), (sums[k] / ids.numel()).float()), k
+        torch.testing.assert_close(torch.diagonal(stats.gram_of(k)), kept[f"{k}.sq_mean"], rtol=1e-6, atol=0)
+    assert stats._blocks.passes == 1
+    stats.gram_of(order[0])  # an earlier block again: a second pass from block 0
+    assert stats._blocks.passes == 2
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kl_probe_replaying_earlier_blocks_is_exact(case, zoo):
     """The sensitivity probe skips the blocks before a weight's own (replaying the float run's
     outputs): for every weight, the same KL to the last bit as the full forward pass."""

@@ -16,8 +16,8 @@ FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "
 
 def calibrated_tensor(pipeline_run, gguf_name: str):
     """(tensor info, float weight, calibration stats) of one ref-llama-tiny tensor."""
-    stats = CalibrationStats(pipeline_run[0] / "artifacts" / "calibrate")
     model = load_model(TINY, "cpu")
+    stats = CalibrationStats(pipeline_run[0] / "artifacts" / "calibrate", model=model)
     t = next(t for t in quantizable_tensors(model) if t.gguf_name == gguf_name)
     return t, dict(model.named_parameters())[t.name].detach().numpy(), stats
 

@@ -50,8 +50,8 @@ def _input_gram(model, module_name: str, ids: torch.Tensor) -> torch.Tensor:
 
 def test_each_hessian_is_the_input_of_the_model_quantized_so_far(calibrated):
     _, out = calibrated
-    stats = CalibrationStats(out / "calibrate")
     model = load_model(TINY, "cpu")
+    stats = CalibrationStats(out / "calibrate", model=model)
     params = dict(model.named_parameters())
     infos = [t for t in quantizable_tensors(model) if t.layer >= 0]
     fmt = get_format("Q3_K")
