@@ -46,4 +46,6 @@ def test_a_stage_ends_with_one_summary_line_on_stderr(tmp_path):
     assert all(re.match(r"calibrate: \d+/1 batches \(", ln) for ln in lines[:-1]), r.stderr
     lines = lines[-1:]
     assert "1,024 tokens (8 × 128) through ref-llama-tiny" in lines[0]
-    assert " MB written in " in lines[0]
+    # the size is what the stage really wrote (its statistics and report), in a person's units
+    written = sum(f.stat().st_size for f in (tmp_path / "artifacts" / "calibrate").rglob("*") if f.is_file())
+    assert f"({progress.size(written)} written in " in lines[0], (lines[0], written)
