@@ -3,9 +3,13 @@ GPTQ and the per-block Hessians all carry each block's input from the block befo
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from haloquant.modelio import decoder_layers
+from haloquant.streaming import compute_device, on_device
 
 
 class _Stop(Exception):
@@ -52,8 +56,46 @@ def block_inputs(model, ids: torch.Tensor, batch: int) -> tuple[list[torch.Tenso
 
 
 def block_output(y):
-    """A decoder block's hidden states (older transformers return them in a tuple)."""
+    """A decoder block's hidden states (older transformers, and Gemma 2/3, return them in a tuple)."""
     return y[0] if isinstance(y, tuple) else y
+
+
+def with_hidden(y, hidden: torch.Tensor):
+    """A block's output `y` in its own form (tensor or tuple) with `hidden` as its hidden states."""
+    return (hidden, *y[1:]) if isinstance(y, tuple) else hidden
+
+
+@contextlib.contextmanager
+def replaying(layers, outputs: list) -> Iterator[None]:
+    """For the `with`, block i computes nothing and returns outputs[i] (as its forward would have):
+    the model's own forward still runs around the blocks (embedding, masks, final norm, head, a
+    family's logit soft-cap). A replayed block reads no weight, so a streamed one is not moved."""
+    for layer, out in zip(layers, outputs):
+        layer.forward = (lambda o: lambda *a, **k: o)(out)  # an instance attribute: found before the class's
+    try:
+        yield
+    finally:
+        for layer, _ in zip(layers, outputs):
+            del layer.forward
+
+
+def logits_after_blocks(model, ids: torch.Tensor, last_output) -> torch.Tensor:
+    """The model's logits for `ids` given what its last decoder block returned for them."""
+    layers = decoder_layers(model)
+    with replaying(layers, [last_output] * len(layers)):
+        return model(ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def run_blocks(model, ids: torch.Tensor, batch: int) -> list:
+    """What the last decoder block returns for each micro-batch of `ids`, computed block by block
+    over all micro-batches (a streamed block is moved to the device once, not once per batch)."""
+    x, kwargs = block_inputs(model, ids, batch)
+    y, device = x, compute_device(model)
+    for layer, kw in zip(decoder_layers(model), kwargs):
+        with on_device(layer, device):
+            y = [layer(block_output(h), **k) for h, k in zip(y, kw)]
+    return y
 
 
 def module_name(model, module) -> str:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from haloquant.blocks import block_inputs, block_output, logits_after_blocks, with_hidden
 from haloquant.modelio import decoder_layers
+from haloquant.streaming import compute_device, on_device
 
 
 @dataclass(frozen=True)
@@ -41,20 +43,22 @@ def output_fisher(model, ids: torch.Tensor, modules: list[str], seed: int = 0) -
     Σ_t |g_t|²|x_t|²: their ratio, measured per module, is `coherence`.
 
     Labels are sampled from the model's own next-token distribution with a seeded generator, so the
-    result is reproducible. Sequences run one at a time: memory is one sequence's activations and
-    logits. The model's parameters are left as they were (no gradients are kept for them)."""
-    device = next(model.parameters()).device
+    result is reproducible. Sequences run one at a time, and each one block by block: its forward
+    keeps only the blocks' inputs, its backward recomputes one block at a time from its input
+    (activation checkpointing per block), so memory is one block's activations and weights —
+    a streamed model (haloquant/streaming.py) has one block on the device even here. The model's
+    parameters are left as they were (no gradients are kept for them)."""
+    device = compute_device(model)
+    layers = decoder_layers(model)
     named = dict(model.named_modules())
     sums = {m: None for m in modules}
     coherence = {m: (0.0, 0.0) for m in modules}
     block0 = [None]
     gen = torch.Generator().manual_seed(seed)
 
-    def accumulate(key, store):
-        def on_grad(g):
-            s = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
-            store[key] = s if store[key] is None else store[key] + s
-        return on_grad
+    def accumulate(key, store, g):
+        s = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
+        store[key] = s if store[key] is None else store[key] + s
 
     def coherence_terms(name, x):
         def on_grad(g):
@@ -68,35 +72,40 @@ def output_fisher(model, ids: torch.Tensor, modules: list[str], seed: int = 0) -
     def on_output(name):
         def hook(_module, args, out):
             if out.requires_grad:
-                out.register_hook(accumulate(name, sums))
+                out.register_hook(lambda g: accumulate(name, sums, g))
                 out.register_hook(coherence_terms(name, args[0]))
         return hook
 
-    def on_block0(_module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        if h.requires_grad:
-            h.register_hook(accumulate(0, block0))
-
-    def needs_grad(_module, _args, out):
-        return out.requires_grad_(True)
-
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
-    handles = [named[m].register_forward_hook(on_output(m)) for m in modules]
-    handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
-    handles.append(decoder_layers(model)[0].register_forward_pre_hook(on_block0, with_kwargs=True))
+    handles = [named[m].register_forward_hook(on_output(m)) for m in modules]  # only grad-carrying calls count
     n_tokens = 0
     try:
-        with torch.enable_grad():
-            for seq in ids:
-                logits = model(seq[None].to(device), use_cache=False).logits.float()[0]
+        for seq in ids:
+            seq = seq[None].to(device)
+            x, kwargs = block_inputs(model, seq, 1)
+            inputs, y = [], x[0]
+            with torch.no_grad():  # forward: keep each block's input only
+                for layer, kw in zip(layers, kwargs):
+                    inputs.append(block_output(y))
+                    y = layer(inputs[-1], **kw[0])
+            top = block_output(y).detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = logits_after_blocks(model, seq, with_hidden(y, top)).float()[0]
                 logp = F.log_softmax(logits, -1)
                 labels = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(device)
                 (-logp.gather(-1, labels).sum()).backward()
-                n_tokens += seq.numel()
+            grad = top.grad
+            for layer, kw, h in zip(reversed(layers), reversed(kwargs), reversed(inputs)):
+                h = h.detach().requires_grad_(True)
+                with torch.enable_grad(), on_device(layer, device):
+                    block_output(layer(h, **kw[0])).backward(grad)
+                grad = h.grad
+            accumulate(0, block0, grad)  # at decoder block 0's input: what an embedding lookup adds to
+            n_tokens += seq.numel()
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
     missing = [m for m, s in sums.items() if s is None]

@@ -64,9 +64,15 @@ def expand_scales(s: torch.Tensor, group: FoldGroup, model) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_fold(model, group: FoldGroup, s_source: torch.Tensor) -> None:
-    """Fold scales into the model in place (exact in real arithmetic)."""
+    """Fold scales into the model in place (exact in real arithmetic). Weights a streamed model
+    stores in bf16/fp16 are widened to float32 first: a folded weight is no longer on their grid."""
     params = dict(model.named_parameters())
     mods = dict(model.named_modules())
+    touched = [f"{t}.weight" for t in group.targets] + (
+        [group.source] if group.source_kind == "norm" else [f"{group.source}.weight", f"{group.source}.bias"])
+    for name in touched:
+        if name in params and params[name].dtype != torch.float32:
+            params[name].data = params[name].data.float()
     s_src = s_source.to(params[group.source if group.source_kind == "norm" else f"{group.source}.weight"].dtype)
     s_tgt = expand_scales(s_src, group, model)
     for t in group.targets:

@@ -17,6 +17,7 @@ import torch
 
 from haloquant.blocks import block_inputs, block_output, module_name
 from haloquant.modelio import decoder_layers
+from haloquant.streaming import compute_device, on_device
 
 MICRO_BATCH = 8  # the calibrate stage's micro-batch: the same sums in the same order
 
@@ -24,10 +25,10 @@ MICRO_BATCH = 8  # the calibrate stage's micro-batch: the same sums in the same 
 class LayerGrams:
     def __init__(self, model, ids: torch.Tensor, input_of: dict[str, str], device: torch.device | None = None):
         """`input_of`: module → the key of the input it reads (the calibrate report's); `device`: where
-        the blocks run (each block is moved there for its pass and back); default the model's."""
+        the blocks run (each block is put there for its pass: haloquant/streaming.py); default the model's."""
         self.model, self.ids = model, ids
         self.layers = decoder_layers(model)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else compute_device(model)
         prefixes = [module_name(model, layer) + "." for layer in self.layers]
         self.keys: list[list[str]] = [sorted({k for k in input_of.values() if k.startswith(p)}) for p in prefixes]
         self._layer_of = {k: i for i, ks in enumerate(self.keys) for k in ks}
@@ -58,8 +59,6 @@ class LayerGrams:
         grams: dict[str, torch.Tensor] = {}
         while self._next <= i:
             j, layer = self._next, self.layers[self._next]
-            home = next(layer.parameters()).device
-            layer.to(self.device)
             sums: dict[str, list] = {}
             handles = []
             if j == i:
@@ -69,11 +68,11 @@ class LayerGrams:
                     sums[key] = [None, 0]
                     handles.append(modules[key[len(prefix):]].register_forward_pre_hook(_accumulate(sums[key])))
             try:
-                self._x = [block_output(layer(xb, **kw)) for xb, kw in zip(self._x, self._kw[j])]
+                with on_device(layer, self.device):
+                    self._x = [block_output(layer(xb, **kw)) for xb, kw in zip(self._x, self._kw[j])]
             finally:
                 for h in handles:
                     h.remove()
-                layer.to(home)
             self._next += 1
             grams = {k: (s / n).float().cpu() for k, (s, n) in sums.items()}
         return grams

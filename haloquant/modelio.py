@@ -9,6 +9,7 @@ architecture; GGUF names are those llama.cpp's converter gives that architecture
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from haloquant import HaloquantError
 from haloquant.families import architecture_of, family_of_architecture
 from haloquant.families.base import head_dim  # noqa: F401  (re-exported: used across the library)
 from haloquant.hfcompat import model_view
+from haloquant.streaming import stream_blocks
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # a fast tokenizer, or SentencePiece's model
 MISTRAL_REGEX_MODEL_TYPES = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")  # transformers' list
@@ -90,30 +92,72 @@ def load_config(path: str | Path):
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def _shard_dtypes_and_elements(path: Path) -> tuple[set[str], int]:
+    """The dtypes of the shards' tensors and how many elements they hold (headers only)."""
+    from safetensors import safe_open
+
+    found, elements = set(), 0
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                found.add(sl.get_dtype())
+                elements += math.prod(sl.get_shape())
+    return found, elements
+
+
 def stored_dtype(path: Path) -> torch.dtype:
     """The dtype the weights are stored in: bf16/fp16 when every floating tensor of the shards is,
     else float32 (config.json's torch_dtype is not trusted: a float32 file may claim bf16)."""
-    from safetensors import safe_open
-
-    found = set()
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            found |= {f.get_slice(k).get_dtype() for k in f.keys()}
-    floats = found & {"F64", "F32", "F16", "BF16"}
+    floats = _shard_dtypes_and_elements(path)[0] & {"F64", "F32", "F16", "BF16"}
     return _SAFETENSORS_DTYPES[floats.pop()] if len(floats) == 1 and floats <= set(_SAFETENSORS_DTYPES) \
         else torch.float32
 
 
-def load_model(path: str | Path, device: str = "auto"):
-    """Load a causal LM in float32 (quantization error is measured against exact float weights).
+def memory_bytes(device: torch.device) -> int:
+    """What a model may use on `device`: a GPU's total memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62  # not Linux: never stream by default
 
-    A bf16/fp16 checkpoint is read in its own dtype and widened on the device (exact): the host
-    holds half of what a float32 copy would, and never both."""
+
+def should_stream(path: Path, device: torch.device, stream: bool | str = "auto") -> bool:
+    """model.stream: True, False, or "auto" — stream when the model in float32 would take more
+    than half of `device`'s memory (haloquant/streaming.py)."""
+    if stream != "auto":
+        return bool(stream)
+    return 4 * _shard_dtypes_and_elements(path)[1] > memory_bytes(device) // 2
+
+
+def load_model(path: str | Path, device: str = "auto", stream: bool | str = False):
+    """Load a causal LM to compute in float32 (quantization error is measured against exact float
+    weights).
+
+    A bf16/fp16 checkpoint is read in its own dtype and widened on the device (exact). `stream`
+    (model.stream; "auto": see should_stream): the decoder blocks stay on the host in that dtype
+    and run on the device one at a time (haloquant/streaming.py) — the same numbers, a block's
+    weights in float32 on the device at a time."""
     from transformers import AutoModelForCausalLM
 
+    dev = resolve_device(device)
     with model_view(check_model_dir(path)) as view:
+        streaming = should_stream(Path(view), dev, stream)
         model = AutoModelForCausalLM.from_pretrained(view, dtype=stored_dtype(Path(view)))
-    return model.to(resolve_device(device)).float().eval()
+    if streaming:
+        return stream_blocks(model.eval(), dev)
+    return model.to(dev).float().eval()
+
+
+def model_skeleton(path: str | Path):
+    """The model's modules and parameter shapes without its weights (on the meta device): for
+    inventories (quantizable_tensors) of any size in no time and no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with model_view(check_model_dir(path)) as view, torch.device("meta"):
+        return AutoModelForCausalLM.from_config(load_config(view))
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -174,8 +218,8 @@ def quantizable_tensors(model) -> list[TensorInfo]:
 
 
 def float_tensors(model) -> dict[str, torch.Tensor]:
-    """Parameters kept in float32 (norm weights, biases), by HF name."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.ndim != 2}
+    """Parameters kept in float32 (norm weights, biases), by HF name, on the host."""
+    return {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.ndim != 2}
 
 
 def n_params(model) -> int:

@@ -6,6 +6,7 @@ ONNX model all hold the same weights.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from safetensors.numpy import load_file
 
 from haloquant.artifacts import read_artifact
 from haloquant.formats import get_format
-from haloquant.modelio import load_model
+from haloquant.blocks import module_name
+from haloquant.modelio import decoder_layers, load_model
+from haloquant.streaming import set_source, streamed
 from haloquant.schemas.artifacts import QuantizedManifest
 
 MANIFEST_FILE = "quantized.json"
@@ -35,11 +38,28 @@ def dequantized_state(manifest: QuantizedManifest, tensors: dict[str, np.ndarray
 
 
 @torch.no_grad()
-def load_quantized_model(model_path: Path, quant_dir: Path, device: str = "auto"):
-    """The float model with every weight replaced by its decoded quantized value."""
-    model = load_model(model_path, device)
+def load_quantized_model(model_path: Path, quant_dir: Path, device: str = "auto", stream: bool | str = False):
+    """The float model with every weight replaced by its decoded quantized value (float32).
+
+    Streamed (haloquant/streaming.py), a decoder block's quantized weights are decoded when the
+    block is put on the device, and the checkpoint's copies of them are dropped: the host holds the
+    quantized bytes, not a float model."""
+    model = load_model(model_path, device, stream)
     manifest, tensors = read_quantized(quant_dir)
     params = dict(model.named_parameters(remove_duplicate=False))
-    for name, value in dequantized_state(manifest, tensors).items():
-        params[name].copy_(value.to(params[name].device))
+    blocks = {f"{module_name(model, layer)}.": layer for layer in decoder_layers(model)} if streamed(model) else {}
+    for q in manifest.quantized:
+        decode = functools.partial(_decoded, get_format(q.format), tensors[q.name], tuple(q.shape))
+        prefix = next((b for b in blocks if q.name.startswith(b)), None)
+        if prefix is None:
+            params[q.name].data = decode(params[q.name].device)
+        else:
+            set_source(blocks[prefix], q.name[len(prefix):], decode)
+            params[q.name].data = torch.empty(0, dtype=params[q.name].dtype)
+    for n in manifest.float_tensors:
+        params[n].data = torch.from_numpy(tensors[n].copy()).to(params[n].device)
     return model
+
+
+def _decoded(fmt, data: np.ndarray, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(fmt.decode(data, shape)).to(device)

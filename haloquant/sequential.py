@@ -24,6 +24,7 @@ from haloquant.blocks import block_inputs, block_output, module_name
 from haloquant.formats import QuantFormat
 from haloquant.modelio import TensorInfo, decoder_layers
 from haloquant.progress import track
+from haloquant.streaming import compute_device, on_device
 
 Encoder = Callable[[TensorInfo, torch.Tensor], np.ndarray]  # (tensor, E[xxᵀ] of its input) → block bytes
 
@@ -66,33 +67,41 @@ def quantize_sequentially(model, ids: torch.Tensor, tensors: list[TensorInfo], f
     `on_gram`: called with each tensor and its Hessian (tests compare them with the quantized
     model's own)."""
     layers = decoder_layers(model)
-    device = next(model.parameters()).device
+    device = compute_device(model)
     x, layer_kwargs = block_inputs(model, ids.to(device), batch)
     out: dict[str, np.ndarray] = {}
     for i, layer in track(enumerate(layers), "sequential GPTQ", "blocks", total=len(layers)):
-        prefix = f"{module_name(model, layer)}."
-        mine = [t for t in tensors if t.layer == i]
-        modules = {t.module: model.get_submodule(t.module) for t in mine}
-        kw = layer_kwargs[i]
-        order = _forward_order(layer, x[0], kw[0], modules) if mine else []
-        groups: dict[str, list[TensorInfo]] = {}
-        for name in order:
-            groups.setdefault(input_of.get(name, name), []).extend(t for t in mine if t.module == name)
-        quantized: dict[str, torch.Tensor] = {}  # this block's weights so far, by name inside the block
-        for group in groups.values():  # one Hessian per group: its modules read the same tensor
-            gram_of = _GramOf()
-            handle = modules[group[0].module].register_forward_pre_hook(gram_of)
-            try:
-                for xb, kb in zip(x, kw):
-                    functional_call(layer, quantized, (xb,), kb)
-            finally:
-                handle.remove()
-            gram = gram_of.mean()
-            for t in group:
-                if on_gram is not None:
-                    on_gram(t, gram)
-                out[t.name] = encode(t, gram)
-                local = t.name[len(prefix):]
-                quantized[local] = torch.from_numpy(formats[t.name].decode(out[t.name], t.shape)).to(device)
-        x = [block_output(functional_call(layer, quantized, (xb,), kb)) for xb, kb in zip(x, kw)]
+        with on_device(layer, device):  # a streamed block's float32 weights on the device while it is quantized
+            x = _quantize_block(model, layer, x, layer_kwargs[i], [t for t in tensors if t.layer == i], formats,
+                                input_of, encode, on_gram, out)
     return out
+
+
+def _quantize_block(model, layer, x: list[torch.Tensor], kw: list[dict], mine: list[TensorInfo],
+                    formats: dict[str, QuantFormat], input_of: dict[str, str], encode: Encoder,
+                    on_gram, out: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    """Encode the block's tensors (`mine`) group by group into `out`; returns the block's outputs
+    with its quantized weights (the next block's inputs)."""
+    device = x[0].device
+    prefix = f"{module_name(model, layer)}."
+    modules = {t.module: model.get_submodule(t.module) for t in mine}
+    order = _forward_order(layer, x[0], kw[0], modules) if mine else []
+    groups: dict[str, list[TensorInfo]] = {}
+    for name in order:
+        groups.setdefault(input_of.get(name, name), []).extend(t for t in mine if t.module == name)
+    quantized: dict[str, torch.Tensor] = {}  # this block's weights so far, by name inside the block
+    for group in groups.values():  # one Hessian per group: its modules read the same tensor
+        gram_of = _GramOf()
+        handle = modules[group[0].module].register_forward_pre_hook(gram_of)
+        try:
+            for xb, kb in zip(x, kw):
+                functional_call(layer, quantized, (xb,), kb)
+        finally:
+            handle.remove()
+        gram = gram_of.mean()
+        for t in group:
+            if on_gram is not None:
+                on_gram(t, gram)
+            out[t.name] = encode(t, gram)
+            quantized[t.name[len(prefix):]] = torch.from_numpy(formats[t.name].decode(out[t.name], t.shape)).to(device)
+    return [block_output(functional_call(layer, quantized, (xb,), kb)) for xb, kb in zip(x, kw)]

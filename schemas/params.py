@@ -27,6 +27,10 @@ class ModelSpec(Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     add_bos: bool | None = Field(None, description="start every sequence with BOS (calibration, evaluation, the "
                                  "GGUF's tokenizer.ggml.add_bos_token); null: as the model's own tokenizer does")
+    stream: bool | Literal["auto"] = Field("auto", description="keep the decoder blocks on the host in the "
+                                           "checkpoint's dtype and run them on the device one at a time (the same "
+                                           "numbers, a block's weights in memory at a time); auto: when the model in "
+                                           "float32 would take more than half of the device's memory")
 
     @field_validator("device")
     @classmethod

@@ -21,6 +21,7 @@ from haloquant.artifacts import atomic_path, sha256_file, write_json
 from haloquant.inputs import check_enough_tokens, check_finite
 from haloquant.modelio import decoder_layers, load_model, load_tokenizer, output_head_module, quantizable_tensors
 from haloquant.progress import track
+from haloquant.streaming import compute_device
 from haloquant.textdata import calibration_batch, read_text, sequence_bos, tokenize
 from haloquant.schemas.artifacts import CalibrationReport
 from haloquant.schemas.params import CalibrationSpec, ModelSpec
@@ -55,10 +56,10 @@ class _InputStats:
 @torch.no_grad()
 def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> CalibrationReport:
     text = read_text(spec.text, "calibration.text")
-    model = load_model(model_spec.path, model_spec.device)
+    model = load_model(model_spec.path, model_spec.device, model_spec.stream)
     check_finite(model)
     tokenizer = load_tokenizer(model_spec.path)
-    device = next(model.parameters()).device
+    device = compute_device(model)
     ids = tokenize(tokenizer, text)
     bos = sequence_bos(tokenizer, model_spec.add_bos)
     check_enough_tokens(len(ids) + (bos is not None), spec.n_sequences * spec.seq_len, "calibration.text",

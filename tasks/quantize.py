@@ -21,12 +21,13 @@ from haloquant.artifacts import atomic_path, read_artifact, write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.folding import load_folds
 from haloquant.formats import get_format
-from haloquant.modelio import float_tensors, load_model, quantizable_tensors, resolve_device
+from haloquant.modelio import float_tensors, load_model, quantizable_tensors
 from haloquant.progress import track
 from haloquant.quantizer import encode_tensor, uses_gptq
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
 from haloquant.reconstruct import TuneSettings, tune_blocks
 from haloquant.sequential import quantize_sequentially
+from haloquant.streaming import compute_device
 from haloquant.schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
 from haloquant.schemas.params import ModelSpec, QuantizeSpec
 
@@ -34,9 +35,9 @@ from haloquant.schemas.params import ModelSpec, QuantizeSpec
 def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocation_dir: Path, fold_dir: Path,
              out_dir: Path) -> QuantizedManifest:
     allocation = read_artifact(allocation_dir / "allocation.json", AllocationResult)
-    model = load_model(model_spec.path, "cpu")
+    model = load_model(model_spec.path, model_spec.device, model_spec.stream)
     input_scales = load_folds(model, fold_dir)
-    device = resolve_device(model_spec.device)
+    device = compute_device(model)
     stats = CalibrationStats(calib_dir, input_scales=input_scales, model=model, device=device)
     params = dict(model.named_parameters(remove_duplicate=False))
     chosen = {c.name: c.format for c in allocation.tensors}
@@ -58,9 +59,8 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
                              rounded.get(t.name), gram)
 
     if spec.method == "gptq" and spec.gptq.sequential:  # decoder blocks in order, Hessians from the quantized path
-        arrays = quantize_sequentially(model.to(device), stats.tensor("calibration_ids"), in_blocks, formats,
+        arrays = quantize_sequentially(model, stats.tensor("calibration_ids"), in_blocks, formats,
                                        stats.report.input_of, encode)
-        model = model.cpu()
     for t in track(infos, "quantize", "tensors"):
         if t.name not in arrays:
             arrays[t.name] = encode(t)
@@ -69,7 +69,6 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     if spec.block_tuning.iters:
         arrays, _ = tune_blocks(model, stats.tensor("calibration_ids"), arrays, formats,
                                 TuneSettings(**spec.block_tuning.model_dump()), device, rounded)
-        model = model.cpu()
     floats = float_tensors(model)
     arrays.update({n: v.float().numpy() for n, v in floats.items()})
     with atomic_path(out_dir / TENSORS_FILE) as tmp:

@@ -226,7 +226,7 @@ def check(params_file: Path) -> str:
 
     params = load_params(params_file)
     preflight(params)
-    model = load_model(params.model.path, "cpu")
+    model = load_model(params.model.path, "cpu", params.model.stream)  # streamed: bf16 stays bf16 on the host
     check_finite(model)
     tok = load_tokenizer(params.model.path)
     bos = sequence_bos(tok, params.model.add_bos)

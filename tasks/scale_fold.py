@@ -48,7 +48,7 @@ def _search(model_spec: ModelSpec, spec: FoldSpec, calib_dir: Path, allocation_d
             scales: dict[str, torch.Tensor], groups: list[dict], plot: list[dict]) -> None:
     allocation = read_artifact(allocation_dir / "allocation.json", AllocationResult)
     formats = {c.name.removesuffix(".weight"): c.format for c in allocation.tensors}
-    model = load_model(model_spec.path, "cpu")
+    model = load_model(model_spec.path, "cpu", model_spec.stream)  # the search's errors are computed on the host
     stats = CalibrationStats(calib_dir, model=model, device=resolve_device(model_spec.device))
     mods = dict(model.named_modules())
     for g in fold_groups(model):

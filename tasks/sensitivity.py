@@ -39,11 +39,13 @@ from haloquant.embedding import FEATURES, relative_sizes, tensor_features
 from haloquant import HaloquantError
 from haloquant.families import family
 from haloquant.fisher import fisher_lookup_error, fisher_output_error, output_fisher
+from haloquant.blocks import replaying
 from haloquant.formats import QuantFormat, get_format
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
 from haloquant.modelio import (TensorInfo, decoder_layers, float_tensors, load_model, output_head_module,
                                quantizable_tensors)
 from haloquant.progress import track
+from haloquant.streaming import compute_device
 from haloquant.quantizer import encode_tensor
 from haloquant.schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
                                TensorSensitivity)
@@ -84,7 +86,7 @@ class KLProbe:
         self.model = model
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.layers = decoder_layers(model)
-        self.batch = ids.to(next(model.parameters()).device)
+        self.batch = ids.to(compute_device(model))
         self.block_out: list = [None] * len(self.layers)
         handles = [layer.register_forward_hook(self._keep(i)) for i, layer in enumerate(self.layers)]
         try:
@@ -106,17 +108,13 @@ class KLProbe:
         """`layer`: the decoder block holding the weight (0, or any earlier block, is always safe;
         len(layers) for the output head)."""
         p = self.params[name]
-        saved = p.detach().clone()
-        p.copy_(value.to(p.device, p.dtype))
-        replayed = self.layers[: max(0, layer)]
-        for i, block in enumerate(replayed):
-            block.forward = (lambda out: lambda *a, **k: out)(self.block_out[i])
+        saved = p.data
+        p.data = value.to(p.device, torch.float32)  # float32 also where a streamed block stores bf16
         try:
-            logits = self.model(self.batch, use_cache=False).logits.float()
+            with replaying(self.layers[: max(0, layer)], self.block_out):
+                logits = self.model(self.batch, use_cache=False).logits.float()
         finally:
-            p.copy_(saved)
-            for block in replayed:
-                del block.forward  # back to the class's forward
+            p.data = saved
         return self._kl_from(logits.reshape(self.ref_logits.shape))
 
     def _kl_from(self, logits: torch.Tensor, rows: int = 32) -> float:
@@ -200,8 +198,8 @@ def candidate_formats(spec: SensitivitySpec, shape: tuple[int, int]) -> list[Qua
 def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: QuantizeSpec, calib_dir: Path,
                       out_dir: Path) -> SensitivityTable:
     """`quant_spec` is the quantizer the costs are measured for (the one quantize will run)."""
-    model = load_model(model_spec.path, model_spec.device)
-    device = next(model.parameters()).device
+    model = load_model(model_spec.path, model_spec.device, model_spec.stream)
+    device = compute_device(model)
     stats = CalibrationStats(calib_dir, model=model)
     params = dict(model.named_parameters(remove_duplicate=False))
     token_freq = stats.token_freq().to(device)
@@ -219,7 +217,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     features: list[list[float]] = []  # the SAC policy's per-tensor features, while the block's Hessians are held
     mean_weights = sum(t.n_weights for t in infos) / len(infos)
     for t in track(infos, "sensitivity", "tensors"):
-        w = params[t.name].detach().float()
+        w = params[t.name].detach().to(device, torch.float32)
         gram = stats.gram(t).to(device)
         features.append(tensor_features(t, w.cpu(), stats, model.config.num_hidden_layers, model.config.hidden_size,
                                         mean_weights))

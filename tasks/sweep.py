@@ -12,7 +12,7 @@ from pathlib import Path
 
 from haloquant.artifacts import read_artifact, write_json
 from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.modelio import load_model, quantizable_tensors
+from haloquant.modelio import model_skeleton, quantizable_tensors
 from haloquant.presets import allocation_from_type_map, preset_type_map
 from haloquant.textdata import read_text
 from haloquant.schemas.artifacts import QuantizedManifest, SweepPoint
@@ -45,7 +45,7 @@ def sweep_point(p: Params, bits_per_weight: float, root: Path, out: Path) -> Swe
 
 
 def preset_point(p: Params, preset: str, root: Path, out: Path) -> SweepPoint:
-    infos = quantizable_tensors(load_model(p.model.path, "cpu"))
+    infos = quantizable_tensors(model_skeleton(p.model.path))
     f16 = out / "f16"  # llama-quantize needs a float GGUF to start from
     write_json(f16 / "allocate" / "allocation.json",
                allocation_from_type_map(infos, {t.gguf_name: "F16" for t in infos}, "F16").model_dump())

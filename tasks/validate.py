@@ -77,8 +77,10 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
     ids = tokenize(tokenizer, text)
     bos = sequence_bos(tokenizer, model_spec.add_bos)
     chunks = eval_chunks(ids, spec.ctx, spec.max_chunks, bos)
-    float_model = load_model(model_spec.path, model_spec.device)
-    quant_model = load_quantized_model(model_spec.path, quant_dir, model_spec.device)
+    # the quantized model first: streamed, it keeps only the quantized bytes of its blocks, so the
+    # host never holds two float models at once
+    quant_model = load_quantized_model(model_spec.path, quant_dir, model_spec.device, model_spec.stream)
+    float_model = load_model(model_spec.path, model_spec.device, model_spec.stream)
     torch_scores = score(quant_model, chunks, ref_model=float_model, batch_size=spec.batch_size)
     del float_model
     manifest, _ = read_quantized(quant_dir)
