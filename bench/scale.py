@@ -1,6 +1,8 @@
 """Issue 14's scale bench: the default pipeline on a large random model, per-stage time and memory.
 
     python bench/scale.py --layers 1                      # Llama-3-8B widths, one decoder layer
+    python bench/scale.py --stream true                   # all 32 layers, one block on the GPU at a time
+    python bench/scale.py --hidden 8192 --ffn 28672 --heads 64 --layers 1 --stream true   # a 70B layer
     python bench/scale.py --hidden 2048 --ffn 5632 --layers 22 --heads 32 --kv-heads 4 --vocab 32000
 
 Makes a Llama model of the given widths (random weights in bf16, the reference tokenizer of
@@ -17,8 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,10 +76,17 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--stages", nargs="+", default=None, help="default: every main stage")
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-scale"))
+    ap.add_argument("--stream", choices=["auto", "true", "false"], default="auto",
+                    help="model.stream (auto: as params.yaml; true: one decoder block on the device at a time)")
+    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)  # the child that makes the model
     ap.add_argument("--resume", action="store_true",
                     help="keep --out: reuse its model and skip the stages an earlier run finished (their rows are reprinted)")
     args = ap.parse_args()
 
+    if args.make_only:
+        make_model(args.out / "model", args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     no_lc = disable_llama_cpp_candidate()
     from tasks import STAGES
     from tasks.runner import artifacts_root, timed_line
@@ -86,13 +97,14 @@ def main() -> None:
         shutil.rmtree(args.out, ignore_errors=True)
     t0 = time.perf_counter()
     model = args.out / "model"
-    if not (model / "config.json").is_file():
-        make_model(model, args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
+    if not (model / "config.json").is_file():  # in a child process: its memory is not the stages' peak RSS
+        subprocess.run([sys.executable, __file__, "--make-only", *sys.argv[1:]], check=True)
     made = time.perf_counter() - t0
     done = {r["stage"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["path"] = str(model)
     params["model"]["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    params["model"]["stream"] = {"auto": "auto", "true": True, "false": False}[args.stream]
     for section in ("calibration", "validate"):
         params[section]["text"] = str(REPO / params[section]["text"])
     params["allocation"]["policy"] = str(REPO / params["allocation"]["policy"])
@@ -102,7 +114,8 @@ def main() -> None:
     root = artifacts_root(args.out / "params.yaml")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"model: hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
-          f"vocab {args.vocab}, bf16 ({made:.0f} s to make); GPU {gpu}; torch {torch.__version__}"
+          f"vocab {args.vocab}, bf16 ({made:.0f} s to make); model.stream {args.stream}; GPU {gpu}; "
+          f"torch {torch.__version__}"
           + ("; llama-cpp-python absent: no llama.cpp block candidate" if no_lc else ""), flush=True)
     print("\n| stage | seconds | peak GPU GiB | peak RSS GiB (process, so far) | summary |\n|---|---|---|---|---|", flush=True)
     total = 0.0
