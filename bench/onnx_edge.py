@@ -6,8 +6,9 @@
 For each budget, two allocations (the default sensitivity metric, MILP, RTN): the GGUF budget alone,
 and with `allocation.onnx_budget` 1.15. For each: GGUF and
 ONNX file bytes; perplexity of the same WikiText-2 test chunks (ctx 512) in torch, onnxruntime and
-llama.cpp; the largest ONNX logit deviation from torch; and greedy decoding speed (prompt of 128
-tokens, 64 new) in onnxruntime-genai and llama.cpp (llama-cpp-python), --threads threads each (the
+llama.cpp; the largest ONNX logit deviation from torch; the onnxruntime perplexity of the same
+weights exported with `export.onnx.accuracy_level: 4` (int8 activations); and greedy decoding speed (prompt of 128
+tokens, 64 new) in onnxruntime-genai (both exports) and llama.cpp (llama-cpp-python), --threads threads each (the
 bench writes that thread count into the export's genai_config.json session options).
 """
 
@@ -116,8 +117,17 @@ def main() -> None:
                     "onnx_weight_bytes_counted": a.onnx_bytes, "ppl_torch": o["torch_ppl_same_chunks"],
                     "ppl_onnxruntime": o["ppl"], "ppl_llama_cpp": lc["ppl"],
                     "max_abs_logit_error": o["max_abs_logit_error"]}))
+            int8_scores = d / "scores_int8.json"  # the same weights with export.onnx.accuracy_level 4
+            if not int8_scores.is_file():
+                export_onnx(spec, ONNXSpec(accuracy_level=4), d / "quantize", d / "onnx_int8")
+                o = onnx_check(d / "onnx_int8" / "model.onnx", chunks,
+                               load_quantized_model(spec.path, d / "quantize", "cpu"))
+                int8_scores.write_text(json.dumps({"ppl_onnxruntime_int8": o["ppl"]}))
             row = {"bpw": bpw, "onnx_budget": onnx_budget, **json.loads(scores_file.read_text()),
+                   **json.loads(int8_scores.read_text()),
                    "genai_tok_s": best_of(args.repeats, genai_tokens_per_s, d / "onnx", prompt, 64, args.threads),
+                   "genai_int8_tok_s": best_of(args.repeats, genai_tokens_per_s, d / "onnx_int8", prompt, 64,
+                                               args.threads),
                    "llama_cpp_tok_s": best_of(args.repeats, llama_cpp_tokens_per_s, gguf, prompt, 64, args.threads)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -125,16 +135,17 @@ def main() -> None:
     print(f"\n{args.model.name}: WikiText-2 test, ctx 512, first {args.chunks} chunks (the same in all three runtimes); "
           f"decode: 128-token prompt, 64 greedy tokens, {args.threads} thread(s) each, fastest of {args.repeats} runs\n")
     print("| bpw | ONNX budget | GGUF bytes | ONNX bytes | ONNX / GGUF | ppl torch | ppl onnxruntime | ppl llama.cpp "
-          "| max Δlogit | genai tok/s | llama.cpp tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| max Δlogit | ppl onnxruntime, int8 act. | genai tok/s | genai int8 act. tok/s | llama.cpp tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "infeasible" in r:
-            print(f"| {r['bpw']} | {r['onnx_budget']} | infeasible: {r['infeasible'].split(';')[-1].strip()} |")
+            print(f"| {r['bpw']} | {r['onnx_budget'] or '—'} | infeasible: "
+                  f"{r['infeasible'].split('—')[-1].split(';')[0].strip()} |")
             continue
         print(f"| {r['bpw']} | {r['onnx_budget'] or '—'} | {r['gguf_bytes']:,} | {r['onnx_bytes']:,} | "
               f"{r['onnx_bytes'] / r['gguf_bytes']:.3f} | {r['ppl_torch']:.3f} | {r['ppl_onnxruntime']:.3f} | "
-              f"{r['ppl_llama_cpp']:.3f} | {r['max_abs_logit_error']:.1e} | {r['genai_tok_s']:.1f} | "
-              f"{r['llama_cpp_tok_s']:.1f} |")
+              f"{r['ppl_llama_cpp']:.3f} | {r['max_abs_logit_error']:.1e} | {r['ppl_onnxruntime_int8']:.3f} | "
+              f"{r['genai_tok_s']:.1f} | {r['genai_int8_tok_s']:.1f} | {r['llama_cpp_tok_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,17 @@ def matmul_nbits_with_offset(node: onnx.NodeProto, integer: AffineBlocks, offset
     return nodes, inits
 
 
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
+    """export.onnx.accuracy_level on every MatMulNBits: how onnxruntime computes with the codes
+    (0: float32 activations; 4: int8 activations, quantized per block as it runs). The codes,
+    scales and zero points stored are the same at every level."""
+    if level == 0:
+        return  # onnxruntime's default: no attribute
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
+
+
 def _module_of(node_name: str) -> str:
     """optimum's node names carry the module path: /model/layers.0/mlp/up_proj/MatMul."""
     return node_name.strip("/").rsplit("/", 1)[0].replace("/", ".")
@@ -332,7 +343,7 @@ def _quiet(*loggers: str):
 
 
 def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, tensors: dict[str, np.ndarray],
-                      out_dir: Path, opset: int) -> tuple[dict[str, str], int]:
+                      out_dir: Path, opset: int, accuracy_level: int = 0) -> tuple[dict[str, str], int]:
     """optimum export of `model` (already holding decoded weights) + integer rewrite, into out_dir
     (an existing, empty folder: the caller swaps it in whole)."""
     from optimum.exporters.onnx import main_export
@@ -358,6 +369,7 @@ def export_onnx_model(model, tokenizer_dir: Path, manifest: QuantizedManifest, t
                         device="cpu", do_validation=False)
         onnx_model = onnx.load(str(onnx_dir / "model.onnx"))
         stored, weight_bytes = rewrite_linears(onnx_model, manifest, tensors, weight_of_module)
+        set_accuracy_level(onnx_model, accuracy_level)
         onnx.checker.check_model(onnx_model)
         onnx.save(onnx_model, str(onnx_dir / "model.onnx"))
         for f in sorted(onnx_dir.iterdir()):

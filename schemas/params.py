@@ -217,6 +217,10 @@ class GGUFSpec(Strict):
 
 class ONNXSpec(Strict):
     opset: int = Field(18, ge=14, le=21)
+    accuracy_level: int = Field(0, ge=0, le=4, description="onnxruntime's MatMulNBits compute type: 0 = float32 "
+                                "activations on the exact quantized weights (logits match torch's); 4 = int8 "
+                                "activations (onnxruntime-genai's CPU default): faster decoding — much faster for "
+                                "8-bit codes — but logits no longer match torch's (validate reports the perplexity)")
 
 
 class ExportSpec(Strict):

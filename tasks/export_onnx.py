@@ -20,7 +20,8 @@ def export_onnx(model_spec: ModelSpec, spec: ONNXSpec, quant_dir: Path, out_dir:
     model = load_quantized_model(model_dir, quant_dir, "cpu")
     manifest, tensors = read_quantized(quant_dir)
     with atomic_dir(out_dir) as tmp:  # the folder is the artifact: never half old, half new
-        stored, weight_bytes = export_onnx_model(model, model_dir, manifest, tensors, tmp, spec.opset)
+        stored, weight_bytes = export_onnx_model(model, model_dir, manifest, tensors, tmp, spec.opset,
+                                                     spec.accuracy_level)
         path = tmp / ONNX_FILE
         report = ExportReport(format="onnx", file=ONNX_FILE, bytes=path.stat().st_size, sha256=sha256_file(path),
                               tensor_types=dict(Counter(stored.values())))

@@ -76,3 +76,26 @@ def test_an_onnx_budget_that_cannot_be_met_names_the_field(measured):
         allocate_bits(AllocationSpec(budget=Budget(bits_per_weight=4.5), onnx_budget=0.8), table)
     with pytest.raises(HaloquantError, match="allocation.onnx_budget: only solver milp"):
         allocate_bits(AllocationSpec(budget=Budget(bits_per_weight=4.5), onnx_budget=1.2, solver="greedy"), table)
+
+
+def test_int8_accuracy_level_keeps_the_stored_weights_and_stays_close(measured):
+    """export.onnx.accuracy_level 4: every MatMulNBits computes with int8 activations; the codes,
+    scales and zero points stored are the exact export's, and the perplexity stays close to it."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, exact_export, d = _build(measured, "levels", AllocationSpec(budget=Budget(bits_per_weight=4.5)))
+    export_onnx(SPEC, ONNXSpec(accuracy_level=4), d / "quantize", d / "onnx_int8")
+    exact, int8 = (onnx.load(str(d / f / "model.onnx")) for f in ("onnx", "onnx_int8"))
+    levels = [next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+              for n in int8.graph.node if n.op_type == "MatMulNBits"]
+    assert levels and set(levels) == {4}
+    assert not any(a.name == "accuracy_level" for n in exact.graph.node for a in n.attribute)
+    weights = {i.name: numpy_helper.to_array(i).tobytes() for i in exact.graph.initializer}
+    assert weights == {i.name: numpy_helper.to_array(i).tobytes() for i in int8.graph.initializer}
+    tok = load_tokenizer(TINY)
+    chunks = eval_chunks(tokenize(tok, read_text(EVAL_TEXT, "eval")), 128, 2, tok.bos_token_id)
+    quant = load_quantized_model(TINY, d / "quantize", "cpu")
+    a, b = (onnx_check(d / f / "model.onnx", chunks, quant) for f in ("onnx", "onnx_int8"))
+    assert a["max_abs_logit_error"] < 1e-3 < b["max_abs_logit_error"]  # int8 activations: not exact
+    assert abs(b["ppl"] / a["ppl"] - 1) < 0.05, (a["ppl"], b["ppl"])
