@@ -218,8 +218,9 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     mean_weights = sum(t.n_weights for t in infos) / len(infos)
     for t in track(infos, "sensitivity", "tensors"):
         w = params[t.name].detach().to(device, torch.float32)
+        w_host = w.cpu()  # once per tensor: the encoders and the features take it from the host
         gram = stats.gram(t).to(device)
-        features.append(tensor_features(t, w.cpu(), stats, model.config.num_hidden_layers, model.config.hidden_size,
+        features.append(tensor_features(t, w_host, stats, model.config.num_hidden_layers, model.config.hidden_size,
                                         mean_weights))
         cands: dict[str, FormatCost] = {}
         decoded: dict[str, torch.Tensor] = {}
@@ -227,7 +228,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             if metric == "none":
                 cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=0.0)
                 continue
-            data = encode_tensor(t, w.cpu().numpy(), fmt, quant_spec, stats, device)
+            data = encode_tensor(t, w_host.numpy(), fmt, quant_spec, stats, device)
             decoded[fmt.name] = torch.from_numpy(fmt.decode(data, t.shape)).to(device)
             delta = w - decoded[fmt.name]
             if metric == "kl_fisher":
