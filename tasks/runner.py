@@ -19,6 +19,7 @@ from haloquant import HaloquantError
 from haloquant.artifacts import remove_leftovers, sha256_json, sha256_tree, write_json
 from haloquant.environment import RUNTIMES, environment_file, runtime_versions
 from haloquant.inputs import check_model_files
+from haloquant.resume import journal_for
 from haloquant.schemas.params import Params, load_params
 from haloquant.tasks import ALL_STAGES, REPO, STAGES, Stage, expand, find_stage
 from haloquant.textdata import check_disjoint, read_text
@@ -26,6 +27,7 @@ from haloquant.textdata import check_disjoint, read_text
 log = logging.getLogger("haloquant.stages")
 
 TIMING_DIR = ".timing"  # under the artifacts root: wall time of each stage's last run (not an artifact)
+RESUME_DIR = ".resume"  # under the artifacts root: interrupted stages' finished items (haloquant/resume.py)
 
 
 def preflight(params: Params) -> None:
@@ -127,7 +129,8 @@ def timed_line(stage: Stage, params: Params, root: Path) -> tuple[object, str]:
     for out in stage.all_outs():
         remove_leftovers(root / out)
     t0 = time.perf_counter()
-    result = stage.run(params, root)
+    with journal_for(root / RESUME_DIR / stage.name, lambda: fingerprint(stage, params, root)):
+        result = stage.run(params, root)  # an interrupted run's finished items are taken (haloquant/resume.py)
     seconds = time.perf_counter() - t0
     write_json(root / TIMING_DIR / f"{stage.name}.json", {"stage": stage.name, "seconds": seconds})
     line = describe(stage.name, result, seconds, sum(_bytes_under(root / o) for o in stage.all_outs()))

@@ -45,6 +45,7 @@ from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
 from haloquant.modelio import (TensorInfo, decoder_layers, float_tensors, load_model, output_head_module,
                                quantizable_tensors)
 from haloquant.progress import track
+from haloquant.resume import Journal
 from haloquant.streaming import compute_device
 from haloquant.quantizer import encode_tensor
 from haloquant.schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
@@ -216,7 +217,16 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     rows: list[TensorSensitivity] = []
     features: list[list[float]] = []  # the SAC policy's per-tensor features, while the block's Hessians are held
     mean_weights = sum(t.n_weights for t in infos) / len(infos)
+    journal = Journal()  # an interrupted run's finished tensors (haloquant/resume.py)
+    if journal.done:
+        log.info("sensitivity: resuming — %d of %d tensors were finished by an interrupted run", len(journal.done),
+                 len(infos))
     for t in track(infos, "sensitivity", "tensors"):
+        if t.name in journal.done:
+            row, feats = journal.done[t.name]
+            rows.append(TensorSensitivity.model_validate(row))
+            features.append(feats)
+            continue
         w = params[t.name].detach().to(device, torch.float32)
         w_host = w.cpu()  # once per tensor: the encoders and the features take it from the host
         gram = stats.gram(t).to(device)
@@ -253,6 +263,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             cands = {f: FormatCost(bytes=c.bytes, error=c.error * scale) for f, c in cands.items()}
         rows.append(TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer,
                                       shape=t.shape, n_weights=t.n_weights, candidates=cands))
+        journal.record(t.name, [rows[-1].model_dump(mode="json"), features[-1]])
     emb = relative_sizes(features)
     write_json(out_dir / EMBEDDINGS_FILE, LayerEmbeddings(features=list(FEATURES), tensors=[
         TensorEmbedding(gguf_name=t.gguf_name, values=v) for t, v in zip(infos, emb)]).model_dump())
