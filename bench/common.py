@@ -14,6 +14,21 @@ from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def journaled(out: Path, stage: str, *key):
+    """Around a bench's call of a long stage function (e.g. score_sensitivity): an interrupted call
+    resumes with the items it finished, as the runner's stages do (haloquant/resume.py). The
+    journal's key: `key` (the call's arguments, as strings or JSON) and the stage's code."""
+    from haloquant.artifacts import sha256_file, sha256_json
+    from haloquant.codedeps import project_modules
+    from haloquant.resume import journal_for
+
+    def fingerprint() -> str:
+        code = {name: sha256_file(path) for name, path in project_modules([f"haloquant.tasks.{stage}"]).items()}
+        return sha256_json([key, code])
+
+    return journal_for(out / ".resume" / stage, fingerprint)
 EVAL_TEXT = REPO / "data/wikitext-2-raw/wiki.test.raw"
 CALIB_TEXT = REPO / "data/wikitext-2-raw/wiki.valid.raw"
 

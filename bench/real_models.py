@@ -34,7 +34,7 @@ from haloquant.presets import preset_type_map, tensor_data_bytes
 from haloquant.schemas.params import QuantizeSpec, SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, journaled, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import KQUANTS, build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 
@@ -110,8 +110,10 @@ def main() -> None:
     t0 = time.perf_counter()
     sens = out / "sensitivity"
     if not (sens / "sensitivity.json").is_file():
-        score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"], metric=args.metric),
-                          QuantizeSpec(method="gptq"), calib, sens)
+        sens_spec, quant_spec = SensitivitySpec(formats=KQUANTS + ["Q8_0"], metric=args.metric), QuantizeSpec(method="gptq")
+        with journaled(out, "sensitivity", spec.model_dump(mode="json"), sens_spec.model_dump(mode="json"),
+                       quant_spec.model_dump(mode="json")):  # an interrupted run resumes here
+            score_sensitivity(spec, sens_spec, quant_spec, calib, sens)
     metric = json.loads((sens / "sensitivity.json").read_text())["metric"]
     print(f"sensitivity ({metric}, GPTQ quantizer, fallbacks where needed): {time.perf_counter() - t0:.0f} s",
           flush=True)
