@@ -3,9 +3,10 @@
 onnxruntime's integer kernels (MatMulNBits for linears, GatherBlockQuantized for the embedding)
 take 2-, 4- or 8-bit codes in power-of-two groups of 16–256 with a float32 scale per group (the
 graph is float32). MatMulNBits also takes a zero point per group — packed integers, or float32 for
-2- and 4-bit codes; where a format's zero point is neither (8-bit codes with a float min: Q5_1,
-Q5_K), or for the lookup, whose zero point is fixed, the weight is held as codes with the default
-zero point D (8 or 128) plus a float32 per-block offset (D − zero)·scale. IQ4's table values
+2- and 4-bit codes; where a format's zero point is a float min of 4- or 8-bit codes (Q4_1, Q4_K,
+Q5_1, Q5_K: refused for 8 bits, slow for 4), or for the lookup, whose zero point is fixed, the
+weight is held as codes with the default zero point D (8 or 128) plus a float32 per-block offset
+(D − zero)·scale. IQ4's table values
 (−127…113) are held as 8-bit codes value + 128. So a format's ONNX size differs from its GGUF
 size: Q4_0 5.0 bits per weight (GGUF 4.5), Q8_0 9.0 (8.5), Q4_K 6 (4.5), Q2_K 6 (2.625), Q5_K
 10 (5.5). `onnx_weight_bytes` is what the allocation's ONNX budget counts (tasks/allocate.py) and
@@ -24,10 +25,14 @@ from haloquant.formats import AffineBlocks, get_format
 
 
 def ort_supports(blocks: AffineBlocks) -> bool:
-    """MatMulNBits takes these codes, scales and zero points as they are."""
+    """MatMulNBits takes these codes, scales and zero points as they are — and runs them fast.
+    It refuses 8-bit codes with float zero points; 4-bit ones it takes, but onnxruntime 1.32's CPU
+    kernel then falls back to a path 20–30× slower (measured on SmolLM2-135M's export: 0.3 vs
+    7–12 G weights/s), so those go the offset way too: (u − 8)·scale + a per-block offset, the
+    same bytes as a float zero point (bench/results/onnx_edge_smollm2-135m.md)."""
     group = blocks.q.shape[-1]
     return (blocks.values is None and blocks.bits in (2, 4, 8) and valid_group(group)
-            and not (blocks.bits == 8 and not blocks.zero_is_integer))
+            and not (blocks.bits in (4, 8) and not blocks.zero_is_integer))
 
 
 def has_default_zero(blocks: AffineBlocks) -> bool:

@@ -4,9 +4,10 @@ quantized linear becomes a `com.microsoft.MatMulNBits` node and the quantized em
 nothing is re-quantized, no float copy of a quantized weight stays in the file.
 
 onnxruntime's kernels take 2-, 4- and 8-bit codes in groups of 16–256; MatMulNBits refuses 8-bit
-codes with float zero points and GatherBlockQuantized any non-default zero point, so there a format's
-own zero point (Q5_1's min, Q5_K's dmin·m) is carried as a per-block offset: (x summed per block) ·
-offsetᵀ beside the MatMulNBits, or a gathered offset added to the lookup. 3-bit codes are held as
+codes with float zero points (and runs 4-bit ones on a slow path) and GatherBlockQuantized any
+non-default zero point, so there a format's own zero point (Q4_1's and Q5_1's min, Q4_K's and Q5_K's
+dmin·m) is carried as a per-block offset: (x summed per block) · offsetᵀ beside the MatMulNBits,
+or a gathered offset added to the lookup. 3-bit codes are held as
 4-bit, 5- and 6-bit as 8-bit, IQ4's table values (−127…113) as 8-bit codes + 128. The folder also
 holds genai_config.json, so onnxruntime-genai's generator runs it with its KV cache.
 """
@@ -303,7 +304,7 @@ def _rewrite_matmul(node, q, tensors, inits, graph, new_nodes, module) -> str:
         nb_node, new_inits = matmul_nbits(node, blocks, module)
         nodes = [nb_node]
         how = f"MatMulNBits bits={blocks.bits} block={group}"
-    else:  # 8-bit codes with a float zero point, or table-indexed codes
+    else:  # 4- or 8-bit codes with a float zero point, or table-indexed codes
         integer, offset = integer_zero_form(blocks)
         how = f"MatMulNBits bits={integer.bits} block={group}"
         if offset.any():

@@ -88,7 +88,7 @@ def test_onnx_holds_integer_weights_and_agrees(mixed):
     linears = json.loads((out / "onnx" / "export.json").read_text())["linears"]
     kinds = set(linears.values())
     for expected in ("Q2_K: MatMulNBits bits=2 block=16", "Q3_K: MatMulNBits bits=4 block=16",
-                     "Q4_K: MatMulNBits bits=4 block=32", "Q6_K: MatMulNBits bits=8 block=16",
+                     "Q4_K: MatMulNBits bits=4 block=32 + per-block offset", "Q6_K: MatMulNBits bits=8 block=16",
                      "Q4_0: MatMulNBits bits=4 block=32", "Q8_0: MatMulNBits bits=8 block=32",
                      "Q5_1: MatMulNBits bits=8 block=32 + per-block offset",
                      "Q5_K: MatMulNBits bits=8 block=32 + per-block offset",
