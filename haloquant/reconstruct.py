@@ -129,45 +129,52 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
     for i, layer in track(enumerate(layers), "block tuning", "blocks", total=len(layers)):
         with on_device(layer, device):  # a streamed block: its float32 weights on the device for its tuning
             prefix = f"{module_name(model, layer)}."
-            params = dict(layer.named_parameters())
             grids = {n: GridWeight(formats[prefix + n], encoded[prefix + n], tuple(p.shape), device,
                                    rounded[prefix + n] if prefix + n in rounded else p.detach().float().cpu().numpy())
-                     for n, p in params.items() if prefix + n in encoded and not formats[prefix + n].is_float}
-            kw = layer_kwargs[i]
-            with torch.no_grad():
-                target = [block_output(layer(x, **k)) for x, k in zip(x_float, kw)]
-
-            def block_error(hard: bool) -> float:
-                with torch.no_grad():
-                    w = {n: g.weight(hard) for n, g in grids.items()}
-                    return sum(float(F.mse_loss(block_output(functional_call(layer, w, (x,), k)), y, reduction="sum"))
-                               for x, k, y in zip(x_quant, kw, target))
-
-            before = block_error(True)
-            for it in range(settings.iters if grids else 0):
-                b = int(torch.randint(len(x_quant), (1,), generator=gen))
-                w = {n: g.weight() for n, g in grids.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    y = block_output(functional_call(layer, w, (x_quant[b],), kw[b]))
-                loss = F.mse_loss(y.float(), target[b])
-                loss.backward()
-                lr = lr0 * (1 - it / settings.iters)
-                for g in grids.values():
-                    g.step(lr)
-            after = block_error(True)
-            keep = after < before
-            if not keep:
-                for g in grids.values():
-                    g.reset()
-            for n, g in grids.items():
-                out[prefix + n] = g.tuned_data() if keep else encoded[prefix + n]
-            with torch.no_grad():  # the next block's quantized-path input
-                w = {n: g.weight(True) for n, g in grids.items()}
-                x_quant = [block_output(functional_call(layer, w, (x,), k)) for x, k in zip(x_quant, kw)]
-            x_float = target
-            changed = sum(int((g.codes() != g.q0).sum()) for g in grids.values()) if keep else 0
-            report.append({"layer": i, "error_before": before, "error_after": after, "kept": keep,
-                           "codes_changed": changed, "weights": sum(g.q0.numel() for g in grids.values())})
-            if log:
-                log(f"block {i}: output error {before:.4g} → {after:.4g}" + ("" if keep else " (starting codes kept)"))
+                     for n, p in layer.named_parameters() if prefix + n in encoded and not formats[prefix + n].is_float}
+            x_float, x_quant, entry = _tune_block(layer, grids, x_float, x_quant, layer_kwargs[i], settings, gen,
+                                                  lr0, amp)
+        for n, g in grids.items():
+            out[prefix + n] = g.tuned_data() if entry["kept"] else encoded[prefix + n]
+        report.append({"layer": i, **entry})
+        if log:
+            log(f"block {i}: output error {entry['error_before']:.4g} → {entry['error_after']:.4g}"
+                + ("" if entry["kept"] else " (starting codes kept)"))
     return out, report
+
+
+def _tune_block(layer, grids: dict[str, GridWeight], x_float: list, x_quant: list, kw: list[dict],
+                settings: TuneSettings, gen: torch.Generator, lr0: float, amp: bool) -> tuple[list, list, dict]:
+    """Tune one block's grids (in place; reset where tuning did not lower the block's output error
+    over all windows). Returns the next block's float and quantized-path inputs and the report."""
+    device = x_quant[0].device
+    with torch.no_grad():
+        target = [block_output(layer(x, **k)) for x, k in zip(x_float, kw)]
+
+    def block_error() -> float:
+        with torch.no_grad():
+            w = {n: g.weight(True) for n, g in grids.items()}
+            return sum(float(F.mse_loss(block_output(functional_call(layer, w, (x,), k)), y, reduction="sum"))
+                       for x, k, y in zip(x_quant, kw, target))
+
+    before = block_error()
+    for it in range(settings.iters if grids else 0):
+        b = int(torch.randint(len(x_quant), (1,), generator=gen))
+        w = {n: g.weight() for n, g in grids.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            y = block_output(functional_call(layer, w, (x_quant[b],), kw[b]))
+        F.mse_loss(y.float(), target[b]).backward()
+        lr = lr0 * (1 - it / settings.iters)
+        for g in grids.values():
+            g.step(lr)
+    after = block_error()
+    keep = after < before
+    if not keep:
+        for g in grids.values():
+            g.reset()
+    with torch.no_grad():  # the next block's quantized-path input
+        w = {n: g.weight(True) for n, g in grids.items()}
+        x_next = [block_output(functional_call(layer, w, (x,), k)) for x, k in zip(x_quant, kw)]
+    changed = sum(int((g.codes() != g.q0).sum()) for g in grids.values()) if keep else 0
+    return target, x_next, {"error_before": before, "error_after": after, "kept": keep, "codes_changed": changed,
+                            "weights": sum(g.q0.numel() for g in grids.values())}
