@@ -44,7 +44,7 @@ _EPS = 1e-12
 
 def _top_eigenvalue(g: torch.Tensor, iters: int = 50) -> float:
     """Largest eigenvalue of a PSD matrix by power iteration (cheap for any width)."""
-    v = torch.ones(g.shape[0], dtype=torch.float64) / math.sqrt(g.shape[0])
+    v = torch.ones(g.shape[0], dtype=torch.float64, device=g.device) / math.sqrt(g.shape[0])
     g = g.double()
     lam = 0.0
     for _ in range(iters):
@@ -57,10 +57,14 @@ def _top_eigenvalue(g: torch.Tensor, iters: int = 50) -> float:
 
 
 def tensor_features(t: TensorInfo, w: torch.Tensor, stats: CalibrationStats, n_layers: int,
-                    hidden: int, mean_weights: float) -> list[float]:
-    """The first ten features (the eleventh needs the whole model: see `layer_embeddings`)."""
+                    hidden: int, mean_weights: float, gram: torch.Tensor | None = None) -> list[float]:
+    """The first ten features (the eleventh needs the whole model: see `layer_embeddings`).
+    Computed where `w` is (`gram`: the input's E[xxᵀ] there, default the statistics'): on a GPU,
+    not the host: for one Llama-3-8B block this 2-core CPU takes 22 s (float64 moments of 218 M
+    weights, power iterations on 4096- and 14336-wide Hessians) — likely most of the ≈ 24 s per
+    block the sensitivity stage took on an H100's host (bench/results/scale_h100_streamed.md)."""
     w = w.double()
-    g = stats.gram(t).double()
+    g = (stats.gram(t) if gram is None else gram).to(w.device).double()
     e = torch.diagonal(g).clamp_min(0)
     rms = math.sqrt(float(e.mean()) + _EPS)
     ch_rms = e.sqrt()

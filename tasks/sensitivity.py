@@ -228,10 +228,10 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             features.append(feats)
             continue
         w = params[t.name].detach().to(device, torch.float32)
-        w_host = w.cpu()  # once per tensor: the encoders and the features take it from the host
+        w_host = w.cpu()  # once per tensor: the encoders take it from the host
         gram = stats.gram(t).to(device)
-        features.append(tensor_features(t, w_host, stats, model.config.num_hidden_layers, model.config.hidden_size,
-                                        mean_weights))
+        features.append(tensor_features(t, w, stats, model.config.num_hidden_layers, model.config.hidden_size,
+                                        mean_weights, gram))
         cands: dict[str, FormatCost] = {}
         decoded: dict[str, torch.Tensor] = {}
         for fmt in candidate_formats(spec, t.shape):
