@@ -6,7 +6,8 @@ candidate set is just a list of format names; the bytes the quantize stage store
 the GGUF holds, so what validation measures is what llama.cpp runs.
 
 Each type's encoder and byte layout live in its codec module: the k-quants in `haloquant.kquants`,
-IQ4_NL / IQ4_XS in `haloquant.iquants`, the legacy block-32 types (Q4_0 … Q8_0) in
+IQ4_NL / IQ4_XS in `haloquant.iquants`, the lattice i-quants (IQ2_XXS … IQ3_S) in
+`haloquant.latticequants`, the legacy block-32 types (Q4_0 … Q8_0) in
 `haloquant.legacyquants`. Decoding always goes through `gguf.quants.dequantize`, the reference
 decoder.
 """
@@ -23,6 +24,7 @@ from gguf import quants as gq
 from haloquant import HaloquantError
 from haloquant.iquants import KVALUES, encode_iq4
 from haloquant.kquants import affine_kquant, encode_kquant, kquant_with_codes
+from haloquant.latticequants import LATTICES, LatticeLayout, encode_lattice
 from haloquant.legacyquants import ENCODERS as LEGACY_ENCODERS, LAYOUTS, LegacyLayout, f16_at, nibbles, pack_nibbles
 
 
@@ -69,6 +71,12 @@ class QuantFormat:
     @property
     def is_kquant(self) -> bool:
         return self.name.endswith("_K")
+
+    @property
+    def lattice(self) -> LatticeLayout | None:
+        """The byte layout of a lattice i-quant (groups of 8 weights on a vector grid; no affine
+        view); None for the other types."""
+        return LATTICES.get(self.name)
 
     def encode(self, weight: np.ndarray, importance: np.ndarray | None = None,
                threads: int | None = None, device=None) -> np.ndarray:
@@ -133,10 +141,13 @@ class QuantFormat:
     def affine_blocks(self, data: np.ndarray, shape: tuple[int, ...]) -> "AffineBlocks | None":
         """The format's bytes as integer codes with a scale and zero point per group, such that
         (q − zero) · scale = decode(data) — (values[q] − zero) · scale for the IQ4 types, whose
-        codes index a fixed table; None where the format is not of that form (floats)."""
+        codes index a fixed table; for the lattice i-quants 8-bit codes 128 + the signed grid value
+        (an integer) per weight; None where the format is not of that form (floats)."""
         blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size)
         if self.is_kquant:
             return AffineBlocks(*affine_kquant(self.name, blocks))
+        if self.lattice is not None:
+            return _affine_lattice(self.lattice, data, shape)
         parse = _AFFINE_PARSERS.get(self.ggml_type)
         return None if parse is None else parse(blocks)
 
@@ -206,6 +217,16 @@ def _affine_legacy(lay: LegacyLayout) -> Callable[[np.ndarray], AffineBlocks]:
             return AffineBlocks(q, d, np.full_like(d, lay.zero), bits, True)
         return _with_min(q, d, f16_at(b, lay.m), bits)
     return parse
+
+
+def _affine_lattice(lay: LatticeLayout, data: np.ndarray, shape: tuple[int, ...]) -> AffineBlocks:
+    """A lattice i-quant as 8-bit codes around 128 under its sub-block scales: exact, since every
+    grid value is an integer below 64 (the form onnxruntime's MatMulNBits runs)."""
+    f = lay.read(data, shape)
+    rows, per = shape[0], lay.scale_group // 8
+    q = (f.levels() + 128).astype(np.uint8).reshape(rows, -1, lay.scale_group)
+    scale = np.ascontiguousarray(f.scale[:, ::per])
+    return AffineBlocks(q, scale, np.full_like(scale, 128), 8, True)
 
 
 def _affine_iq4_nl(b):
@@ -280,6 +301,8 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("IQ4_NL", _T.IQ4_NL, lambda w, imp, dev=None: encode_iq4("IQ4_NL", w, imp, dev),
                     llama_cpp_candidate=False),
         QuantFormat("IQ4_XS", _T.IQ4_XS, lambda w, imp, dev=None: encode_iq4("IQ4_XS", w, imp, dev)),
+        *(QuantFormat(name, lay.ggml_type, lambda w, imp, dev=None, name=name: encode_lattice(name, w, imp),
+                      llama_cpp_candidate=False) for name, lay in LATTICES.items()),
         QuantFormat("Q4_0", _T.Q4_0, LEGACY_ENCODERS["Q4_0"]),
         QuantFormat("Q4_1", _T.Q4_1, LEGACY_ENCODERS["Q4_1"]),
         QuantFormat("Q5_0", _T.Q5_0, LEGACY_ENCODERS["Q5_0"]),

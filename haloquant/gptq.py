@@ -7,7 +7,11 @@ for the classic types, a 256-column super-block for k-quants), that block's scal
 fitted by the format's own encoder on the *current*, error-compensated weights (on the GPU where
 GPTQ runs there, the same bytes: haloquant.arrays) and then fixed; every column of the block is
 rounded onto that grid (codes q ∈ [0, max], value (q − zero)·scale; for IQ4_NL / IQ4_XS the
-nearest of the format's 16 table values times the block scale).
+nearest of the format's 16 table values times the block scale). The lattice i-quants (IQ2_XXS …
+IQ3_S) round 8 columns at once: ggml fits the block's scales, then each group of 8 takes the grid
+point and signs nearest to its compensated weights, weighted by 1/U_jj² (U the inverse Hessian's
+Cholesky factor: what each column's error costs), and its error is compensated column by column
+as in GPTVQ (act_order then orders whole groups by their Hessian diagonal).
 The codes are written back into the fitted block bytes, so the result is ordinary llama.cpp data.
 With act_order the blocks' grids are fitted up front on the original weights (static groups).
 """
@@ -19,12 +23,16 @@ import torch
 
 from haloquant.arrays import fit_device
 from haloquant.formats import QuantFormat
+from haloquant.latticequants import GROUP
 
 BLOCK = 128  # columns per lazy batch update (rounded up to a multiple of the format's block)
 
 
 def _grid(fmt: QuantFormat, data: np.ndarray, rows: int, cols: int):
     """Per-column (rows, cols) scale, zero and constant mask of fitted block bytes."""
+    if fmt.lattice is not None:
+        scale = np.repeat(fmt.lattice.read(data, (rows, cols)).scale, GROUP, axis=1)
+        return scale, np.zeros_like(scale), scale == 0
     a = fmt.affine_blocks(data, (rows, cols))
     g = a.q.shape[-1]
     rep = lambda x: np.repeat(x, g, axis=1)  # noqa: E731
@@ -69,7 +77,12 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
     importance = torch.diagonal(H).float().cpu().numpy()
     H += damp * torch.diagonal(H).mean() * torch.eye(cols, device=device, dtype=H.dtype)
 
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols, device=device)
+    lattice = fmt.lattice
+    unit = GROUP if lattice is not None else 1  # columns rounded together
+    perm = torch.arange(cols, device=device)
+    if act_order:
+        order = torch.argsort(torch.diagonal(H).reshape(-1, unit).sum(-1), descending=True)
+        perm = (order[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
     Hp = H[perm][:, perm]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
 
@@ -78,6 +91,10 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
     zero = torch.zeros(rows, cols, device=device)
     const = torch.zeros(rows, cols, dtype=torch.bool, device=device)
     codes = torch.zeros(rows, cols, dtype=torch.int16, device=device)
+    if lattice is not None:
+        grid = torch.from_numpy(lattice.grid).to(device)
+        index = torch.zeros(rows, cols // unit, unit // lattice.vector, dtype=torch.int64, device=device)
+        signs = torch.zeros(rows, cols // unit, dtype=torch.int32, device=device)
     compensated = None if rounded is None else torch.zeros(rows, cols, device=device)
 
     def fit(start: int, w_block: torch.Tensor) -> None:
@@ -95,7 +112,7 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
     W = W[:, perm]
 
     block = -(-max(BLOCK, sb) // sb) * sb
-    nearest = _Rounding(fmt, device)
+    nearest = _Rounding(fmt, device) if lattice is None else None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
@@ -106,10 +123,19 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
                 fit(col, W1[:, i : i + sb])
             s, z, c = scale[:, col], zero[:, col], const[:, col]
             w = W1[:, i]
-            q, level = nearest(w / torch.where(c, 1.0, s) + z)
-            q = torch.where(c, 0, q)
-            deq = (torch.where(c, nearest.level0, level) - z) * s
-            codes[:, perm[col]] = q.to(torch.int16)
+            if lattice is not None:
+                if i % unit == 0:  # a group's grid point and signs, from its compensated weights
+                    sg = scale[:, col : col + unit]
+                    g_index, g_signs, values = lattice.nearest(W1[:, i : i + unit] / torch.where(sg == 0, 1.0, sg), grid,
+                                                               torch.diagonal(Hinv)[col : col + unit] ** -2)
+                    index[:, perm[col] // unit], signs[:, perm[col] // unit] = g_index, g_signs
+                    group_deq = values * sg
+                deq = group_deq[:, i % unit]
+            else:
+                q, level = nearest(w / torch.where(c, 1.0, s) + z)
+                q = torch.where(c, 0, q)
+                deq = (torch.where(c, nearest.level0, level) - z) * s
+                codes[:, perm[col]] = q.to(torch.int16)
             if compensated is not None:
                 compensated[:, perm[col]] = w
             err = (w - deq) / Hinv[col, col]
@@ -119,4 +145,6 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
 
     if rounded is not None:
         rounded[:] = compensated.cpu().numpy()
+    if lattice is not None:
+        return lattice.write(data, (rows, cols), index.cpu().numpy(), signs.cpu().numpy().astype(np.uint8))
     return fmt.with_codes(data, (rows, cols), codes.cpu().numpy().astype(np.uint8))

@@ -137,16 +137,21 @@ def _ggml_lib():
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     return lib
 
 
 def ggml_quantize(fmt, weight: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """llama.cpp's own quantizer (ggml_quantize_chunk, what llama-quantize calls per tensor), with
-    an optional importance matrix: the baseline haloquant's encoders are measured against."""
+    an optional importance matrix: the baseline haloquant's encoders are measured against. Types
+    whose search needs one (IQ2_XXS, IQ2_XS, IQ1_S: ggml aborts without) get a uniform one."""
     w = np.ascontiguousarray(weight, dtype=np.float32)
     out = np.zeros((w.shape[0], fmt.storage_bytes(w.shape) // w.shape[0]), dtype=np.uint8)
-    imat = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     lib = _ggml_lib()
+    if imatrix is None and lib.ggml_quantize_requires_imatrix(int(fmt.ggml_type)):
+        imatrix = np.ones(w.shape[1], np.float32)
+    imat = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     lib.ggml_quantize_init(int(fmt.ggml_type))
     n = lib.ggml_quantize_chunk(int(fmt.ggml_type), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1],
                                 None if imat is None else imat.ctypes.data)

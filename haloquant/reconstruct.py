@@ -107,6 +107,37 @@ class GridWeight:
         return self.fmt.with_codes(self.data, self.shape, self.codes().cpu().numpy().astype(np.uint8))
 
 
+class FixedWeight:
+    """A quantized weight whose codes block tuning leaves as they are (the lattice i-quants: no
+    per-weight code to move): its decoded value takes part in the block's quantized output."""
+
+    def __init__(self, fmt: QuantFormat, data: np.ndarray, shape: tuple[int, int], device):
+        self.data = data
+        self.value = torch.from_numpy(fmt.decode(data, shape)).to(device)
+        self.q0 = torch.zeros(0, device=device)
+
+    def codes(self) -> torch.Tensor:
+        return self.q0
+
+    def weight(self, hard: bool = False) -> torch.Tensor:
+        return self.value
+
+    def step(self, lr: float) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def tuned_data(self) -> np.ndarray:
+        return self.data
+
+
+def _tunable(fmt: QuantFormat, data: np.ndarray, shape: tuple[int, int], device, rounded_from: np.ndarray):
+    if fmt.lattice is not None:
+        return FixedWeight(fmt, data, shape, device)
+    return GridWeight(fmt, data, shape, device, rounded_from)
+
+
 def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], formats: dict[str, QuantFormat],
                 settings: TuneSettings, device, rounded: dict[str, np.ndarray] | None = None,
                 log=None) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -129,8 +160,8 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
     for i, layer in track(enumerate(layers), "block tuning", "blocks", total=len(layers)):
         with on_device(layer, device):  # a streamed block: its float32 weights on the device for its tuning
             prefix = f"{module_name(model, layer)}."
-            grids = {n: GridWeight(formats[prefix + n], encoded[prefix + n], tuple(p.shape), device,
-                                   rounded[prefix + n] if prefix + n in rounded else p.detach().float().cpu().numpy())
+            grids = {n: _tunable(formats[prefix + n], encoded[prefix + n], tuple(p.shape), device,
+                                 rounded[prefix + n] if prefix + n in rounded else p.detach().float().cpu().numpy())
                      for n, p in layer.named_parameters() if prefix + n in encoded and not formats[prefix + n].is_float}
             x_float, x_quant, entry = _tune_block(layer, grids, x_float, x_quant, layer_kwargs[i], settings, gen,
                                                   lr0, amp)
@@ -143,7 +174,7 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
     return out, report
 
 
-def _tune_block(layer, grids: dict[str, GridWeight], x_float: list, x_quant: list, kw: list[dict],
+def _tune_block(layer, grids: dict[str, GridWeight | FixedWeight], x_float: list, x_quant: list, kw: list[dict],
                 settings: TuneSettings, gen: torch.Generator, lr0: float, amp: bool) -> tuple[list, list, dict]:
     """Tune one block's grids (in place; reset where tuning did not lower the block's output error
     over all windows). Returns the next block's float and quantized-path inputs and the report."""
@@ -158,7 +189,7 @@ def _tune_block(layer, grids: dict[str, GridWeight], x_float: list, x_quant: lis
                        for x, k, y in zip(x_quant, kw, target))
 
     before = block_error()
-    for it in range(settings.iters if grids else 0):
+    for it in range(settings.iters if any(isinstance(g, GridWeight) for g in grids.values()) else 0):
         b = int(torch.randint(len(x_quant), (1,), generator=gen))
         w = {n: g.weight() for n, g in grids.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

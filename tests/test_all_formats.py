@@ -92,7 +92,9 @@ def test_onnx_holds_integer_weights_and_agrees(mixed):
                      "Q4_0: MatMulNBits bits=4 block=32", "Q8_0: MatMulNBits bits=8 block=32",
                      "Q5_1: MatMulNBits bits=8 block=32 + per-block offset",
                      "Q5_K: MatMulNBits bits=8 block=32 + per-block offset",
-                     "IQ4_NL: MatMulNBits bits=8 block=32", "IQ4_XS: MatMulNBits bits=8 block=32"):
+                     "IQ4_NL: MatMulNBits bits=8 block=32", "IQ4_XS: MatMulNBits bits=8 block=32",
+                     "IQ2_XXS: MatMulNBits bits=8 block=32", "IQ2_S: MatMulNBits bits=8 block=16",
+                     "IQ3_S: MatMulNBits bits=8 block=32"):
         assert expected in kinds, kinds
     # no quantized weight is left as a float MatMul or Gather: every format has an integer form
     assert all("float" not in how for how in kinds if not how.startswith("F16")), kinds

@@ -10,6 +10,7 @@ from haloquant.formats import FORMATS, get_format
 from tests.conftest import TINY
 
 QUANT = [f for f in FORMATS.values() if not f.is_float]
+AFFINE = [f for f in QUANT if f.lattice is None]  # the lattice i-quants: fields (tests/test_lattice.py)
 
 
 def real_weight() -> np.ndarray:
@@ -108,6 +109,9 @@ def test_bits_per_weight_include_scales():
     assert FORMATS["Q6_K"].bits_per_weight == 6.5625
     assert FORMATS["IQ4_NL"].bits_per_weight == 4.5  # 16 bytes of table indices + fp16 scale per 32
     assert FORMATS["IQ4_XS"].bits_per_weight == 4.25  # + 6-bit block scales under an fp16 super-scale
+    # lattice i-quants per 256: fp16 scale, 4-bit sub-scales, 8-bit grid indices (9 or 10 bits for _XS/_S), signs
+    assert [FORMATS[n].bits_per_weight for n in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")] == \
+        [2.0625, 2.3125, 2.5625, 3.0625, 3.4375]
 
 
 @pytest.mark.parametrize("fmt", QUANT, ids=lambda f: f.name)
@@ -164,7 +168,7 @@ def _torch_devices() -> list[str]:
 
 
 @pytest.mark.parametrize("device", _torch_devices())
-@pytest.mark.parametrize("fmt", [f for f in QUANT if f.encoder is not None], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [f for f in AFFINE if f.encoder is not None], ids=lambda f: f.name)
 def test_torch_fits_give_numpy_bytes(fmt, device):
     """The scale searches run in torch (GPU encoders, issue 14) give exactly numpy's bytes — on a
     real weight, and on rows with zero, constant and outlier blocks, with and without importance."""

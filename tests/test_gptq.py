@@ -12,6 +12,7 @@ from haloquant.modelio import load_model, quantizable_tensors
 from tests.conftest import TINY
 
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q8_0"]
+LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]  # identity case: tests/test_lattice.py
 
 
 def calibrated_tensor(pipeline_run, gguf_name: str):
@@ -52,7 +53,7 @@ def test_identity_hessian_is_round_to_nearest(layer, name):
     assert err(data) <= err(ref) * (1 + 1e-4)  # never worse than the reference rounding
 
 
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("name", FORMATS + LATTICE)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_on_calibration_error(layer, name, act_order):
     w, gram = layer
