@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from gguf import GGUFReader
 
+from haloquant import HaloquantError
 from haloquant.llamacpp import llama_quantize_preset
 from haloquant.modelio import TensorInfo
 from haloquant.schemas.artifacts import AllocationResult, TensorChoice
@@ -31,6 +33,37 @@ def preset_type_map(f16_gguf: Path, preset: str, out: Path) -> dict[str, str]:
     """llama-quantize's per-tensor types for `preset` (it writes `out`, the preset's own file)."""
     llama_quantize_preset(f16_gguf, out, preset)
     return {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+
+
+_DRY_RUN_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =\s*[\d.]+ MiB"
+                           r"(?: ->\s*[\d.]+ MiB \((\w+)\))?")
+
+
+def preset_type_map_dry(f16_gguf: Path, preset: str) -> dict[str, str]:
+    """llama-quantize's per-tensor types for `preset` without quantizing (its dry run, read from
+    llama.cpp's log): also for the presets it refuses to quantize without an imatrix (IQ2_M, IQ2_XXS …)."""
+    import ctypes
+    import tempfile
+
+    import llama_cpp as lc
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+    collect = lc.llama_log_callback(lambda level, text, user: lines.append(text.decode("utf-8", "replace")))
+    lc.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            params = lc.llama_model_quantize_default_params()
+            params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{preset}")
+            params.dry_run = True
+            rc = lc.llama_model_quantize(str(f16_gguf).encode(), str(Path(tmp) / "dry.gguf").encode(),
+                                         ctypes.byref(params))
+    finally:
+        lc.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    found = {m[1]: (m[3] or m[2]).upper() for m in _DRY_RUN_LINE.finditer("".join(lines))}
+    if rc != 0 or not found:
+        raise HaloquantError(f"llama.cpp's dry run of preset {preset} on {f16_gguf} gave no type map (code {rc})")
+    return found
 
 
 def tensor_data_bytes(gguf_path: Path) -> int:

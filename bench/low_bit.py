@@ -1,0 +1,154 @@
+"""Issue 16's bench: haloquant at 2–4 bits against llama.cpp+imatrix at the same bytes, part by part.
+
+    python bench/low_bit.py --model ../shared/models/ref-llama-a --chunks 100 --out /tmp/haloquant-lowbit
+
+Sizes: llama.cpp presets (type maps from llama-quantize's dry run, so the i-quant presets are read
+without an imatrix) and fixed bits per weight. Rows at each size:
+- llama.cpp+imatrix: the preset's type map, every tensor quantized by ggml_quantize_chunk with the
+  calibration imatrix (what llama-quantize --imatrix does per tensor);
+- haloquant k-quants: the allocation over k-quants + Q8_0 (and llama.cpp's fallbacks) at the
+  preset's tensor bytes, GPTQ — haloquant before the i-quants;
+- + i-quants: the same with IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S among the candidates;
+- + block tuning (--tuning-iters N > 0): that allocation with block-output tuning.
+One sensitivity run (kl_calibrated, GPTQ quantizer) measures every candidate; the k-quant row's
+allocation sees only the k-quants' entries. Every file is scored by llama.cpp (WikiText-2 test,
+ctx 512, --chunks chunks) with KL from the F16 file and a 95 % paired interval against the
+size's reference row (the preset; at a fixed bpw, the k-quant row). Each file's score is cached
+beside it (score.json), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from haloquant import HaloquantError
+from haloquant.artifacts import read_json, write_json
+from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.modelio import load_model, quantizable_tensors
+from haloquant.presets import preset_type_map_dry, tensor_data_bytes
+from haloquant.schemas.params import BlockTuningSpec, QuantizeSpec, SensitivitySpec
+from haloquant.tasks.sensitivity import score_sensitivity
+
+from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from kquant_presets import build, build_mixed  # noqa: E402
+from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
+
+PRESETS = ["IQ2_M", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
+BPW = [2.5, 3.0, 3.5]
+KQUANT_CANDIDATES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
+
+
+def restricted(sens_dir: Path, formats: list[str], out: Path) -> Path:
+    """A copy of a sensitivity folder whose tensors keep only the candidates in `formats`
+    (or llama.cpp's fallbacks where none of those fits)."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(sens_dir, out)
+    table = read_json(out / "sensitivity.json")
+    for t in table["tensors"]:
+        keep = {f: c for f, c in t["candidates"].items() if f in formats}
+        t["candidates"] = keep or {f: c for f, c in t["candidates"].items() if f not in LATTICE}
+    table["formats"] = [f for f in table["formats"] if f in formats]
+    write_json(out / "sensitivity.json", table)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=REPO.parent / "shared/models/ref-llama-a")
+    ap.add_argument("--chunks", type=int, default=100)
+    ap.add_argument("--presets", nargs="*", default=PRESETS)
+    ap.add_argument("--bpw", nargs="*", type=float, default=BPW)
+    ap.add_argument("--tuning-iters", type=int, default=0, help="> 0: also a row with block tuning")
+    ap.add_argument("--metric", default="kl_calibrated")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-lowbit"))
+    args = ap.parse_args()
+    spec, calib, text = setup(args.model, args.out)
+    infos = quantizable_tensors(load_model(spec.path, "cpu"))
+    n_weights = sum(t.n_weights for t in infos)
+
+    sens = args.out / "sensitivity"
+    t0 = time.perf_counter()
+    if not (sens / "sensitivity.json").is_file():
+        score_sensitivity(spec, SensitivitySpec(formats=KQUANT_CANDIDATES + LATTICE, metric=args.metric),
+                          QuantizeSpec(method="gptq"), calib, sens)
+    print(f"sensitivity ({args.metric}, GPTQ quantizer, {len(KQUANT_CANDIDATES + LATTICE)} formats): "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    sens_k = restricted(sens, KQUANT_CANDIDATES, args.out / "sensitivity-kquants")
+
+    f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib, args.out / "F16")
+    ref = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=True)
+    f16_logprobs = ref.pop("logprobs")
+    print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.3f}", flush=True)
+
+    def scored(path: Path) -> dict:
+        cache = path.parent / "score.json"
+        if cache.is_file() and read_json(cache).get("chunks") == args.chunks:
+            return read_json(cache)
+        r = llama_cpp_perplexity(path, text, 512, args.chunks, reference=f16_logprobs)
+        out = {"chunks": args.chunks, "bytes": path.stat().st_size, "ppl": r["ppl"], "kl": r["kl"],
+               "chunk_nll": r["chunk_nll"], "chunk_kl": r["chunk_kl"]}
+        write_json(cache, out)
+        return out
+
+    infeasible: list[dict] = []
+
+    def variants(label: str, d: Path, total: int) -> dict[str, Path]:
+        files = {}
+        runs = [("haloquant k-quants", sens_k, d / "kquants", None), ("+ i-quants", sens, d / "iquants", None)]
+        if args.tuning_iters > 0:
+            runs.append(("+ block tuning", sens, d / "tuned",
+                         QuantizeSpec(method="gptq", block_tuning=BlockTuningSpec(iters=args.tuning_iters))))
+        for name, table, out, qspec in runs:
+            try:
+                files[name] = build_mixed(spec, table, total, calib, out, qspec)
+            except HaloquantError as e:  # e.g. no k-quant allocation fits under Q2_K's 2.625 bits per weight
+                infeasible.append({"size": label, "row": name, "why": str(e).split(" (")[0]})
+                print(f"{label} {name}: {e}", flush=True)
+        return files
+
+    rows = []
+    sizes = [(p, None) for p in args.presets] + [(f"{b:g} bpw", b) for b in args.bpw]
+    for label, bpw in sizes:
+        d = args.out / label.replace(" ", "_")
+        files: dict[str, Path] = {}
+        if bpw is None:
+            type_map = preset_type_map_dry(f16, label)
+            ref_file, _ = build(spec, infos, type_map, "llamacpp", calib, d / "llama.cpp+imatrix")
+            files["llama.cpp+imatrix"] = ref_file
+            total = tensor_data_bytes(ref_file)
+        else:
+            total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * n_weights / 8)
+        files.update(variants(label, d, total))
+        scores = {name: scored(p) for name, p in files.items()}
+        base = next(iter(scores))
+        for name, s in scores.items():
+            rel, lo, hi = paired(np.array(s["chunk_nll"]), np.array(scores[base]["chunk_nll"]), TOKENS_PER_CHUNK)
+            krel, klo, khi = paired_ratio(np.array(s["chunk_kl"]), np.array(scores[base]["chunk_kl"]))
+            rows.append({"size": label, "row": name, "bytes": s["bytes"], "ppl": s["ppl"], "kl": s["kl"],
+                         "vs": base, "ppl_rel": rel, "ppl_lo": lo, "ppl_hi": hi, "kl_rel": krel, "kl_lo": klo,
+                         "kl_hi": khi})
+            print(json.dumps(rows[-1]), flush=True)
+    write_json(args.out / "low_bit.json", {"model": str(args.model), "chunks": args.chunks, "f16_ppl": ref["ppl"],
+                                           "rows": rows, "infeasible": infeasible})
+    lines = [f"{args.model.name}: llama.cpp perplexity, WikiText-2 test, ctx 512, first {args.chunks} chunks; "
+             f"F16 {ref['ppl']:.3f}; KL from the F16 file; Δ vs the size's first row, 95 % paired bootstrap", "",
+             "| size | row | file bytes | ppl | Δ ppl (95 %) | KL | Δ KL (95 %) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = r["row"] == r["vs"]
+        dp = "" if same else f"{100 * r['ppl_rel']:+.2f} % ({100 * r['ppl_lo']:+.2f} … {100 * r['ppl_hi']:+.2f})"
+        dk = "" if same else f"{100 * r['kl_rel']:+.1f} % ({100 * r['kl_lo']:+.1f} … {100 * r['kl_hi']:+.1f})"
+        lines.append(f"| {r['size']} | {r['row']} | {r['bytes']:,} | {r['ppl']:.3f} | {dp} | {r['kl']:.5f} | {dk} |")
+    lines += [f"| {r['size']} | {r['row']} | infeasible: {r['why']} | | | | |" for r in infeasible]
+    (args.out / "low_bit.md").write_text("\n".join(lines) + "\n")  # llama.cpp's log may interleave with stdout
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
