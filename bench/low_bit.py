@@ -9,12 +9,15 @@ without an imatrix) and fixed bits per weight. Rows at each size:
 - haloquant k-quants: the allocation over k-quants + Q8_0 (and llama.cpp's fallbacks) at the
   preset's tensor bytes, GPTQ — haloquant before the i-quants;
 - + i-quants: the same with IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S among the candidates;
-- + block tuning (--tuning-iters N > 0): that allocation with block-output tuning.
+- + block tuning (--tuning-iters N > 0): that allocation with block-output tuning;
+- AutoRound (--autoround): AutoRound 0.16.1's GGUF of the same llama.cpp preset (default 200
+  iterations, same calibration text; bench/autoround_gguf.py), for the presets it writes.
 One sensitivity run (kl_calibrated, GPTQ quantizer) measures every candidate; the k-quant row's
 allocation sees only the k-quants' entries. Every file is scored by llama.cpp (WikiText-2 test,
 ctx 512, --chunks chunks) with KL from the F16 file and a 95 % paired interval against the
 size's reference row (the preset; at a fixed bpw, the k-quant row). Each file's score is cached
-beside it (score.json), so an interrupted run resumes.
+beside it (score.json in its folder) and every built file is kept, so an interrupted run resumes (delete the
+--out folder after changing the code).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ PRESETS = ["IQ2_M", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 BPW = [2.5, 3.0, 3.5]
 KQUANT_CANDIDATES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
+AUTOROUND_FORMATS = {"Q2_K": "q2_k_s", "Q3_K_S": "q3_k_s", "Q3_K_M": "q3_k_m", "Q4_K_S": "q4_k_s", "Q4_K_M": "q4_k_m"}
 
 
 def restricted(sens_dir: Path, formats: list[str], out: Path) -> Path:
@@ -67,6 +71,7 @@ def main() -> None:
     ap.add_argument("--bpw", nargs="*", type=float, default=BPW)
     ap.add_argument("--tuning-iters", type=int, default=0, help="> 0: also a row with block tuning")
     ap.add_argument("--metric", default="kl_calibrated")
+    ap.add_argument("--autoround", action="store_true", help="also AutoRound's GGUF of each preset it writes")
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-lowbit"))
     args = ap.parse_args()
     spec, calib, text = setup(args.model, args.out)
@@ -106,6 +111,9 @@ def main() -> None:
             runs.append(("+ block tuning", sens, d / "tuned",
                          QuantizeSpec(method="gptq", block_tuning=BlockTuningSpec(iters=args.tuning_iters))))
         for name, table, out, qspec in runs:
+            if (out / "gguf" / "model.gguf").is_file():  # built by an earlier, interrupted run
+                files[name] = out / "gguf" / "model.gguf"
+                continue
             try:
                 files[name] = build_mixed(spec, table, total, calib, out, qspec)
             except HaloquantError as e:  # e.g. no k-quant allocation fits under Q2_K's 2.625 bits per weight
@@ -119,10 +127,16 @@ def main() -> None:
         d = args.out / label.replace(" ", "_")
         files: dict[str, Path] = {}
         if bpw is None:
-            type_map = preset_type_map_dry(f16, label)
-            ref_file, _ = build(spec, infos, type_map, "llamacpp", calib, d / "llama.cpp+imatrix")
+            ref_file = d / "llama.cpp+imatrix" / "gguf" / "model.gguf"
+            if not ref_file.is_file():
+                ref_file, _ = build(spec, infos, preset_type_map_dry(f16, label), "llamacpp", calib,
+                                    d / "llama.cpp+imatrix")
             files["llama.cpp+imatrix"] = ref_file
             total = tensor_data_bytes(ref_file)
+            if args.autoround and label in AUTOROUND_FORMATS:
+                from autoround_gguf import autoround_gguf  # noqa: E402
+
+                files["AutoRound"], _ = autoround_gguf(spec.path, AUTOROUND_FORMATS[label], d / "autoround")
         else:
             total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * n_weights / 8)
         files.update(variants(label, d, total))

@@ -1,0 +1,143 @@
+"""AutoRound's GGUF at llama.cpp's preset type maps: the peer issue 16 measures haloquant against.
+
+    python bench/autoround_gguf.py --model ../shared/models/ref-llama-a --formats q3_k_m --out /tmp/autoround
+
+AutoRound (PyPI auto-round 0.16.1, its default 200 iterations of signed-gradient rounding per
+block, `auto-round --format gguf:<preset>`) runs in a virtual environment of its own (--venv;
+made on first use with this project's torch and transformers pins), on this machine's CPU, with
+haloquant's calibration text: the 64 windows of 256 tokens of WikiText-2 validation that the
+default params.yaml calibrates on, decoded back to text (AutoRound tokenizes them itself; its
+sequences are 256 tokens). Prints, per format, the GGUF path, its bytes and the wall time;
+bench/low_bit.py --autoround scores them beside its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+AUTOROUND = "auto-round==0.16.1"
+PINS = ["torch==2.13.0", "transformers==4.57.6", "gguf==0.19.0", "sentencepiece"]  # its GGUF export
+DEFAULT_VENV = Path.home() / ".cache/haloquant/autoround-0.16.1"
+
+
+# AutoRound's CLI, where its copy of llama.cpp's converter does not know a BPE vocabulary's hash
+# (a retrained vocabulary such as the reference models'), given the pre-tokenizer that haloquant
+# reads from the tokenizer's rules (haloquant/pretokenizers.py), as haloquant's own export does
+_RUN_AUTOROUND = """
+import sys
+import auto_round.export.export_to_gguf.export as export
+pre = sys.argv.pop(1)
+get_conversion = export.get_conversion
+
+def with_pre(*args, **kwargs):
+    context = get_conversion(*args, **kwargs)
+    text_model = context.module.TextModel
+    if pre and not getattr(text_model, "haloquant_pre", False):
+        known = text_model.get_vocab_base_pre
+
+        def get_vocab_base_pre(self, tokenizer):
+            try:
+                return known(self, tokenizer)
+            except NotImplementedError:
+                return pre
+        text_model.get_vocab_base_pre, text_model.haloquant_pre = get_vocab_base_pre, True
+    return context
+
+export.get_conversion = with_pre
+from auto_round.cli.main import run
+run()
+"""
+
+
+def ensure_venv(venv: Path) -> Path:
+    """AutoRound's own environment (its dependencies are not haloquant's); returns its python."""
+    py = venv / "bin" / "python"
+    if not (venv / ".ready").is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", AUTOROUND, *PINS], check=True)
+        (venv / ".ready").write_text(AUTOROUND + "\n")
+    return py
+
+
+def calibration_texts(model: Path, n: int = 64, seq_len: int = 256) -> list[str]:
+    """haloquant's calibration windows (calibrate's own seeded sampling), decoded to text, 16 tokens
+    longer than AutoRound's sequences (it drops samples shorter than them and truncates the rest)."""
+    from haloquant.modelio import load_tokenizer
+    from haloquant.textdata import calibration_batch, read_text, tokenize
+
+    from common import CALIB_TEXT  # noqa: E402
+
+    tok = load_tokenizer(model)
+    ids = tokenize(tok, read_text(CALIB_TEXT, "calibration"))
+    return [tok.decode(w) for w in calibration_batch(ids, n, seq_len + 16, 0, None).tolist()]
+
+
+def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, iters: int = 200,
+                   seq_len: int = 256) -> tuple[Path, float]:
+    """AutoRound's GGUF of `model` in `fmt` (e.g. q3_k_m); cached in `out`. Returns (file, seconds)."""
+    done = out / "autoround.json"
+    if done.is_file():
+        d = json.loads(done.read_text())
+        return Path(d["gguf"]), d["seconds"]
+    py = ensure_venv(venv)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = calibration_texts(model, seq_len=seq_len)
+    (out / "calibration.json").write_text(json.dumps(texts))
+    t0 = time.perf_counter()
+    from common import model_add_bos  # noqa: E402
+
+    from haloquant.pretokenizers import pretokenizer_by_rules
+
+    bos = ["--add_bos_token"] if model_add_bos(model) else []  # as haloquant calibrates the model
+    pre = pretokenizer_by_rules(model) or ""
+    subprocess.run([str(py), "-c", _RUN_AUTOROUND, pre, "--model", str(model), "--format", f"gguf:{fmt}",
+                    "--iters", str(iters), "--nsamples", str(len(texts)), "--seqlen", str(seq_len),
+                    "--dataset", str(out / "calibration.json"), "--device_map", "cpu", *bos,
+                    "--output_dir", str(out / "model")], check=True)
+    seconds = time.perf_counter() - t0
+    found = sorted((out / "model").rglob("*.gguf"))
+    if len(found) != 1:
+        raise RuntimeError(f"AutoRound wrote {len(found)} GGUF files under {out / 'model'}")
+    gguf_file = found[0]
+    if bos:  # its converter does not write add_bos_token; llama.cpp then scores without the BOS the model expects
+        gguf_file = with_add_bos(found[0], out / "model-bos.gguf")
+    done.write_text(json.dumps({"gguf": str(gguf_file), "seconds": seconds, "format": fmt, "iters": iters}))
+    return gguf_file, seconds
+
+
+def with_add_bos(src: Path, dst: Path) -> Path:
+    """A copy of a GGUF whose metadata says to start sequences with BOS (tensors byte for byte)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.ADD_BOS: MetadataDetails(gguf.GGUFValueType.BOOL, True)},
+                           [])
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--formats", nargs="+", default=["q3_k_m"])
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-autoround"))
+    args = ap.parse_args()
+    for fmt in args.formats:
+        path, secs = autoround_gguf(args.model.resolve(), fmt, args.out / fmt, args.venv, args.iters)
+        print(f"{fmt}: {path} {path.stat().st_size:,} bytes, {secs:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
