@@ -103,3 +103,20 @@ def test_onnx_holds_integer_weights_and_agrees(mixed):
     chunks = eval_chunks(tokenize(tok, read_text(EVAL_TEXT, "eval")), 128, 2, tok.bos_token_id)
     r = onnx_check(out / "onnx" / "model.onnx", chunks, load_quantized_model(TINY, out / "quantize", "cpu"))
     assert r["max_abs_logit_error"] < 1e-3
+
+
+def test_preset_type_maps_from_the_dry_run(pipeline_run, tmp_path):
+    """llama-quantize's dry run gives the type map its real run writes (Q3_K_M), and the map of an
+    i-quant preset that it refuses to quantize without an imatrix (IQ2_M): lattice types, each one
+    haloquant encodes, and the file that map gives loads in llama.cpp."""
+    from haloquant.presets import preset_type_map, preset_type_map_dry
+
+    build(pipeline_run, ["F16"], tmp_path / "f16")
+    f16 = tmp_path / "f16" / "gguf" / "model.gguf"
+    assert preset_type_map_dry(f16, "Q3_K_M") == preset_type_map(f16, "Q3_K_M", tmp_path / "q3km.gguf")
+    iq2m = preset_type_map_dry(f16, "IQ2_M")
+    assert {"IQ2_S", "IQ3_S"} <= set(iq2m.values()) and set(iq2m.values()) <= set(FORMATS)
+    quantized = [t for t in quantizable_tensors(load_model(TINY, "cpu"))]
+    build(pipeline_run, [iq2m[t.gguf_name] for t in quantized], tmp_path / "iq2m")
+    text = read_text(EVAL_TEXT, "eval")
+    assert math.isfinite(llama_cpp_perplexity(tmp_path / "iq2m" / "gguf" / "model.gguf", text, 256, 2)["ppl"])
