@@ -74,8 +74,8 @@ class QuantFormat:
 
     @property
     def lattice(self) -> LatticeLayout | None:
-        """The byte layout of a lattice i-quant (groups of 8 weights on a vector grid; no affine
-        view); None for the other types."""
+        """The byte layout of a lattice i-quant (groups of 8 weights on a vector grid: GPTQ rounds
+        them a group at a time); None for the other types."""
         return LATTICES.get(self.name)
 
     def encode(self, weight: np.ndarray, importance: np.ndarray | None = None,

@@ -30,9 +30,6 @@ BLOCK = 128  # columns per lazy batch update (rounded up to a multiple of the fo
 
 def _grid(fmt: QuantFormat, data: np.ndarray, rows: int, cols: int):
     """Per-column (rows, cols) scale, zero and constant mask of fitted block bytes."""
-    if fmt.lattice is not None:
-        scale = np.repeat(fmt.lattice.read(data, (rows, cols)).scale, GROUP, axis=1)
-        return scale, np.zeros_like(scale), scale == 0
     a = fmt.affine_blocks(data, (rows, cols))
     g = a.q.shape[-1]
     rep = lambda x: np.repeat(x, g, axis=1)  # noqa: E731
