@@ -63,6 +63,13 @@ def restricted(sens_dir: Path, formats: list[str], out: Path) -> Path:
     return out
 
 
+def versus(s: dict, ref: dict) -> dict:
+    """Perplexity and KL of one scored file against another on the same chunks, 95 % paired bootstrap."""
+    rel, lo, hi = paired(np.array(s["chunk_nll"]), np.array(ref["chunk_nll"]), TOKENS_PER_CHUNK)
+    krel, klo, khi = paired_ratio(np.array(s["chunk_kl"]), np.array(ref["chunk_kl"]))
+    return {"ppl_rel": rel, "ppl_lo": lo, "ppl_hi": hi, "kl_rel": krel, "kl_lo": klo, "kl_hi": khi}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=REPO.parent / "shared/models/ref-llama-a")
@@ -143,11 +150,10 @@ def main() -> None:
         scores = {name: scored(p) for name, p in files.items()}
         base = next(iter(scores))
         for name, s in scores.items():
-            rel, lo, hi = paired(np.array(s["chunk_nll"]), np.array(scores[base]["chunk_nll"]), TOKENS_PER_CHUNK)
-            krel, klo, khi = paired_ratio(np.array(s["chunk_kl"]), np.array(scores[base]["chunk_kl"]))
-            rows.append({"size": label, "row": name, "bytes": s["bytes"], "ppl": s["ppl"], "kl": s["kl"],
-                         "vs": base, "ppl_rel": rel, "ppl_lo": lo, "ppl_hi": hi, "kl_rel": krel, "kl_lo": klo,
-                         "kl_hi": khi})
+            rows.append({"size": label, "row": name, "bytes": s["bytes"], "ppl": s["ppl"], "kl": s["kl"], "vs": base,
+                         **versus(s, scores[base])})
+            if name != "haloquant k-quants" and "haloquant k-quants" in scores:  # what each part adds
+                rows[-1]["vs_kquants"] = versus(s, scores["haloquant k-quants"])
             print(json.dumps(rows[-1]), flush=True)
     write_json(args.out / "low_bit.json", {"model": str(args.model), "chunks": args.chunks, "f16_ppl": ref["ppl"],
                                            "rows": rows, "infeasible": infeasible})
@@ -160,6 +166,14 @@ def main() -> None:
         dk = "" if same else f"{100 * r['kl_rel']:+.1f} % ({100 * r['kl_lo']:+.1f} … {100 * r['kl_hi']:+.1f})"
         lines.append(f"| {r['size']} | {r['row']} | {r['bytes']:,} | {r['ppl']:.3f} | {dp} | {r['kl']:.5f} | {dk} |")
     lines += [f"| {r['size']} | {r['row']} | infeasible: {r['why']} | | | | |" for r in infeasible]
+    lines += ["", "Every other row against haloquant k-quants at the same size (95 % paired):", "",
+              "| size | row | Δ ppl (95 %) | Δ KL (95 %) |", "|---|---|---|---|"]
+    for r in rows:
+        if "vs_kquants" in r:
+            v = r["vs_kquants"]
+            lines.append(f"| {r['size']} | {r['row']} | {100 * v['ppl_rel']:+.2f} % ({100 * v['ppl_lo']:+.2f} … "
+                         f"{100 * v['ppl_hi']:+.2f}) | {100 * v['kl_rel']:+.1f} % ({100 * v['kl_lo']:+.1f} … "
+                         f"{100 * v['kl_hi']:+.1f}) |")
     (args.out / "low_bit.md").write_text("\n".join(lines) + "\n")  # llama.cpp's log may interleave with stdout
     print("\n" + "\n".join(lines))
 
