@@ -21,7 +21,6 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-QK_K = 256
 GROUP = 8  # weights per sign byte: the unit GPTQ rounds at once
 
 
@@ -59,9 +58,10 @@ class LatticeLayout:
 
     @property
     def grid(self) -> np.ndarray:
-        cls = gq._type_traits[self.ggml_type]
-        cls.init_grid()
-        return cls.grid.reshape(-1, self.vector).astype(np.float32)
+        """(points, vector) magnitudes: gguf's reference decoder's own grid."""
+        codec = getattr(gq, self.ggml_type.name)
+        codec.init_grid()
+        return codec.grid.reshape(-1, self.vector).astype(np.float32)
 
     def read(self, data: np.ndarray, shape: tuple[int, int]) -> LatticeBlocks:
         b = np.ascontiguousarray(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size)
