@@ -4,7 +4,7 @@
 
 AutoRound (PyPI auto-round 0.16.1, its default 200 iterations of signed-gradient rounding per
 block, `auto-round --format gguf:<preset>`) runs in a virtual environment of its own (--venv;
-made on first use with this project's torch and transformers pins), on this machine's CPU, with
+made on first use with this project's torch, transformers and gguf pins), on this machine's CPU, with
 haloquant's calibration text: the 64 windows of 256 tokens of WikiText-2 validation that the
 default params.yaml calibrates on, decoded back to text (AutoRound tokenizes them itself; its
 sequences are 256 tokens). Prints, per format, the GGUF path, its bytes and the wall time;
@@ -19,6 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from haloquant.modelio import load_tokenizer
+from haloquant.pretokenizers import pretokenizer_by_rules
+from haloquant.textdata import calibration_batch, read_text, tokenize
+
+from common import CALIB_TEXT, model_add_bos  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 AUTOROUND = "auto-round==0.16.1"
 PINS = ["torch==2.13.0", "transformers==4.57.6", "gguf==0.19.0", "sentencepiece"]  # its GGUF export
@@ -67,11 +73,6 @@ def ensure_venv(venv: Path) -> Path:
 def calibration_texts(model: Path, n: int = 64, seq_len: int = 256) -> list[str]:
     """haloquant's calibration windows (calibrate's own seeded sampling), decoded to text, 16 tokens
     longer than AutoRound's sequences (it drops samples shorter than them and truncates the rest)."""
-    from haloquant.modelio import load_tokenizer
-    from haloquant.textdata import calibration_batch, read_text, tokenize
-
-    from common import CALIB_TEXT  # noqa: E402
-
     tok = load_tokenizer(model)
     ids = tokenize(tok, read_text(CALIB_TEXT, "calibration"))
     return [tok.decode(w) for w in calibration_batch(ids, n, seq_len + 16, 0, None).tolist()]
@@ -88,13 +89,9 @@ def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, 
     out.mkdir(parents=True, exist_ok=True)
     texts = calibration_texts(model, seq_len=seq_len)
     (out / "calibration.json").write_text(json.dumps(texts))
-    t0 = time.perf_counter()
-    from common import model_add_bos  # noqa: E402
-
-    from haloquant.pretokenizers import pretokenizer_by_rules
-
     bos = ["--add_bos_token"] if model_add_bos(model) else []  # as haloquant calibrates the model
     pre = pretokenizer_by_rules(model) or ""
+    t0 = time.perf_counter()
     subprocess.run([str(py), "-c", _RUN_AUTOROUND, pre, "--model", str(model), "--format", f"gguf:{fmt}",
                     "--iters", str(iters), "--nsamples", str(len(texts)), "--seqlen", str(seq_len),
                     "--dataset", str(out / "calibration.json"), "--device_map", "cpu", *bos,
