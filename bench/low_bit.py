@@ -37,7 +37,8 @@ from haloquant.presets import preset_type_map_dry, tensor_data_bytes
 from haloquant.schemas.params import BlockTuningSpec, QuantizeSpec, SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from autoround_gguf import autoround_gguf  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, setup  # noqa: E402
 from kquant_presets import build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 
@@ -141,8 +142,6 @@ def main() -> None:
             files["llama.cpp+imatrix"] = ref_file
             total = tensor_data_bytes(ref_file)
             if args.autoround and label in AUTOROUND_FORMATS:
-                from autoround_gguf import autoround_gguf  # noqa: E402
-
                 files["AutoRound"], _ = autoround_gguf(spec.path, AUTOROUND_FORMATS[label], d / "autoround")
         else:
             total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * n_weights / 8)
