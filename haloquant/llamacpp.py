@@ -159,14 +159,17 @@ def ggml_quantize(fmt, weight: np.ndarray, imatrix: np.ndarray | None = None) ->
     return out
 
 
-def llama_quantize_preset(src: Path, dst: Path, preset: str, threads: int | None = None) -> None:
-    """llama-quantize's preset rules (e.g. Q4_K_M) applied to a GGUF, without an imatrix."""
+def llama_quantize_preset(src: Path, dst: Path, preset: str, threads: int | None = None,
+                          dry_run: bool = False) -> None:
+    """llama-quantize's preset rules (e.g. Q4_K_M) applied to a GGUF, without an imatrix; `dry_run`:
+    only log each tensor's type (nothing written; also for presets that need an imatrix)."""
     import ctypes
 
     lc = _llama_cpp()
     params = lc.llama_model_quantize_default_params()
     params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{preset}")
     params.nthread = threads or default_threads()
+    params.dry_run = dry_run
     rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise HaloquantError(f"llama_model_quantize failed for {preset} (code {rc})")

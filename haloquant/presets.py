@@ -53,16 +53,12 @@ def preset_type_map_dry(f16_gguf: Path, preset: str) -> dict[str, str]:
     lc.llama_log_set(collect, ctypes.c_void_p(0))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            params = lc.llama_model_quantize_default_params()
-            params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{preset}")
-            params.dry_run = True
-            rc = lc.llama_model_quantize(str(f16_gguf).encode(), str(Path(tmp) / "dry.gguf").encode(),
-                                         ctypes.byref(params))
+            llama_quantize_preset(f16_gguf, Path(tmp) / "dry.gguf", preset, dry_run=True)
     finally:
         lc.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     found = {m[1]: (m[3] or m[2]).upper() for m in _DRY_RUN_LINE.finditer("".join(lines))}
-    if rc != 0 or not found:
-        raise HaloquantError(f"llama.cpp's dry run of preset {preset} on {f16_gguf} gave no type map (code {rc})")
+    if not found:
+        raise HaloquantError(f"llama.cpp's dry run of preset {preset} on {f16_gguf} gave no type map")
     return found
 
 
