@@ -4,6 +4,7 @@
     python bench/scale.py --stream true                   # all 32 layers, one block on the GPU at a time
     python bench/scale.py --hidden 8192 --ffn 28672 --heads 64 --layers 1 --stream true   # a 70B layer
     python bench/scale.py --hidden 2048 --ffn 5632 --layers 22 --heads 32 --kv-heads 4 --vocab 32000
+    python bench/scale.py --model ../shared/models/ref-llama-a --add-bos true --runtimes llama_cpp onnxruntime
 
 Makes a Llama model of the given widths (random weights in bf16, the reference tokenizer of
 data/models/ref-llama-tiny with the vocabulary padded to --vocab), writes the repository's
@@ -53,11 +54,14 @@ def make_model(out: Path, hidden: int, ffn: int, layers: int, heads: int, kv_hea
     return out
 
 
-def disable_llama_cpp_candidate() -> bool:
-    """True if llama-cpp-python is absent and the encoders' llama.cpp candidate was switched off."""
+def disable_llama_cpp_candidate(always: bool = False) -> bool:
+    """True if the encoders' llama.cpp candidate was switched off: asked for, or llama-cpp-python
+    is absent."""
     try:
         import llama_cpp  # noqa: F401
-        return False
+        if not always:
+            return False
+        raise ImportError
     except ImportError:
         from haloquant import formats
 
@@ -78,6 +82,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-scale"))
     ap.add_argument("--stream", choices=["auto", "true", "false"], default="auto",
                     help="model.stream (auto: as params.yaml; true: one decoder block on the device at a time)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="an existing Hugging Face folder instead of a made model (the widths are then ignored)")
+    ap.add_argument("--runtimes", nargs="*", default=[],
+                    help="validate.runtimes (default none: torch only; e.g. llama_cpp onnxruntime)")
+    ap.add_argument("--add-bos", choices=["null", "true", "false"], default="null",
+                    help="model.add_bos (the ref-llama models were trained with BOS: true)")
+    ap.add_argument("--metric", default=None, help="sensitivity.metric (default: params.yaml's)")
+    ap.add_argument("--profile", action="store_true",
+                    help="each stage under cProfile: its 30 costliest calls (cumulative) to OUT/profile_<stage>.txt")
+    ap.add_argument("--no-llama-cpp-candidate", action="store_true",
+                    help="switch off the encoders' per-block comparison with llama.cpp's quantizer")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)  # the child that makes the model
     ap.add_argument("--resume", action="store_true",
                     help="keep --out: reuse its model and skip the stages an earlier run finished (their rows are reprinted)")
@@ -87,7 +102,7 @@ def main() -> None:
         make_model(args.out / "model", args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    no_lc = disable_llama_cpp_candidate()
+    no_lc = disable_llama_cpp_candidate(args.no_llama_cpp_candidate)
     from tasks import STAGES
     from tasks.runner import artifacts_root, timed_line
     from haloquant.schemas.params import load_params
@@ -96,7 +111,7 @@ def main() -> None:
     if not args.resume:
         shutil.rmtree(args.out, ignore_errors=True)
     t0 = time.perf_counter()
-    model = args.out / "model"
+    model = args.model.resolve() if args.model else args.out / "model"
     if not (model / "config.json").is_file():  # in a child process: its memory is not the stages' peak RSS
         subprocess.run([sys.executable, __file__, "--make-only", *sys.argv[1:]], check=True)
     made = time.perf_counter() - t0
@@ -108,15 +123,21 @@ def main() -> None:
     for section in ("calibration", "validate"):
         params[section]["text"] = str(REPO / params[section]["text"])
     params["allocation"]["policy"] = str(REPO / params["allocation"]["policy"])
-    params["validate"]["runtimes"] = []
+    params["validate"]["runtimes"] = args.runtimes
+    params["model"]["add_bos"] = {"null": None, "true": True, "false": False}[args.add_bos]
+    if args.metric:
+        params["sensitivity"]["metric"] = args.metric
     (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p = load_params(args.out / "params.yaml")
     root = artifacts_root(args.out / "params.yaml")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    print(f"model: hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
-          f"vocab {args.vocab}, bf16 ({made:.0f} s to make); model.stream {args.stream}; GPU {gpu}; "
+    shape = (f"{model}" if args.model else
+             f"hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
+             f"vocab {args.vocab}, bf16 ({made:.0f} s to make)")
+    print(f"model: {shape}; model.stream {args.stream}; validate.runtimes {args.runtimes}; GPU {gpu}; "
           f"torch {torch.__version__}"
-          + ("; llama-cpp-python absent: no llama.cpp block candidate" if no_lc else ""), flush=True)
+          + ("; no llama.cpp block candidate (switched off, or llama-cpp-python absent)" if no_lc else
+             "; encoders compare each block with llama.cpp's quantizer"), flush=True)
     print("\n| stage | seconds | peak GPU GiB | peak RSS GiB (process, so far) | summary |\n|---|---|---|---|---|", flush=True)
     total = 0.0
     for stage in STAGES:
@@ -131,7 +152,18 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         try:
-            _, line = timed_line(stage, p, root)
+            if args.profile:
+                import cProfile
+                import io
+                import pstats
+
+                prof = cProfile.Profile()
+                _, line = prof.runcall(timed_line, stage, p, root)
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+                (args.out / f"profile_{stage.name}.txt").write_text(text.getvalue())
+            else:
+                _, line = timed_line(stage, p, root)
         except Exception as e:  # a bench: say what stopped it and stop
             print(f"| {stage.name} | — | — | — | not run: {type(e).__name__}: {str(e)[:200]} |", flush=True)
             break

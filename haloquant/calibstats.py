@@ -40,7 +40,8 @@ class CalibrationStats:
         return self._input_scales.get(t.module)
 
     def gram(self, t: TensorInfo) -> torch.Tensor:
-        """E[x xᵀ] of the tensor's input (for a tied embedding: of the output head's input)."""
+        """E[x xᵀ] of the tensor's input (for a tied embedding: of the output head's input); a decoder
+        block's is on the device its blocks run on, the stored ones on the CPU."""
         key = self._key(t)
         if f"{key}.gram" in self._tensors:
             g, s = self._tensors[f"{key}.gram"], self._scales(t)

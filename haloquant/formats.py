@@ -8,8 +8,8 @@ the GGUF holds, so what validation measures is what llama.cpp runs.
 Each type's encoder and byte layout live in its codec module: the k-quants in `haloquant.kquants`,
 IQ4_NL / IQ4_XS in `haloquant.iquants`, the lattice i-quants (IQ2_XXS … IQ3_S) in
 `haloquant.latticequants`, the legacy block-32 types (Q4_0 … Q8_0) in
-`haloquant.legacyquants`. Decoding always goes through `gguf.quants.dequantize`, the reference
-decoder.
+`haloquant.legacyquants`. Decoding goes through `gguf.quants.dequantize`, the reference decoder,
+or its torch port (`haloquant.decoders`: the same values bit for bit, on the CPU or a GPU).
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from haloquant import HaloquantError
+from haloquant.arrays import sum_last
+from haloquant.decoders import decode_torch
 from haloquant.iquants import KVALUES, encode_iq4
 from haloquant.kquants import affine_kquant, encode_kquant, kquant_with_codes
 from haloquant.latticequants import LATTICES, LatticeLayout, encode_lattice
@@ -95,10 +98,24 @@ class QuantFormat:
             out = w
         elif self.ggml_type == GGMLQuantizationType.F16:
             out = w.astype(np.float16)
+        elif device is not None and self.llama_cpp_candidate:
+            out = self._encode_on_device(w, importance, threads, device)
         else:
             out = by_row_chunks(lambda rows: self._encode_rows(rows, importance, device), w,
                                 threads if device is None else 1)
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
+
+    def _encode_on_device(self, w: np.ndarray, importance: np.ndarray | None, threads: int | None,
+                          device) -> np.ndarray:
+        """The whole tensor's own fit on the device while llama.cpp's blocks are made on the CPU's
+        threads beside it (ggml releases the GIL), then the choice block by block on the device:
+        the same bytes as the CPU path, at the cost of the slower of the two."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            theirs = pool.submit(by_row_chunks, lambda rows: _llama_cpp_encoding(self, rows, importance), w, threads)
+            own = self._own_rows(w, importance, device)
+            return self.best_blocks(w, importance, own, theirs.result(), device=device)
 
     def encode_own(self, weight: np.ndarray, importance: np.ndarray | None = None,
                    threads: int | None = None, device=None) -> np.ndarray:
@@ -119,13 +136,22 @@ class QuantFormat:
         out = self.best_blocks(w, importance, own, _llama_cpp_encoding(self, w, importance))
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
-    def best_blocks(self, w: np.ndarray, importance: np.ndarray | None, *candidates: np.ndarray) -> np.ndarray:
+    def best_blocks(self, w: np.ndarray, importance: np.ndarray | None, *candidates: np.ndarray,
+                    device=None) -> np.ndarray:
         """Per block, the candidate encoding with the lowest importance-weighted squared error.
-        Blocks are self-contained, so mixing candidates block by block gives valid data."""
+        Blocks are self-contained, so mixing candidates block by block gives valid data. `device`:
+        the errors are computed there in torch — the same float32 values as numpy's (the decoders
+        and `sum_last` are numpy's bit for bit), so the same blocks are chosen."""
         rows, nb = w.shape[0], w.shape[1] // self.block_size
         imp = np.ones(w.shape[1], np.float32) if importance is None else np.asarray(importance, np.float32)
-        errs = [(((self.decode(c, w.shape) - w) ** 2) * imp).reshape(rows, nb, -1).sum(-1) for c in candidates]
-        pick = np.argmin(np.stack(errs), axis=0)  # (rows, blocks); ties keep the first (own) candidate
+        if device is None:
+            errs = [(((self.decode(c, w.shape) - w) ** 2) * imp).reshape(rows, nb, -1).sum(-1) for c in candidates]
+            pick = np.argmin(np.stack(errs), axis=0)  # (rows, blocks); ties keep the first (own) candidate
+        else:
+            wt, it = torch.from_numpy(w).to(device), torch.from_numpy(imp).to(device)
+            errs = [sum_last((((self.decode_torch(c, w.shape, device) - wt) ** 2) * it).reshape(rows, nb, -1))
+                    for c in candidates]
+            pick = torch.argmin(torch.stack(errs), dim=0).cpu().numpy()  # ties: the first, as numpy
         stacked = np.stack([c.reshape(rows, nb, self.type_size) for c in candidates])
         return np.take_along_axis(stacked, pick[None, :, :, None], axis=0)[0].reshape(rows, -1)
 
@@ -137,6 +163,11 @@ class QuantFormat:
         if self.ggml_type == GGMLQuantizationType.F16:
             return data.view(np.float16).astype(np.float32).reshape(shape)
         return gq.dequantize(data, self.ggml_type).astype(np.float32).reshape(shape)
+
+    def decode_torch(self, data: np.ndarray, shape: tuple[int, ...], device="cpu") -> torch.Tensor:
+        """The same values as `decode`, bit for bit, as a float32 tensor made on `device`: on a GPU
+        the bytes travel and the weights are decoded there (haloquant/decoders.py)."""
+        return decode_torch(data, self.ggml_type, shape, device)
 
     def affine_blocks(self, data: np.ndarray, shape: tuple[int, ...]) -> "AffineBlocks | None":
         """The format's bytes as integer codes with a scale and zero point per group, such that

@@ -42,7 +42,8 @@ class LayerGrams:
         return key in self._layer_of
 
     def gram(self, key: str) -> torch.Tensor:
-        """E[xxᵀ] (float32, on the CPU) of the input `key` names."""
+        """E[xxᵀ] (float32, on the device the blocks run on: a consumer on that device takes it as
+        it is, without the 0.8 GB round trip of a Llama-3-8B ffn_down Hessian) of the input `key` names."""
         i = self._layer_of[key]
         if self._held is None or self._held[0] != i:
             self._held = (i, self._advance_to(i))
@@ -74,7 +75,7 @@ class LayerGrams:
                 for h in handles:
                     h.remove()
             self._next += 1
-            grams = {k: (s / n).float().cpu() for k, (s, n) in sums.items()}
+            grams = {k: (s / n).float() for k, (s, n) in sums.items()}
         return grams
 
 

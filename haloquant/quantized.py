@@ -31,8 +31,7 @@ def read_quantized(quant_dir: Path) -> tuple[QuantizedManifest, dict[str, np.nda
 
 def dequantized_state(manifest: QuantizedManifest, tensors: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """HF parameter name → float32 tensor, exactly as the runtime decodes it."""
-    state = {q.name: torch.from_numpy(get_format(q.format).decode(tensors[q.name], q.shape))
-             for q in manifest.quantized}
+    state = {q.name: get_format(q.format).decode_torch(tensors[q.name], tuple(q.shape)) for q in manifest.quantized}
     state.update({n: torch.from_numpy(tensors[n].copy()) for n in manifest.float_tensors})
     return state
 
@@ -62,4 +61,4 @@ def load_quantized_model(model_path: Path, quant_dir: Path, device: str = "auto"
 
 
 def _decoded(fmt, data: np.ndarray, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(fmt.decode(data, shape)).to(device)
+    return fmt.decode_torch(data, shape, device)

@@ -113,7 +113,7 @@ class FixedWeight:
 
     def __init__(self, fmt: QuantFormat, data: np.ndarray, shape: tuple[int, int], device):
         self.data = data
-        self.value = torch.from_numpy(fmt.decode(data, shape)).to(device)
+        self.value = fmt.decode_torch(data, shape, device)
         self.q0 = torch.zeros(0, device=device)
 
     def codes(self) -> torch.Tensor:

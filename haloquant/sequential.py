@@ -103,5 +103,5 @@ def _quantize_block(model, layer, x: list[torch.Tensor], kw: list[dict], mine: l
             if on_gram is not None:
                 on_gram(t, gram)
             out[t.name] = encode(t, gram)
-            quantized[t.name[len(prefix):]] = torch.from_numpy(formats[t.name].decode(out[t.name], t.shape)).to(device)
+            quantized[t.name[len(prefix):]] = formats[t.name].decode_torch(out[t.name], t.shape, device)
     return [block_output(functional_call(layer, quantized, (xb,), kb)) for xb, kb in zip(x, kw)]

@@ -57,7 +57,7 @@ def _search(model_spec: ModelSpec, spec: FoldSpec, calib_dir: Path, allocation_d
         key = stats.report.input_of[g.stats_module]
         x_max = stats.tensor(f"{key}.max_abs")
         x_mean = stats.tensor(f"{key}.mean_abs")
-        gram = stats.gram_of(key)  # of the unfolded input: this group is folded only below
+        gram = stats.gram_of(key).cpu()  # of the unfolded input: this group is folded only below
         w_before = torch.cat([mods[t].weight.detach() for t in g.targets])
         alpha, err, base, s = search_alpha(model, g, x_max, gram, formats, spec.alpha_grid)
         s_in = expand_scales(s, g, model)

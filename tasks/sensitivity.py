@@ -239,7 +239,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
                 cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=0.0)
                 continue
             data = encode_tensor(t, w_host.numpy(), fmt, quant_spec, stats, device)
-            decoded[fmt.name] = torch.from_numpy(fmt.decode(data, t.shape)).to(device)
+            decoded[fmt.name] = fmt.decode_torch(data, t.shape, device)
             delta = w - decoded[fmt.name]
             if metric == "kl_fisher":
                 m = linear_of(model, t)

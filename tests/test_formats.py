@@ -181,6 +181,21 @@ def test_torch_fits_give_numpy_bytes(fmt, device):
         np.testing.assert_array_equal(fmt.encode_own(w, importance, device=device), ref)
 
 
+@pytest.mark.parametrize("device", _torch_devices())
+@pytest.mark.parametrize("fmt", [f for f in AFFINE if f.encoder is not None and f.llama_cpp_candidate],
+                         ids=lambda f: f.name)
+def test_device_encode_gives_cpu_bytes(fmt, device):
+    """With a device, the own fit runs there, llama.cpp's blocks beside it on the CPU and the choice
+    between them on the device: the bytes of the numpy path, which mixes both (else the test is void)."""
+    w = np.concatenate([real_weight(), np.random.default_rng(3).standard_t(4, (256, 768)).astype(np.float32) * 0.02])
+    imp = np.random.default_rng(4).lognormal(0, 1.5, w.shape[1]).astype(np.float32)
+    for importance in (None, imp):
+        ref = fmt.encode(w, importance)
+        if importance is not None:  # (without, the legacy types' own fit is ggml's reference one)
+            assert not np.array_equal(ref, fmt.encode_own(w, importance))  # llama.cpp's blocks won some
+        np.testing.assert_array_equal(fmt.encode(w, importance, device=device), ref)
+
+
 def test_backend_sums_and_roots_are_numpys():
     """The two operations torch does not do as numpy does by default: last-axis float32 sums
     (another addition order) and √ (not correctly rounded in torch's CPU kernel)."""
