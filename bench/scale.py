@@ -110,6 +110,7 @@ def main() -> None:
     rows_file = args.out / "rows.jsonl"
     if not args.resume:
         shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = args.model.resolve() if args.model else args.out / "model"
     if not (model / "config.json").is_file():  # in a child process: its memory is not the stages' peak RSS
