@@ -102,6 +102,8 @@ def main() -> None:
         make_model(args.out / "model", args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    for name in ("haloquant.tasks.sensitivity", "haloquant.tasks.quantize"):  # each tensor's seconds: per-block and head costs apart
+        logging.getLogger(name).setLevel(logging.DEBUG)
     no_lc = disable_llama_cpp_candidate(args.no_llama_cpp_candidate)
     from tasks import STAGES
     from tasks.runner import artifacts_root, timed_line

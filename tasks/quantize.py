@@ -11,6 +11,8 @@ The artifact holds the exact block bytes that export_gguf writes and validate de
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,8 @@ from haloquant.sequential import quantize_sequentially
 from haloquant.streaming import compute_device
 from haloquant.schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
 from haloquant.schemas.params import ModelSpec, QuantizeSpec
+
+log = logging.getLogger(__name__)
 
 
 def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocation_dir: Path, fold_dir: Path,
@@ -63,7 +67,9 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
                                        stats.report.input_of, encode)
     for t in track(infos, "quantize", "tensors"):
         if t.name not in arrays:
+            started = time.perf_counter()
             arrays[t.name] = encode(t)
+            log.debug("quantize: %s (block %d) %.2f s", t.name, t.layer, time.perf_counter() - started)
         quantized.append(QuantizedTensor(name=t.name, gguf_name=t.gguf_name, format=formats[t.name].name,
                                          shape=t.shape, bytes=int(arrays[t.name].nbytes)))
     if spec.block_tuning.iters:

@@ -28,6 +28,7 @@ tensor's rows, plus `fallback_formats` where a listed one does not (candidate_fo
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -222,6 +223,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
         log.info("sensitivity: resuming — %d of %d tensors were finished by an interrupted run", len(journal.done),
                  len(infos))
     for t in track(infos, "sensitivity", "tensors"):
+        started = time.perf_counter()
         if t.name in journal.done:
             row, feats = journal.done[t.name]
             rows.append(TensorSensitivity.model_validate(row))
@@ -264,6 +266,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
         rows.append(TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer,
                                       shape=t.shape, n_weights=t.n_weights, candidates=cands))
         journal.record(t.name, [rows[-1].model_dump(mode="json"), features[-1]])
+        log.debug("sensitivity: %s (block %d) %.2f s", t.name, t.layer, time.perf_counter() - started)
     emb = relative_sizes(features)
     write_json(out_dir / EMBEDDINGS_FILE, LayerEmbeddings(features=list(FEATURES), tensors=[
         TensorEmbedding(gguf_name=t.gguf_name, values=v) for t, v in zip(infos, emb)]).model_dump())

@@ -1,0 +1,10 @@
+# The scale rows of issue 14 on the lent GPU, in the background so that they outlive one 10-minute call:
+#   source bench/device_setup.sh && setsid bash bench/device_scale.sh > /tmp/dev/driver.log 2>&1 < /dev/null &
+# then poll /tmp/dev (bench/device_poll.sh) from the next calls while the machine is warm.
+# 1) Llama-3-8B's shape, all 32 layers, streamed, the default pipeline to validate (torch);
+# 2) one decoder layer of Llama-3-70B's shape with the whole-model metric (kl_fisher), for the extrapolation.
+mkdir -p /tmp/dev
+python3 bench/scale.py --stream true --profile --out /tmp/dev/8b > /tmp/dev/8b.md 2> /tmp/dev/8b.log
+python3 bench/scale.py --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --layers 1 --stream true --metric kl_fisher \
+    --profile --out /tmp/dev/70b > /tmp/dev/70b.md 2> /tmp/dev/70b.log
+touch /tmp/dev/done
