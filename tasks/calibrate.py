@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 
 from haloquant import HaloquantError
 from haloquant.artifacts import atomic_path, sha256_file, write_json
+from haloquant.blocks import block_inputs, block_output, logits_after_blocks
 from haloquant.inputs import check_enough_tokens, check_finite
 from haloquant.modelio import decoder_layers, load_model, load_tokenizer, output_head_module, quantizable_tensors
 from haloquant.progress import track
-from haloquant.streaming import compute_device
+from haloquant.streaming import compute_device, on_device
 from haloquant.textdata import calibration_batch, read_text, sequence_bos, tokenize
 from haloquant.schemas.artifacts import CalibrationReport
 from haloquant.schemas.params import CalibrationSpec, ModelSpec
@@ -100,11 +101,19 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     token_counts = torch.zeros(model.config.vocab_size, dtype=torch.float64)
-    try:
-        for i in track(range(0, batch.shape[0], MICRO_BATCH), "calibrate", "batches"):
+    try:  # block-major: every micro-batch through a block before the next (a streamed block moves once)
+        hidden, kwargs = block_inputs(model, batch, MICRO_BATCH)
+        for layer, kw in track(list(zip(decoder_layers(model), kwargs)), "calibrate", "blocks"):
+            with on_device(layer, device):
+                out = []
+                for h, k in zip(hidden, kw):
+                    seen_this_batch.clear()
+                    out.append(layer(block_output(h), **k))
+            hidden = out
+        for i, last in zip(range(0, batch.shape[0], MICRO_BATCH), hidden):  # final norm and head
             mb = batch[i : i + MICRO_BATCH]
             seen_this_batch.clear()
-            model(mb.to(device))
+            logits_after_blocks(model, mb.to(device), last)
             token_counts += torch.bincount(mb.flatten(), minlength=token_counts.numel()).double()
     finally:
         for h in handles:
