@@ -14,7 +14,7 @@ or its torch port (`haloquant.decoders`: the same values bit for bit, on the CPU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -116,6 +116,10 @@ class QuantFormat:
             theirs = pool.submit(by_row_chunks, lambda rows: _llama_cpp_encoding(self, rows, importance), w, threads)
             own = self._own_rows(w, importance, device)
             return self.best_blocks(w, importance, own, theirs.result(), device=device)
+
+    def own_fit_only(self) -> "QuantFormat":
+        """This format without llama.cpp's per-block candidate (same bytes layout and decoder)."""
+        return self if not self.llama_cpp_candidate else replace(self, llama_cpp_candidate=False)
 
     def encode_own(self, weight: np.ndarray, importance: np.ndarray | None = None,
                    threads: int | None = None, device=None) -> np.ndarray:

@@ -240,7 +240,8 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             if metric == "none":
                 cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=0.0)
                 continue
-            data = encode_tensor(t, w_host.numpy(), fmt, quant_spec, stats, device)
+            measured = fmt if spec.llama_cpp_candidate else fmt.own_fit_only()
+            data = encode_tensor(t, w_host.numpy(), measured, quant_spec, stats, device)
             decoded[fmt.name] = fmt.decode_torch(data, t.shape, device)
             delta = w - decoded[fmt.name]
             if metric == "kl_fisher":
