@@ -5,11 +5,12 @@ to encode a float matrix into llama.cpp's exact block bytes and decode them back
 candidate set is just a list of format names; the bytes the quantize stage stores are the bytes
 the GGUF holds, so what validation measures is what llama.cpp runs.
 
-Each type's encoder and byte layout live in its codec module: the k-quants in `haloquant.kquants`,
-IQ4_NL / IQ4_XS in `haloquant.iquants`, the lattice i-quants (IQ2_XXS … IQ3_S) in
-`haloquant.latticequants`, the legacy block-32 types (Q4_0 … Q8_0) in
-`haloquant.legacyquants`. Decoding goes through `gguf.quants.dequantize`, the reference decoder,
-or its torch port (`haloquant.decoders`: the same values bit for bit, on the CPU or a GPU).
+Each type's encoder, byte layout and code grid live in its codec module, which registers it in
+`haloquant.codec.CODECS`: the k-quants in `haloquant.kquants`, IQ4_NL / IQ4_XS in
+`haloquant.iquants`, the lattice i-quants (IQ2_XXS … IQ3_S) in `haloquant.latticequants`, the
+legacy block-32 types (Q4_0 … Q8_0) in `haloquant.legacyquants`; this module adds what is common
+to all of them. Decoding goes through `gguf.quants.dequantize`, the reference decoder, or its
+torch port (`haloquant.decoders`: the same values bit for bit, on the CPU or a GPU).
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
-from haloquant import HaloquantError
+from haloquant import HaloquantError, iquants, kquants, latticequants, legacyquants  # noqa: F401 (they register)
 from haloquant.arrays import sum_last
+from haloquant.codec import CODECS, AffineBlocks, Codec
 from haloquant.decoders import decode_torch
-from haloquant.iquants import KVALUES, encode_iq4
-from haloquant.kquants import affine_kquant, encode_kquant, kquant_with_codes
-from haloquant.latticequants import LATTICES, LatticeLayout, encode_lattice
-from haloquant.legacyquants import ENCODERS as LEGACY_ENCODERS, LAYOUTS, LegacyLayout, f16_at, nibbles, pack_nibbles
+from haloquant.latticequants import LATTICES, LatticeLayout
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,15 @@ class QuantFormat:
 
     name: str
     ggml_type: GGMLQuantizationType
-    encoder: Callable[..., np.ndarray] | None = None  # (weight, importance, device) → block bytes
-    # also try llama.cpp's quantizer block by block and keep the better block; off where llama.cpp's
-    # block measurably never wins (IQ4_NL, Q8_0: bench/results/llama_cpp_candidate_ref-llama-a.md)
+    codec: Codec | None = None  # None: F16, F32
+    # also try llama.cpp's quantizer block by block and keep the better block (the codec's default;
+    # `own_fit_only` turns it off, e.g. for sensitivity.llama_cpp_candidate: false)
     llama_cpp_candidate: bool = True
+
+    @property
+    def encoder(self) -> Callable[..., np.ndarray] | None:
+        """(weight, importance, device) → block bytes: haloquant's own fit (None for the floats)."""
+        return None if self.codec is None else self.codec.encode
 
     @property
     def block_size(self) -> int:
@@ -173,119 +177,39 @@ class QuantFormat:
         the bytes travel and the weights are decoded there (haloquant/decoders.py)."""
         return decode_torch(data, self.ggml_type, shape, device)
 
-    def affine_blocks(self, data: np.ndarray, shape: tuple[int, ...]) -> "AffineBlocks | None":
+    def affine_blocks(self, data: np.ndarray, shape: tuple[int, ...]) -> AffineBlocks | None:
         """The format's bytes as integer codes with a scale and zero point per group, such that
         (q − zero) · scale = decode(data) — (values[q] − zero) · scale for the IQ4 types, whose
         codes index a fixed table; for the lattice i-quants 8-bit codes 128 + the signed grid value
         (an integer) per weight; None where the format is not of that form (floats)."""
-        blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size)
-        if self.is_kquant:
-            return AffineBlocks(*affine_kquant(self.name, blocks))
-        if self.lattice is not None:
-            return _affine_lattice(self.lattice, data, shape)
-        parse = _AFFINE_PARSERS.get(self.ggml_type)
-        return None if parse is None else parse(blocks)
+        if self.codec is None or self.codec.affine is None:
+            return None
+        return self.codec.affine(np.ascontiguousarray(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size))
 
     @property
     def code_values(self) -> np.ndarray | None:
         """The table a code indexes (IQ4_NL, IQ4_XS); None where code q stands for q itself."""
-        return KVALUES if self.ggml_type in (GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS) else None
+        return None if self.codec is None else self.codec.code_values
 
     @property
     def max_code(self) -> int:
         """Largest integer code of the format's affine view."""
-        return {"Q2_K": 3, "Q3_K": 7, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31,
-                "Q5_1": 31, "Q8_0": 255, "IQ4_NL": 15, "IQ4_XS": 15}[self.name]
+        if self.codec is None or self.codec.max_code is None:
+            raise HaloquantError(f"format {self.name} has no integer codes to round to")
+        return self.codec.max_code
 
     def with_codes(self, data: np.ndarray, shape: tuple[int, ...], q: np.ndarray) -> np.ndarray:
         """Block bytes with every code replaced by `q` (rows, groups, group size), scales kept —
         how GPTQ writes its own rounding into the grid it fixed."""
+        if self.codec is None or self.codec.write_codes is None:
+            raise HaloquantError(f"format {self.name} has no integer codes to write")
         blocks = np.array(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size)
-        q = np.asarray(q, dtype=np.uint8).reshape(blocks.shape[0], blocks.shape[1], -1)
-        if self.is_kquant:
-            kquant_with_codes(self.name, blocks, q)
-        else:
-            _CODE_WRITERS[self.ggml_type](blocks, q)
+        self.codec.write_codes(blocks, np.asarray(q, dtype=np.uint8).reshape(blocks.shape[0], blocks.shape[1], -1))
         return blocks.reshape(shape[0], -1)
 
     def roundtrip(self, weight: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """decode(encode(weight)): the weight as the runtime will see it."""
         return self.decode(self.encode(weight, importance), weight.shape)
-
-
-@dataclass(frozen=True)
-class AffineBlocks:
-    """Integer codes q (rows, groups, group_size) in [0, 2**bits), with per-group float32 scale and
-    zero point: weight = (q − zero) · scale. `zero_is_integer` when zero is an exact integer."""
-
-    q: np.ndarray
-    scale: np.ndarray
-    zero: np.ndarray
-    bits: int
-    zero_is_integer: bool
-    constant: np.ndarray | None = None  # (rows, groups): groups whose value ignores the codes (zero scale)
-    values: np.ndarray | None = None  # non-linear types: code q stands for values[q]
-
-    def level(self, q: np.ndarray) -> np.ndarray:
-        return q.astype(np.float32) if self.values is None else self.values[q]
-
-    def dequantize(self) -> np.ndarray:
-        w = (self.level(self.q) - self.zero[..., None]) * self.scale[..., None]
-        return w.reshape(self.q.shape[0], -1)
-
-
-def _with_min(q: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> AffineBlocks:
-    """d·q + m  →  (q − zero)·scale; a block with d = 0 holds only m: codes 0, scale 1, zero −m."""
-    safe = d != 0
-    scale = np.where(safe, d, 1.0).astype(np.float32)
-    zero = np.where(safe, -m / np.where(safe, d, 1.0), -m).astype(np.float32)
-    return AffineBlocks(np.where(safe[..., None], q, 0), scale, zero, bits, False, ~safe)
-
-
-def _affine_legacy(lay: LegacyLayout) -> Callable[[np.ndarray], AffineBlocks]:
-    """5-bit codes are viewed as 8-bit ones (onnxruntime's MatMulNBits takes 2, 4 or 8 bits)."""
-    bits = 4 if lay.nmax == 15 else 8
-
-    def parse(b):
-        q, d = lay.codes(b), f16_at(b, 0)
-        if lay.m is None:
-            return AffineBlocks(q, d, np.full_like(d, lay.zero), bits, True)
-        return _with_min(q, d, f16_at(b, lay.m), bits)
-    return parse
-
-
-def _affine_lattice(lay: LatticeLayout, data: np.ndarray, shape: tuple[int, ...]) -> AffineBlocks:
-    """A lattice i-quant as 8-bit codes around 128 under its sub-block scales: exact, since every
-    grid value is an integer below 64 (the form onnxruntime's MatMulNBits runs)."""
-    f = lay.read(data, shape)
-    rows, per = shape[0], lay.scale_group // 8
-    q = (f.levels() + 128).astype(np.uint8).reshape(rows, -1, lay.scale_group)
-    scale = np.ascontiguousarray(f.scale[:, ::per])
-    return AffineBlocks(q, scale, np.full_like(scale, 128), 8, True)
-
-
-def _affine_iq4_nl(b):
-    d = f16_at(b, 0)
-    return AffineBlocks(nibbles(b[..., 2:18]), d, np.zeros_like(d), 4, True, values=KVALUES)
-
-
-def _affine_iq4_xs(b):
-    rows, n = b.shape[:2]
-    h = b[..., 2:4].copy().view(np.uint16)[..., 0, None] >> (2 * np.arange(8, dtype=np.uint16))
-    lo = np.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], axis=-1).reshape(rows, n, 8)
-    ls = (lo | ((h & 3) << 4).astype(np.uint8)).astype(np.float32) - 32
-    scale = (f16_at(b, 0)[..., None] * ls).reshape(rows, n * 8)
-    q = nibbles(b[..., 8:136].reshape(rows, n, 8, 16)).reshape(rows, n * 8, 32)
-    return AffineBlocks(q, scale, np.zeros_like(scale), 4, True, values=KVALUES)
-
-
-def _codes_iq4_nl(b, q):
-    b[..., 2:18] = pack_nibbles(q)
-
-
-def _codes_iq4_xs(b, q):
-    rows, n = b.shape[:2]
-    b[..., 8:136] = pack_nibbles(q.reshape(rows, n, 8, 32)).reshape(rows, n, 128)
 
 
 def _llama_cpp_encoding(fmt: QuantFormat, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
@@ -320,32 +244,12 @@ def by_row_chunks(encode_rows: Callable[[np.ndarray], np.ndarray], w: np.ndarray
 
 _MIN_ROWS_PER_CHUNK = 32  # below this a thread's start-up costs more than its rows
 
-_T = GGMLQuantizationType
-_CODE_WRITERS = {**{lay.ggml_type: lay.put_codes for lay in LAYOUTS.values()},
-                 _T.IQ4_NL: _codes_iq4_nl, _T.IQ4_XS: _codes_iq4_xs}
-_AFFINE_PARSERS = {**{lay.ggml_type: _affine_legacy(lay) for lay in LAYOUTS.values()},
-                   _T.IQ4_NL: _affine_iq4_nl, _T.IQ4_XS: _affine_iq4_xs}
+# every registered type, in order of bits per weight (then name), and the floats
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
-    for f in (
-        QuantFormat("Q2_K", _T.Q2_K, lambda w, imp, dev=None: encode_kquant("Q2_K", w, imp, dev)),
-        QuantFormat("Q3_K", _T.Q3_K, lambda w, imp, dev=None: encode_kquant("Q3_K", w, imp, dev)),
-        QuantFormat("Q4_K", _T.Q4_K, lambda w, imp, dev=None: encode_kquant("Q4_K", w, imp, dev)),
-        QuantFormat("Q5_K", _T.Q5_K, lambda w, imp, dev=None: encode_kquant("Q5_K", w, imp, dev)),
-        QuantFormat("Q6_K", _T.Q6_K, lambda w, imp, dev=None: encode_kquant("Q6_K", w, imp, dev)),
-        QuantFormat("IQ4_NL", _T.IQ4_NL, lambda w, imp, dev=None: encode_iq4("IQ4_NL", w, imp, dev),
-                    llama_cpp_candidate=False),
-        QuantFormat("IQ4_XS", _T.IQ4_XS, lambda w, imp, dev=None: encode_iq4("IQ4_XS", w, imp, dev)),
-        *(QuantFormat(name, lay.ggml_type, lambda w, imp, dev=None, name=name: encode_lattice(name, w, imp),
-                      llama_cpp_candidate=False) for name, lay in LATTICES.items()),
-        QuantFormat("Q4_0", _T.Q4_0, LEGACY_ENCODERS["Q4_0"]),
-        QuantFormat("Q4_1", _T.Q4_1, LEGACY_ENCODERS["Q4_1"]),
-        QuantFormat("Q5_0", _T.Q5_0, LEGACY_ENCODERS["Q5_0"]),
-        QuantFormat("Q5_1", _T.Q5_1, LEGACY_ENCODERS["Q5_1"]),
-        QuantFormat("Q8_0", _T.Q8_0, LEGACY_ENCODERS["Q8_0"], llama_cpp_candidate=False),
-        QuantFormat("F16", _T.F16),
-        QuantFormat("F32", _T.F32),
-    )
+    for f in sorted((QuantFormat(name, c.ggml_type, c, c.llama_cpp_candidate) for name, c in CODECS.items()),
+                    key=lambda f: (f.bits_per_weight, f.name))
+    + [QuantFormat("F16", GGMLQuantizationType.F16), QuantFormat("F32", GGMLQuantizationType.F32)]
 }
 
 

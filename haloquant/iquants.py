@@ -12,9 +12,12 @@ against the unrounded fp32 scale, it uses the stored fp16 one: what the decoder 
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from haloquant.arrays import (array_namespace, device_of, fp16_bytes, fp16_round, on_device, scalar, sqrt32,
                               sum_last, to_host, u8)
+from haloquant.codec import AffineBlocks, Codec, register
+from haloquant.legacyquants import f16_at, nibbles, pack_nibbles
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 QK_K = 256
@@ -140,3 +143,35 @@ def encode_iq4(name: str, weight: np.ndarray, importance: np.ndarray | None = No
     step = _CHUNK * (QK_K // size) * (1 if device is None else 16)
     parts = [enc(x[i : i + step], None if imp is None else imp[i : i + step], device) for i in range(0, len(x), step)]
     return np.concatenate(parts).reshape(rows, -1)
+
+
+# ---------------------------------------------------------------- affine views, code writers, registration
+
+def _affine_nl(b):
+    d = f16_at(b, 0)
+    return AffineBlocks(nibbles(b[..., 2:18]), d, np.zeros_like(d), 4, True, values=KVALUES)
+
+
+def _affine_xs(b):
+    rows, n = b.shape[:2]
+    h = b[..., 2:4].copy().view(np.uint16)[..., 0, None] >> (2 * np.arange(8, dtype=np.uint16))
+    lo = np.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], axis=-1).reshape(rows, n, 8)
+    ls = (lo | ((h & 3) << 4).astype(np.uint8)).astype(np.float32) - 32
+    scale = (f16_at(b, 0)[..., None] * ls).reshape(rows, n * 8)
+    q = nibbles(b[..., 8:136].reshape(rows, n, 8, 16)).reshape(rows, n * 8, 32)
+    return AffineBlocks(q, scale, np.zeros_like(scale), 4, True, values=KVALUES)
+
+
+def _codes_nl(b, q):
+    b[..., 2:18] = pack_nibbles(q)
+
+
+def _codes_xs(b, q):
+    rows, n = b.shape[:2]
+    b[..., 8:136] = pack_nibbles(q.reshape(rows, n, 8, 32)).reshape(rows, n, 128)
+
+
+register("IQ4_NL", Codec(GGMLQuantizationType.IQ4_NL, lambda w, imp, device=None: encode_iq4("IQ4_NL", w, imp, device),
+                         _affine_nl, _codes_nl, 15, KVALUES, llama_cpp_candidate=False))
+register("IQ4_XS", Codec(GGMLQuantizationType.IQ4_XS, lambda w, imp, device=None: encode_iq4("IQ4_XS", w, imp, device),
+                         _affine_xs, _codes_xs, 15, KVALUES))

@@ -12,9 +12,11 @@ turn the sub-block fits into calibration-weighted fits.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from haloquant.arrays import (array_namespace, device_of, fp16_bytes, fp16_round, int8_bytes, on_device, scalar,
                               sqrt32, sum_last, to_host, u8)
+from haloquant.codec import CODECS, AffineBlocks, Codec, register
 
 QK_K = 256
 _CHUNK = 8192  # super-blocks per vectorised pass (bounds temporary memory)
@@ -269,110 +271,143 @@ def _encode_q6_k(x, imp, device):
     return to_host(xp.concat([ql, qh.reshape(-1, 64), int8_bytes(ls), fp16_bytes(d)], axis=1))
 
 
-_ENCODERS = {"Q2_K": _encode_q2_k, "Q3_K": _encode_q3_k, "Q4_K": lambda x, i, d: _encode_q45_k(x, i, d, 4),
-             "Q5_K": lambda x, i, d: _encode_q45_k(x, i, d, 5), "Q6_K": _encode_q6_k}
+def _encoder(enc):
+    """A super-block encoder → (rows, cols) float32 → (rows, cols/256 · type_size) uint8 in ggml's
+    block layout. `device` (a torch device): the scale searches run there, in torch — the same bytes
+    as numpy's (haloquant.arrays); None: numpy."""
 
-
-def encode_kquant(name: str, weight: np.ndarray, importance: np.ndarray | None = None,
-                  device=None) -> np.ndarray:
-    """(rows, cols) float32 → (rows, cols/256 · type_size) uint8 in ggml's block layout.
-    `device` (a torch device): run the scale searches there, in torch — the same bytes as numpy's
-    (haloquant.arrays); None: numpy."""
-    rows, cols = weight.shape
-    x = np.ascontiguousarray(weight, np.float32).reshape(-1, QK_K)
-    imp = None
-    if importance is not None:
-        imp = np.broadcast_to(np.asarray(importance, np.float32).reshape(1, cols // QK_K, QK_K),
-                              (rows, cols // QK_K, QK_K)).reshape(-1, QK_K)
-    enc = _ENCODERS[name]
-    step = _CHUNK if device is None else _DEVICE_CHUNK
-    parts = [enc(x[i : i + step], None if imp is None else imp[i : i + step], device) for i in range(0, len(x), step)]
-    return np.concatenate(parts).reshape(rows, -1)
+    def encode(weight: np.ndarray, importance: np.ndarray | None = None, device=None) -> np.ndarray:
+        rows, cols = weight.shape
+        x = np.ascontiguousarray(weight, np.float32).reshape(-1, QK_K)
+        imp = None
+        if importance is not None:
+            imp = np.broadcast_to(np.asarray(importance, np.float32).reshape(1, cols // QK_K, QK_K),
+                                  (rows, cols // QK_K, QK_K)).reshape(-1, QK_K)
+        step = _CHUNK if device is None else _DEVICE_CHUNK
+        parts = [enc(x[i : i + step], None if imp is None else imp[i : i + step], device)
+                 for i in range(0, len(x), step)]
+        return np.concatenate(parts).reshape(rows, -1)
+    return encode
 
 
 # ---------------------------------------------------------------- affine views (bytes → codes, scales)
+# b: (B, type_size) super-blocks → (q (B, groups, group), scale, zero, constant | None), with
+# value = (q − zero)·scale exactly as ggml decodes it.
 
-def affine_kquant(name: str, blocks: np.ndarray):
-    """(rows, n_superblocks, type_size) bytes → (q, scale, zero, bits, zero_is_integer) per group,
-    with value = (q − zero)·scale exactly as ggml decodes it."""
-    rows, nsb, _ = blocks.shape
-    b = blocks.reshape(-1, blocks.shape[-1])
+def _f16(b, off):
+    return b[:, off : off + 2].copy().view(np.float16)[:, 0].astype(np.float32)
 
-    def f16(off):
-        return b[:, off : off + 2].copy().view(np.float16)[:, 0].astype(np.float32)
 
-    constant = None
+def _with_min(q, scale, mins, group):
+    """d·q − m per group → codes, scale, zero; a zero scale leaves only −m: codes 0, scale 1, zero m."""
+    ok = scale != 0
+    q = np.where(ok[..., None], q.reshape(q.shape[0], -1, group), 0)
+    zero = np.where(ok, mins / np.where(ok, scale, 1), mins)
+    return q, np.where(ok, scale, 1), zero, ~ok
 
-    def with_min(q, scale, mins, group):
-        nonlocal constant
-        ok = scale != 0  # a zero scale leaves only −min: encode it with codes 0, scale 1
-        constant = ~ok
-        q = np.where(ok[..., None], q.reshape(q.shape[0], -1, group), 0)
-        zero = np.where(ok, mins / np.where(ok, scale, 1), mins)
-        return q, np.where(ok, scale, 1), zero
 
-    if name == "Q2_K":
-        s = b[:, 0:16]
-        q = _unpack_2bit(b[:, 16:80])
-        q, scale, zero = with_min(q, f16(80)[:, None] * (s & 0xF), f16(82)[:, None] * (s >> 4), 16)
-        bits, integer = 2, False
-    elif name == "Q3_K":
-        hm = b[:, 0:32]
-        hbit = (hm.reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-        q = (_unpack_2bit(b[:, 32:96]) | (hbit.reshape(-1, 256) << 2)).reshape(-1, 16, 16)
-        scale = f16(108)[:, None] * _unpack_scales_q3(b[:, 96:108])
-        zero, bits, integer = np.full(scale.shape, 4.0, np.float32), 4, True
-    elif name in ("Q4_K", "Q5_K"):
-        ls, lm = _unpack_scales_k4(b[:, 4:16])
-        if name == "Q4_K":
-            q = _unpack_nibbles64(b[:, 16:144])
-        else:
-            qh = b[:, 16:48]
-            hi = (qh.reshape(-1, 1, 1, 32) >> (np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1))) & 1
-            q = _unpack_nibbles64(b[:, 48:176]) | (hi.reshape(-1, 256) << 4)
-        q, scale, zero = with_min(q, f16(0)[:, None] * ls, f16(2)[:, None] * lm, 32)
-        bits, integer = (4 if name == "Q4_K" else 8), False
-    elif name == "Q6_K":
-        ql, qh = b[:, 0:128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
-        low = np.stack([ql[:, :, :32] & 0xF, ql[:, :, 32:] & 0xF, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], axis=2)
-        high = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=2)
-        q = (low | (high << 4)).reshape(-1, 16, 16)
-        scale = f16(208)[:, None] * b[:, 192:208].view(np.int8).astype(np.float32)
-        zero, bits, integer = np.full(scale.shape, 32.0, np.float32), 8, True
+def _view_q2_k(b):
+    s = b[:, 0:16]
+    return _with_min(_unpack_2bit(b[:, 16:80]), _f16(b, 80)[:, None] * (s & 0xF), _f16(b, 82)[:, None] * (s >> 4), 16)
+
+
+def _view_q3_k(b):
+    hbit = (b[:, 0:32].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = (_unpack_2bit(b[:, 32:96]) | (hbit.reshape(-1, 256) << 2)).reshape(-1, 16, 16)
+    scale = _f16(b, 108)[:, None] * _unpack_scales_q3(b[:, 96:108])
+    return q, scale, np.full(scale.shape, 4.0, np.float32), None
+
+
+def _view_q45_k(b, bits: int):
+    ls, lm = _unpack_scales_k4(b[:, 4:16])
+    if bits == 4:
+        q = _unpack_nibbles64(b[:, 16:144])
     else:
-        raise KeyError(name)
-    groups = q.shape[1] * nsb
-    return (q.reshape(rows, groups, -1).astype(np.uint8), scale.reshape(rows, groups).astype(np.float32),
-            zero.reshape(rows, groups).astype(np.float32), bits, integer,
-            None if constant is None else constant.reshape(rows, groups))
+        hi = (b[:, 16:48].reshape(-1, 1, 1, 32) >> (np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1))) & 1
+        q = _unpack_nibbles64(b[:, 48:176]) | (hi.reshape(-1, 256) << 4)
+    return _with_min(q, _f16(b, 0)[:, None] * ls, _f16(b, 2)[:, None] * lm, 32)
 
 
-def kquant_with_codes(name: str, blocks: np.ndarray, q: np.ndarray) -> None:
-    """Overwrite the code bits of (rows, n_superblocks, type_size) `blocks` in place with
-    q (rows, groups, group size), leaving scales, mins and super-scales as they are."""
-    b = blocks.reshape(-1, blocks.shape[-1])
-    q = q.reshape(b.shape[0], QK_K).astype(np.uint8)
-    if name == "Q2_K":
-        b[:, 16:80] = _pack_2bit(q)
-    elif name == "Q3_K":
-        hmask = ((q >> 2) & 1).reshape(-1, 8, 32)
-        b[:, 0:32] = np.bitwise_or.reduce(hmask << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
-        b[:, 32:96] = _pack_2bit(q & 3)
-    elif name == "Q4_K":
-        b[:, 16:144] = _pack_nibbles64(q)
-    elif name == "Q5_K":
-        hi = (q >> 4).reshape(-1, 4, 2, 32)
-        qh = np.zeros((b.shape[0], 32), np.uint8)
-        for c in range(4):
-            for h in range(2):
-                qh |= hi[:, c, h] << np.uint8(2 * c + h)
-        b[:, 16:48] = qh
-        b[:, 48:176] = _pack_nibbles64(q & 0xF)
-    elif name == "Q6_K":
-        r = q.reshape(-1, 2, 4, 32)
-        b[:, 0:128] = np.concatenate([(r[:, :, 0] & 0xF) | ((r[:, :, 2] & 0xF) << 4),
-                                      (r[:, :, 1] & 0xF) | ((r[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
-        b[:, 128:192] = ((r[:, :, 0] >> 4) | ((r[:, :, 1] >> 4) << 2) | ((r[:, :, 2] >> 4) << 4)
-                         | ((r[:, :, 3] >> 4) << 6)).reshape(-1, 64)
-    else:
-        raise KeyError(name)
+def _view_q6_k(b):
+    ql, qh = b[:, 0:128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
+    low = np.stack([ql[:, :, :32] & 0xF, ql[:, :, 32:] & 0xF, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], axis=2)
+    high = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=2)
+    q = (low | (high << 4)).reshape(-1, 16, 16)
+    scale = _f16(b, 208)[:, None] * b[:, 192:208].view(np.int8).astype(np.float32)
+    return q, scale, np.full(scale.shape, 32.0, np.float32), None
+
+
+def _affine(view, bits: int, zero_is_integer: bool):
+    """A super-block view → (rows, n_superblocks, type_size) blocks → AffineBlocks (codes as uint8;
+    5- and 6-bit codes are viewed as 8-bit ones, as onnxruntime's MatMulNBits takes 2, 4 or 8 bits)."""
+
+    def parse(blocks: np.ndarray) -> AffineBlocks:
+        rows, nsb, _ = blocks.shape
+        q, scale, zero, constant = view(blocks.reshape(-1, blocks.shape[-1]))
+        groups = q.shape[1] * nsb
+        return AffineBlocks(q.reshape(rows, groups, -1).astype(np.uint8), scale.reshape(rows, groups).astype(np.float32),
+                            zero.reshape(rows, groups).astype(np.float32), bits, zero_is_integer,
+                            None if constant is None else constant.reshape(rows, groups))
+    return parse
+
+
+# ---------------------------------------------------------------- code writers (codes → bytes, scales kept)
+# b: (B, type_size) super-blocks, written in place; q: (B, 256) uint8 codes.
+
+def _codes_q2_k(b, q):
+    b[:, 16:80] = _pack_2bit(q)
+
+
+def _codes_q3_k(b, q):
+    hmask = ((q >> 2) & 1).reshape(-1, 8, 32)
+    b[:, 0:32] = np.bitwise_or.reduce(hmask << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+    b[:, 32:96] = _pack_2bit(q & 3)
+
+
+def _codes_q4_k(b, q):
+    b[:, 16:144] = _pack_nibbles64(q)
+
+
+def _codes_q5_k(b, q):
+    hi = (q >> 4).reshape(-1, 4, 2, 32)
+    qh = np.zeros((b.shape[0], 32), np.uint8)
+    for c in range(4):
+        for h in range(2):
+            qh |= hi[:, c, h] << np.uint8(2 * c + h)
+    b[:, 16:48] = qh
+    b[:, 48:176] = _pack_nibbles64(q & 0xF)
+
+
+def _codes_q6_k(b, q):
+    r = q.reshape(-1, 2, 4, 32)
+    b[:, 0:128] = np.concatenate([(r[:, :, 0] & 0xF) | ((r[:, :, 2] & 0xF) << 4),
+                                  (r[:, :, 1] & 0xF) | ((r[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+    b[:, 128:192] = ((r[:, :, 0] >> 4) | ((r[:, :, 1] >> 4) << 2) | ((r[:, :, 2] >> 4) << 4)
+                     | ((r[:, :, 3] >> 4) << 6)).reshape(-1, 64)
+
+
+def _code_writer(put):
+    """(rows, n_superblocks, type_size) blocks and q (rows, groups, group size) → the code bits
+    overwritten in place, scales, mins and super-scales as they are."""
+
+    def write(blocks: np.ndarray, q: np.ndarray) -> None:
+        b = blocks.reshape(-1, blocks.shape[-1])
+        put(b, q.reshape(b.shape[0], QK_K).astype(np.uint8))
+    return write
+
+
+_T = GGMLQuantizationType
+for _name, _type, _enc, _view, _bits, _integer, _codes, _max in (
+        ("Q2_K", _T.Q2_K, _encode_q2_k, _view_q2_k, 2, False, _codes_q2_k, 3),
+        ("Q3_K", _T.Q3_K, _encode_q3_k, _view_q3_k, 4, True, _codes_q3_k, 7),
+        ("Q4_K", _T.Q4_K, lambda x, i, d: _encode_q45_k(x, i, d, 4), lambda b: _view_q45_k(b, 4), 4, False,
+         _codes_q4_k, 15),
+        ("Q5_K", _T.Q5_K, lambda x, i, d: _encode_q45_k(x, i, d, 5), lambda b: _view_q45_k(b, 5), 8, False,
+         _codes_q5_k, 31),
+        ("Q6_K", _T.Q6_K, _encode_q6_k, _view_q6_k, 8, True, _codes_q6_k, 63)):
+    register(_name, Codec(_type, _encoder(_enc), _affine(_view, _bits, _integer), _code_writer(_codes), _max))
+
+
+def encode_kquant(name: str, weight: np.ndarray, importance: np.ndarray | None = None, device=None) -> np.ndarray:
+    """(rows, cols) float32 → ggml's block bytes of k-quant `name` (haloquant's own fit alone)."""
+    return CODECS[name].encode(weight, importance, device)

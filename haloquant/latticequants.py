@@ -21,7 +21,10 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
+from haloquant.codec import AffineBlocks, Codec, register
+
 GROUP = 8  # weights per sign byte: the unit GPTQ rounds at once
+QK_K = 256  # weights per block of every lattice type
 
 
 @dataclass(frozen=True)
@@ -223,3 +226,22 @@ def encode_lattice(name: str, w: np.ndarray, importance: np.ndarray | None) -> n
     from haloquant.llamacpp import ggml_quantize
 
     return ggml_quantize(get_format(name), w, importance)
+
+
+def _affine(lay: LatticeLayout):
+    """(rows, n, type_size) blocks → 8-bit codes around 128 under their sub-block scales: exact, since
+    every grid value is an integer below 64 (the form onnxruntime's MatMulNBits runs). GPTQ writes
+    these types' grid points and signs itself (LatticeLayout.write), not codes of this view."""
+
+    def parse(blocks: np.ndarray):
+        rows = blocks.shape[0]
+        f = lay.read(blocks, (rows, blocks.shape[1] * QK_K))
+        q = (f.levels() + 128).astype(np.uint8).reshape(rows, -1, lay.scale_group)
+        scale = np.ascontiguousarray(f.scale[:, :: lay.scale_group // GROUP])
+        return AffineBlocks(q, scale, np.full_like(scale, 128), 8, True)
+    return parse
+
+
+for _name, _lay in LATTICES.items():
+    register(_name, Codec(_lay.ggml_type, lambda w, imp, device=None, name=_name: encode_lattice(name, w, imp),
+                          _affine(_lay), llama_cpp_candidate=False))  # the encoder is llama.cpp's own

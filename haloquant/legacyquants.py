@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
 from haloquant.arrays import on_device, to_host
+from haloquant.codec import AffineBlocks, Codec, register
 from haloquant.kquants import fit_scale_min, fit_scale_symmetric
 
 QK = 32
@@ -147,6 +148,29 @@ def encode_legacy(name: str, weight: np.ndarray, importance: np.ndarray | None =
     return np.concatenate(parts).reshape(rows, -1)
 
 
-ENCODERS: dict[str, Callable[..., np.ndarray]] = {
-    name: (lambda n: lambda w, imp, device=None: encode_legacy(n, w, imp, device))(name) for name in LAYOUTS
-}
+# ---------------------------------------------------------------- affine view and registration
+
+def _with_min(q: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> AffineBlocks:
+    """d·q + m  →  (q − zero)·scale; a block with d = 0 holds only m: codes 0, scale 1, zero −m."""
+    safe = d != 0
+    scale = np.where(safe, d, 1.0).astype(np.float32)
+    zero = np.where(safe, -m / np.where(safe, d, 1.0), -m).astype(np.float32)
+    return AffineBlocks(np.where(safe[..., None], q, 0), scale, zero, bits, False, ~safe)
+
+
+def _affine(lay: LegacyLayout) -> Callable[[np.ndarray], AffineBlocks]:
+    """5-bit codes are viewed as 8-bit ones (onnxruntime's MatMulNBits takes 2, 4 or 8 bits)."""
+    bits = 4 if lay.nmax == 15 else 8
+
+    def parse(b):
+        q, d = lay.codes(b), f16_at(b, 0)
+        if lay.m is None:
+            return AffineBlocks(q, d, np.full_like(d, lay.zero), bits, True)
+        return _with_min(q, d, f16_at(b, lay.m), bits)
+    return parse
+
+
+for _name, _lay in LAYOUTS.items():
+    register(_name, Codec(_lay.ggml_type, lambda w, imp, device=None, name=_name: encode_legacy(name, w, imp, device),
+                          _affine(_lay), _lay.put_codes, _lay.nmax,
+                          llama_cpp_candidate=_name != "Q8_0"))  # Q8_0: llama.cpp has no imatrix path either

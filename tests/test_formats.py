@@ -209,3 +209,25 @@ def test_backend_sums_and_roots_are_numpys():
         np.testing.assert_array_equal(sum_last(torch.from_numpy(a)).numpy(), a.sum(-1))
     a = rng.gamma(1, size=1_000_000).astype(np.float32)
     np.testing.assert_array_equal(sqrt32(torch.from_numpy(a)).numpy(), np.sqrt(a))
+
+
+def test_a_codec_registers_once_under_its_own_ggml_type():
+    """The codec table (haloquant/codec.py) refuses a second codec for a type, and a codec filed
+    under another type's name; a refused call leaves the table as it was."""
+    from gguf import GGMLQuantizationType
+
+    from haloquant.codec import CODECS, register
+
+    before = dict(CODECS)
+    with pytest.raises(ValueError, match="twice"):
+        register("Q4_K", CODECS["Q4_K"])
+    with pytest.raises(ValueError, match="ggml type Q4_K"):
+        register("TQ1_0", CODECS["Q4_K"])
+    assert CODECS == before and "TQ1_0" not in FORMATS
+    assert all(FORMATS[n].codec is c and c.ggml_type == GGMLQuantizationType[n] for n, c in CODECS.items())
+
+
+def test_the_spec_knows_every_format_and_no_other():
+    from haloquant.schemas.params import FORMAT_NAMES
+
+    assert sorted(FORMAT_NAMES) == sorted(FORMATS)
