@@ -92,7 +92,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="each stage under cProfile: its 30 costliest calls (cumulative) to OUT/profile_<stage>.txt")
     ap.add_argument("--no-llama-cpp-candidate", action="store_true",
-                    help="switch off the encoders' per-block comparison with llama.cpp's quantizer")
+                    help="switch off the encoders' per-block comparison with llama.cpp's quantizer (every stage)")
+    ap.add_argument("--sensitivity-own-fit", action="store_true",
+                    help="sensitivity.llama_cpp_candidate: false (quantize still keeps the better block)")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)  # the child that makes the model
     ap.add_argument("--resume", action="store_true",
                     help="keep --out: reuse its model and skip the stages an earlier run finished (their rows are reprinted)")
@@ -130,6 +132,8 @@ def main() -> None:
     params["model"]["add_bos"] = {"null": None, "true": True, "false": False}[args.add_bos]
     if args.metric:
         params["sensitivity"]["metric"] = args.metric
+    if args.sensitivity_own_fit:
+        params["sensitivity"]["llama_cpp_candidate"] = False
     (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p = load_params(args.out / "params.yaml")
     root = artifacts_root(args.out / "params.yaml")
