@@ -292,7 +292,7 @@ def test_default_pipeline_runs_at_any_width(case, zoo, tmp_path):
                              "sensitivity": {"formats": ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"],
                                              "kl_sequences": 2},
                              "allocation.budget": {"bits_per_weight": 5.0}, "validate.ctx": CTX,
-                             "validate.max_chunks": 2, "validate.gate": {"max_runtime_ppl_gap": 0.01}})
+                             "validate.max_chunks": 8, "validate.gate": {"max_runtime_ppl_gap": 0.01}})
     results = run_all(write_params(tmp_path, params))
     v = results["validate"]
     assert v.passed and v.runtimes["llama_cpp"]["same_tokens_as_torch"]
