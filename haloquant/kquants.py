@@ -298,8 +298,9 @@ def _f16(b, off):
     return b[:, off : off + 2].copy().view(np.float16)[:, 0].astype(np.float32)
 
 
-def _with_min(q, scale, mins, group):
-    """d·q − m per group → codes, scale, zero; a zero scale leaves only −m: codes 0, scale 1, zero m."""
+def with_min(q, scale, mins, group):
+    """d·q − m per group → codes (…, groups, group), scale, zero, constant mask; a zero scale leaves
+    only −m: codes 0, scale 1, zero m (the legacy types' d·q + m too, with mins = −m)."""
     ok = scale != 0
     q = np.where(ok[..., None], q.reshape(q.shape[0], -1, group), 0)
     zero = np.where(ok, mins / np.where(ok, scale, 1), mins)
@@ -308,7 +309,7 @@ def _with_min(q, scale, mins, group):
 
 def _view_q2_k(b):
     s = b[:, 0:16]
-    return _with_min(_unpack_2bit(b[:, 16:80]), _f16(b, 80)[:, None] * (s & 0xF), _f16(b, 82)[:, None] * (s >> 4), 16)
+    return with_min(_unpack_2bit(b[:, 16:80]), _f16(b, 80)[:, None] * (s & 0xF), _f16(b, 82)[:, None] * (s >> 4), 16)
 
 
 def _view_q3_k(b):
@@ -325,7 +326,7 @@ def _view_q45_k(b, bits: int):
     else:
         hi = (b[:, 16:48].reshape(-1, 1, 1, 32) >> (np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1))) & 1
         q = _unpack_nibbles64(b[:, 48:176]) | (hi.reshape(-1, 256) << 4)
-    return _with_min(q, _f16(b, 0)[:, None] * ls, _f16(b, 2)[:, None] * lm, 32)
+    return with_min(q, _f16(b, 0)[:, None] * ls, _f16(b, 2)[:, None] * lm, 32)
 
 
 def _view_q6_k(b):

@@ -27,7 +27,7 @@ from gguf import quants as gq
 
 from haloquant.arrays import on_device, to_host
 from haloquant.codec import AffineBlocks, Codec, register
-from haloquant.kquants import fit_scale_min, fit_scale_symmetric
+from haloquant.kquants import fit_scale_min, fit_scale_symmetric, with_min
 
 QK = 32
 _CHUNK = 1 << 16  # blocks per vectorised pass (bounds temporary memory to a few tens of MB)
@@ -150,14 +150,6 @@ def encode_legacy(name: str, weight: np.ndarray, importance: np.ndarray | None =
 
 # ---------------------------------------------------------------- affine view and registration
 
-def _with_min(q: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> AffineBlocks:
-    """d·q + m  →  (q − zero)·scale; a block with d = 0 holds only m: codes 0, scale 1, zero −m."""
-    safe = d != 0
-    scale = np.where(safe, d, 1.0).astype(np.float32)
-    zero = np.where(safe, -m / np.where(safe, d, 1.0), -m).astype(np.float32)
-    return AffineBlocks(np.where(safe[..., None], q, 0), scale, zero, bits, False, ~safe)
-
-
 def _affine(lay: LegacyLayout) -> Callable[[np.ndarray], AffineBlocks]:
     """5-bit codes are viewed as 8-bit ones (onnxruntime's MatMulNBits takes 2, 4 or 8 bits)."""
     bits = 4 if lay.nmax == 15 else 8
@@ -166,7 +158,8 @@ def _affine(lay: LegacyLayout) -> Callable[[np.ndarray], AffineBlocks]:
         q, d = lay.codes(b), f16_at(b, 0)
         if lay.m is None:
             return AffineBlocks(q, d, np.full_like(d, lay.zero), bits, True)
-        return _with_min(q, d, f16_at(b, lay.m), bits)
+        q, scale, zero, constant = with_min(q, d, -f16_at(b, lay.m), QK)
+        return AffineBlocks(q, scale, zero, bits, False, constant)
     return parse
 
 
