@@ -114,3 +114,18 @@ def to_host(a) -> np.ndarray:
 
 
 __all__ = ["u8", "fp16_round", "fp16_bytes", "int8_bytes", "array_namespace", "device_of", "sum_last", "sqrt32", "scalar", "on_device", "fit_device", "to_host"]
+
+
+DEVICE_CHUNK_WEIGHTS = 1 << 25
+"""Weights per row chunk where a stage holds float copies of a large tensor on the device: the
+output head of a 128k vocabulary is 0.5 G (Llama-3-8B) to 1 G (70B) weights, and a handful of
+whole-tensor float32/float64 copies of it (encoder intermediates, decoded weights, errors,
+moments) took an H100 to 24 GiB at 8B and 61 GiB at 70B. 2²⁵ weights is 128 MiB per float32 copy;
+every tensor of the reference and real models so far is one chunk, so their numbers are unchanged."""
+
+
+def row_chunks(rows: int, cols: int, budget: int | None = None) -> list[slice]:
+    """Contiguous row ranges of a (rows, cols) matrix of at most `budget` (default
+    DEVICE_CHUNK_WEIGHTS) weights each, one row at least; a matrix within it is a single chunk."""
+    step = max(1, (budget or DEVICE_CHUNK_WEIGHTS) // max(cols, 1))
+    return [slice(a, min(rows, a + step)) for a in range(0, rows, step)]

@@ -31,6 +31,7 @@ import statistics
 
 import torch
 
+from haloquant.arrays import row_chunks
 from haloquant.calibstats import CalibrationStats
 from haloquant.modelio import TensorInfo
 
@@ -56,6 +57,30 @@ def _top_eigenvalue(g: torch.Tensor, iters: int = 50) -> float:
     return lam
 
 
+def weight_moments(w: torch.Tensor) -> tuple[float, float, float, float]:
+    """(standard deviation + ε, kurtosis, max |w|, mean w²) in float64. A matrix within
+    haloquant.arrays.row_chunks' budget is taken whole (the numbers of every model so far); a larger
+    one (a 128k-vocabulary head) in two passes over row chunks, so that no float64 copy of the whole
+    tensor is made — four of them took 17 GiB of an H100 for Llama-3-8B's head."""
+    chunks = row_chunks(w.shape[0], w[0].numel())
+    if len(chunks) == 1:
+        w = w.double()
+        centred = w - w.mean()
+        kurt = float(centred.pow(4).mean()) / (float(centred.pow(2).mean()) ** 2 + _EPS)
+        return float(w.std()) + _EPS, kurt, float(w.abs().max()), float(w.pow(2).mean())
+    n = w.numel()
+    total = square = abs_max = 0.0
+    for rows in chunks:
+        c = w[rows].double()
+        total, square, abs_max = total + float(c.sum()), square + float(c.pow(2).sum()), max(abs_max, float(c.abs().max()))
+    mean = total / n
+    m2 = m4 = 0.0
+    for rows in chunks:
+        c = w[rows].double() - mean
+        m2, m4 = m2 + float(c.pow(2).sum()), m4 + float(c.pow(4).sum())
+    return math.sqrt(m2 / (n - 1)) + _EPS, (m4 / n) / ((m2 / n) ** 2 + _EPS), abs_max, square / n
+
+
 def tensor_features(t: TensorInfo, w: torch.Tensor, stats: CalibrationStats, n_layers: int,
                     hidden: int, mean_weights: float, gram: torch.Tensor | None = None) -> list[float]:
     """The first ten features (the eleventh needs the whole model: see `layer_embeddings`).
@@ -63,15 +88,12 @@ def tensor_features(t: TensorInfo, w: torch.Tensor, stats: CalibrationStats, n_l
     not the host: for one Llama-3-8B block this 2-core CPU takes 22 s (float64 moments of 218 M
     weights, power iterations on 4096- and 14336-wide Hessians) — likely most of the ≈ 24 s per
     block the sensitivity stage took on an H100's host (bench/results/scale_h100_streamed.md)."""
-    w = w.double()
     g = (stats.gram(t) if gram is None else gram).to(w.device).double()
     e = torch.diagonal(g).clamp_min(0)
     rms = math.sqrt(float(e.mean()) + _EPS)
     ch_rms = e.sqrt()
     kind = KIND_ALIASES.get(t.kind, t.kind)
-    std = float(w.std()) + _EPS
-    centred = w - w.mean()
-    kurt = float(centred.pow(4).mean()) / (float(centred.pow(2).mean()) ** 2 + _EPS)
+    std, kurt, abs_max, mean_square = weight_moments(w)
     return [
         1.0 if t.layer < 0 else t.layer / max(n_layers - 1, 1),
         KIND_ORDER.index(kind) / (len(KIND_ORDER) - 1),
@@ -82,8 +104,8 @@ def tensor_features(t: TensorInfo, w: torch.Tensor, stats: CalibrationStats, n_l
         math.log(float(e.pow(2).mean()) / (float(e.mean()) ** 2 + _EPS) + _EPS),
         math.log(_top_eigenvalue(g) * g.shape[0] / (float(e.sum()) + _EPS) + _EPS),
         math.log(kurt + _EPS),
-        math.log(float(w.abs().max()) / std + _EPS),
-        math.log(float(e.sum()) * float(w.pow(2).mean()) * t.shape[0] + _EPS),  # made relative below
+        math.log(abs_max / std + _EPS),
+        math.log(float(e.sum()) * mean_square * t.shape[0] + _EPS),  # made relative below
     ]
 
 

@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from haloquant import HaloquantError, iquants, kquants, latticequants, legacyquants  # noqa: F401 (they register)
-from haloquant.arrays import sum_last
+from haloquant.arrays import row_chunks, sum_last
 from haloquant.codec import CODECS, AffineBlocks, Codec
 from haloquant.decoders import decode_torch
 from haloquant.latticequants import LATTICES, LatticeLayout
@@ -104,22 +104,26 @@ class QuantFormat:
             out = w.astype(np.float16)
         elif device is not None and self.llama_cpp_candidate:
             out = self._encode_on_device(w, importance, threads, device)
+        elif device is not None:
+            out = on_device_by_rows(lambda rows: self._own_rows(rows, importance, device), w)
         else:
-            out = by_row_chunks(lambda rows: self._encode_rows(rows, importance, device), w,
-                                threads if device is None else 1)
+            out = by_row_chunks(lambda rows: self._encode_rows(rows, importance), w, threads)
         return np.ascontiguousarray(out).view(np.uint8).reshape(w.shape[0], -1)
 
     def _encode_on_device(self, w: np.ndarray, importance: np.ndarray | None, threads: int | None,
                           device) -> np.ndarray:
-        """The whole tensor's own fit on the device while llama.cpp's blocks are made on the CPU's
-        threads beside it (ggml releases the GIL), then the choice block by block on the device:
-        the same bytes as the CPU path, at the cost of the slower of the two."""
+        """The own fit on the device (row chunk by row chunk: haloquant.arrays.row_chunks) while
+        llama.cpp's blocks are made on the CPU's threads beside it (ggml releases the GIL), then the
+        choice block by block on the device: the same bytes as the CPU path, at the cost of the
+        slower of the two."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1) as pool:
             theirs = pool.submit(by_row_chunks, lambda rows: _llama_cpp_encoding(self, rows, importance), w, threads)
-            own = self._own_rows(w, importance, device)
-            return self.best_blocks(w, importance, own, theirs.result(), device=device)
+            own = on_device_by_rows(lambda rows: self._own_rows(rows, importance, device), w)
+            theirs = theirs.result()
+            return np.concatenate([self.best_blocks(w[r], importance, own[r], theirs[r], device=device)
+                                   for r in row_chunks(*w.shape)])
 
     def own_fit_only(self) -> "QuantFormat":
         """This format without llama.cpp's per-block candidate (same bytes layout and decoder)."""
@@ -130,8 +134,9 @@ class QuantFormat:
         """haloquant's own fit alone, without llama.cpp's blocks (bench/llama_cpp_candidate.py
         measures what the comparison adds)."""
         w = np.ascontiguousarray(weight, dtype=np.float32)
-        return by_row_chunks(lambda rows: self._own_rows(rows, importance, device), w,
-                             threads if device is None else 1)
+        if device is not None:
+            return on_device_by_rows(lambda rows: self._own_rows(rows, importance, device), w)
+        return by_row_chunks(lambda rows: self._own_rows(rows, importance), w, threads)
 
     def _own_rows(self, w: np.ndarray, importance: np.ndarray | None, device=None) -> np.ndarray:
         own = self.encoder(w, importance, device) if self.encoder is not None else gq.quantize(w, self.ggml_type)
@@ -240,6 +245,15 @@ def by_row_chunks(encode_rows: Callable[[np.ndarray], np.ndarray], w: np.ndarray
     with ThreadPoolExecutor(n) as pool:
         parts = list(pool.map(lambda i: encode_rows(w[bounds[i]:bounds[i + 1]]), range(n)))
     return np.concatenate([np.ascontiguousarray(p).view(np.uint8).reshape(p.shape[0], -1) for p in parts])
+
+
+def on_device_by_rows(encode_rows: Callable[[np.ndarray], np.ndarray], w: np.ndarray) -> np.ndarray:
+    """`encode_rows` over `w`'s row chunks (haloquant.arrays.row_chunks) one after another: a device
+    encoder's float intermediates are bounded by the chunk, not the tensor; the bytes are the same
+    for any chunking (blocks never span rows)."""
+    parts = [np.ascontiguousarray(encode_rows(w[r])).view(np.uint8).reshape(r.stop - r.start, -1)
+             for r in row_chunks(*w.shape)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 _MIN_ROWS_PER_CHUNK = 32  # below this a thread's start-up costs more than its rows

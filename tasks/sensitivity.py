@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from haloquant.arrays import row_chunks
 from haloquant.artifacts import write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.embedding import FEATURES, relative_sizes, tensor_features
@@ -234,35 +235,46 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
         gram = stats.gram(t).to(device)
         features.append(tensor_features(t, w, stats, model.config.num_hidden_layers, model.config.hidden_size,
                                         mean_weights, gram))
+        fmts = candidate_formats(spec, t.shape)
+        if not fmts:
+            raise HaloquantError(f"sensitivity.formats: no listed or fallback format fits tensor {t.name} of shape "
+                                 f"{t.shape}")
+        # kl_calibrated probes one format per tensor and scales the others' errors by the ratio
+        ref = min(fmts, key=lambda f: abs(f.bits_per_weight - REFERENCE_BITS)).name
+        m = linear_of(model, t)
+
+        def row_error(delta: torch.Tensor, part: slice) -> float:
+            """The local error of `delta`, the weights' error on rows `part` (every metric's is a sum over rows)."""
+            if metric == "kl_fisher":
+                err = 0.0 if m is None else fisher.coherence[m] * fisher_output_error(delta, gram,
+                                                                                       fisher.channels[m][part])
+                if t.kind == "token_embd":
+                    err += lookup_scale * fisher_lookup_error(delta, token_freq[part], fisher.block0)
+                return err
+            err = local(delta, gram)  # as a linear (for embeddings: the output head)
+            if t.kind == "token_embd":
+                lookup = lookup_scale * lookup_error(delta, token_freq[part])
+                err = err + lookup if t.tied else lookup
+            return err
+
         cands: dict[str, FormatCost] = {}
-        decoded: dict[str, torch.Tensor] = {}
-        for fmt in candidate_formats(spec, t.shape):
+        probed = 0.0
+        for fmt in fmts:
             if metric == "none":
                 cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=0.0)
                 continue
             measured = fmt if spec.llama_cpp_candidate else fmt.own_fit_only()
             data = encode_tensor(t, w_host.numpy(), measured, quant_spec, stats, device)
-            decoded[fmt.name] = fmt.decode_torch(data, t.shape, device)
-            delta = w - decoded[fmt.name]
-            if metric == "kl_fisher":
-                m = linear_of(model, t)
-                err = 0.0 if m is None else fisher.coherence[m] * fisher_output_error(delta, gram, fisher.channels[m])
-                if t.kind == "token_embd":
-                    err += lookup_scale * fisher_lookup_error(delta, token_freq, fisher.block0)
-            else:
-                err = local(delta, gram)  # as a linear (for embeddings: the output head)
-                if t.kind == "token_embd":
-                    lookup = lookup_scale * lookup_error(delta, token_freq)
-                    err = err + lookup if t.tied else lookup
-            if metric == "kl_end_to_end":
-                err = probe.kl(t.name, decoded[fmt.name], probe.first_block(t))
+            err = 0.0
+            for part in row_chunks(*t.shape):  # one chunk of a large tensor's float copies at a time
+                err += row_error(w[part] - fmt.decode_torch(data[part], (part.stop - part.start, t.shape[1]), device),
+                                 part)
+            if metric == "kl_end_to_end" or (metric == "kl_calibrated" and fmt.name == ref):
+                kl = probe.kl(t.name, fmt.decode_torch(data, t.shape, device), probe.first_block(t))
+                err, probed = (kl, kl) if metric == "kl_end_to_end" else (err, kl)
             cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=err)
-        if not cands:
-            raise HaloquantError(f"sensitivity.formats: no listed or fallback format fits tensor {t.name} of shape "
-                                 f"{t.shape}")
         if metric == "kl_calibrated":
-            ref = min(cands, key=lambda f: abs(get_format(f).bits_per_weight - REFERENCE_BITS))
-            scale = probe.kl(t.name, decoded[ref], probe.first_block(t)) / cands[ref].error if cands[ref].error > 0 else 0.0
+            scale = probed / cands[ref].error if cands[ref].error > 0 else 0.0
             cands = {f: FormatCost(bytes=c.bytes, error=c.error * scale) for f, c in cands.items()}
         rows.append(TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer,
                                       shape=t.shape, n_weights=t.n_weights, candidates=cands))

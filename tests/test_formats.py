@@ -196,6 +196,25 @@ def test_device_encode_gives_cpu_bytes(fmt, device):
         np.testing.assert_array_equal(fmt.encode(w, importance, device=device), ref)
 
 
+@pytest.mark.parametrize("device", _torch_devices())
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "IQ4_NL", "Q5_0"])
+def test_device_encode_in_row_chunks_gives_the_same_bytes(name, device, monkeypatch):
+    """A device encode takes a large tensor in row chunks (haloquant.arrays.row_chunks bounds its
+    float intermediates); any chunking gives the whole tensor's bytes, with and without llama.cpp's
+    per-block candidate."""
+    import haloquant.arrays
+
+    fmt = get_format(name)
+    w = np.concatenate([real_weight(), np.random.default_rng(5).standard_t(4, (200, 768)).astype(np.float32) * 0.02])
+    imp = np.random.default_rng(6).lognormal(0, 1.5, w.shape[1]).astype(np.float32)
+    whole = fmt.encode(w, imp, device=device), fmt.encode_own(w, imp, device=device)
+    monkeypatch.setattr(haloquant.arrays, "DEVICE_CHUNK_WEIGHTS", 37 * w.shape[1] + 5)  # 37-row chunks, the last short
+    assert len(haloquant.arrays.row_chunks(*w.shape)) > 3
+    np.testing.assert_array_equal(fmt.encode(w, imp, device=device), whole[0])
+    np.testing.assert_array_equal(fmt.encode_own(w, imp, device=device), whole[1])
+    np.testing.assert_array_equal(whole[0], fmt.encode(w, imp))  # and the CPU reference's bytes
+
+
 def test_backend_sums_and_roots_are_numpys():
     """The two operations torch does not do as numpy does by default: last-axis float32 sums
     (another addition order) and √ (not correctly rounded in torch's CPU kernel)."""

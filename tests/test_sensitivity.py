@@ -45,3 +45,45 @@ def test_the_table_says_nothing_else_changed(tables):
     assert tables[True].metric == tables[False].metric == "hessian_trace"
     assert [t.name for t in tables[True].tensors] == [t.name for t in tables[False].tensors]
     assert tables[True].gguf_overhead_bytes == tables[False].gguf_overhead_bytes
+
+
+def test_moments_of_a_large_tensor_in_row_chunks_are_the_whole_tensors(monkeypatch):
+    """weight_moments takes a tensor beyond the chunk budget in two passes over row chunks (no
+    float64 copy of a 128k-vocabulary head): the same moments as the whole tensor's, to float64
+    rounding; skewed and offset weights, so that the centring matters."""
+    import torch
+
+    import haloquant.arrays
+    from haloquant.embedding import weight_moments
+
+    w = (torch.distributions.StudentT(3.0).sample((301, 77)) * 0.02 + 0.01).float()
+    whole = weight_moments(w)
+    monkeypatch.setattr(haloquant.arrays, "DEVICE_CHUNK_WEIGHTS", 20 * 77 + 3)
+    chunked = weight_moments(w)
+    assert chunked == pytest.approx(whole, rel=1e-10)
+    assert whole[2] == float(w.abs().max()) and whole[1] > 3  # heavy tails: kurtosis above a Gaussian's
+
+
+@pytest.mark.parametrize("metric", ["kl_fisher", "output_error"])
+def test_costs_do_not_depend_on_the_row_chunking(metric, tmp_path, monkeypatch):
+    """Sensitivity measures each format's error one row chunk at a time (the float copies of a large
+    tensor are bounded by the chunk): many small chunks give the whole tensors' costs and features —
+    the Fisher channels and token frequencies are taken row by row with the weights."""
+    import json
+
+    import haloquant.arrays
+
+    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), tmp_path / "cal")
+    spec = SensitivitySpec(formats=["Q2_K", "Q4_K", "Q4_0"], metric=metric, llama_cpp_candidate=False)
+    whole = score_sensitivity(SPEC, spec, QuantizeSpec(), tmp_path / "cal", tmp_path / "whole")
+    monkeypatch.setattr(haloquant.arrays, "DEVICE_CHUNK_WEIGHTS", 4096 + 7)
+    chunked = score_sensitivity(SPEC, spec, QuantizeSpec(), tmp_path / "cal", tmp_path / "chunked")
+    assert whole.metric == chunked.metric == metric
+    for a, b in zip(whole.tensors, chunked.tensors, strict=True):
+        assert a.shape[0] * a.shape[1] > 4096 + 7  # every tensor was cut
+        for f, cost in a.candidates.items():
+            assert b.candidates[f].bytes == cost.bytes
+            assert b.candidates[f].error == pytest.approx(cost.error, rel=1e-5), (a.name, f)
+    feats = [json.loads((tmp_path / d / "embeddings.json").read_text())["tensors"] for d in ("whole", "chunked")]
+    for a, b in zip(*feats, strict=True):
+        assert b["values"] == pytest.approx(a["values"], rel=1e-9, abs=1e-12), a["gguf_name"]
