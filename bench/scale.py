@@ -9,8 +9,9 @@
 Makes a Llama model of the given widths (random weights in bf16, the reference tokenizer of
 data/models/ref-llama-tiny with the vocabulary padded to --vocab), writes the repository's
 params.yaml with only model.path, model.device and validate.runtimes changed, and runs the main
-stages in order in this process: for each, wall time, peak GPU memory (torch's allocator) and the
-process's peak RSS so far. --stages limits the run (e.g. a machine without llama.cpp's converter
+stages in order in this process: for each, wall time, peak GPU memory (torch's allocator), the
+process's peak RSS so far, and the stage's peak anonymous RSS (sampled: RSS also counts the pages of
+the checkpoint, which transformers maps from its shards and the kernel may drop again). --stages limits the run (e.g. a machine without llama.cpp's converter
 stops before export_gguf). Where llama-cpp-python is absent the per-block llama.cpp candidate of
 the encoders is switched off (said in the output): the numbers are then a lower bound.
 """
@@ -25,6 +26,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +70,30 @@ def disable_llama_cpp_candidate(always: bool = False) -> bool:
         for k, f in formats.FORMATS.items():
             formats.FORMATS[k] = dataclasses.replace(f, llama_cpp_candidate=False)
         return True
+
+
+class AnonPeak:
+    """The largest RssAnon of this process since `reset`, sampled every 50 ms by a daemon thread
+    (the kernel keeps a peak of the whole RSS only, which includes mapped checkpoint pages)."""
+
+    def __init__(self):
+        self.peak = 0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def now() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def reset(self) -> None:
+        self.peak = self.now()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.05)
 
 
 def main() -> None:
@@ -145,7 +171,9 @@ def main() -> None:
           f"torch {torch.__version__}"
           + ("; no llama.cpp block candidate (switched off, or llama-cpp-python absent)" if no_lc else
              "; encoders compare each block with llama.cpp's quantizer"), flush=True)
-    print("\n| stage | seconds | peak GPU GiB | peak RSS GiB (process, so far) | summary |\n|---|---|---|---|---|", flush=True)
+    print("\n| stage | seconds | peak GPU GiB | peak RSS GiB (process, so far) | peak anonymous RSS GiB (stage) | summary |"
+          "\n|---|---|---|---|---|---|", flush=True)
+    anon = AnonPeak()
     total = 0.0
     for stage in STAGES:
         if args.stages and stage.name not in args.stages:
@@ -153,10 +181,12 @@ def main() -> None:
         if stage.name in done:
             r = done[stage.name]
             total += r["seconds"]
-            print(f"| {stage.name} | {r['seconds']:.1f} | {r['gpu']:.1f} | {r['rss']:.1f} | {r['line']} (earlier call) |")
+            print(f"| {stage.name} | {r['seconds']:.1f} | {r['gpu']:.1f} | {r['rss']:.1f} | {r.get('anon', float('nan')):.1f} | "
+                  f"{r['line']} (earlier call) |")
             continue
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        anon.reset()
         t = time.perf_counter()
         try:
             if args.profile:
@@ -172,15 +202,17 @@ def main() -> None:
             else:
                 _, line = timed_line(stage, p, root)
         except Exception as e:  # a bench: say what stopped it and stop
-            print(f"| {stage.name} | — | — | — | not run: {type(e).__name__}: {str(e)[:200]} |", flush=True)
+            print(f"| {stage.name} | — | — | — | — | not run: {type(e).__name__}: {str(e)[:200]} |", flush=True)
             break
         s = time.perf_counter() - t
         total += s
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"| {stage.name} | {s:.1f} | {peak:.1f} | {rss:.1f} | {line} |", flush=True)
+        own = max(anon.peak, anon.now()) / 2**30
+        print(f"| {stage.name} | {s:.1f} | {peak:.1f} | {rss:.1f} | {own:.1f} | {line} |", flush=True)
         with rows_file.open("a") as f:
-            f.write(json.dumps({"stage": stage.name, "seconds": s, "gpu": peak, "rss": rss, "line": line}) + "\n")
+            f.write(json.dumps({"stage": stage.name, "seconds": s, "gpu": peak, "rss": rss, "anon": own,
+                                "line": line}) + "\n")
     print(f"\nstages run: {total:.0f} s")
 
 
