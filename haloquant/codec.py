@@ -53,6 +53,9 @@ class Codec:
     # also try llama.cpp's quantizer block by block and keep the better block (formats.QuantFormat.encode);
     # off where llama.cpp's block measurably never wins (bench/results/llama_cpp_candidate_ref-llama-a.md)
     llama_cpp_candidate: bool = True
+    # byte offsets, within a block, of the fp16 fields that scale the whole decoded block together (d, and
+    # the min's dmin/m where there is one): multiplying each by α multiplies the block by α (row_scale.py)
+    scale_fields: tuple[int, ...] = ()
 
 
 CODECS: dict[str, Codec] = {}

@@ -172,6 +172,6 @@ def _codes_xs(b, q):
 
 
 register("IQ4_NL", Codec(GGMLQuantizationType.IQ4_NL, lambda w, imp, device=None: encode_iq4("IQ4_NL", w, imp, device),
-                         _affine_nl, _codes_nl, 15, KVALUES, llama_cpp_candidate=False))
+                         _affine_nl, _codes_nl, 15, KVALUES, llama_cpp_candidate=False, scale_fields=(0,)))
 register("IQ4_XS", Codec(GGMLQuantizationType.IQ4_XS, lambda w, imp, device=None: encode_iq4("IQ4_XS", w, imp, device),
-                         _affine_xs, _codes_xs, 15, KVALUES))
+                         _affine_xs, _codes_xs, 15, KVALUES, scale_fields=(0,)))

@@ -398,15 +398,16 @@ def _code_writer(put):
 
 
 _T = GGMLQuantizationType
-for _name, _type, _enc, _view, _bits, _integer, _codes, _max in (
-        ("Q2_K", _T.Q2_K, _encode_q2_k, _view_q2_k, 2, False, _codes_q2_k, 3),
-        ("Q3_K", _T.Q3_K, _encode_q3_k, _view_q3_k, 4, True, _codes_q3_k, 7),
+for _name, _type, _enc, _view, _bits, _integer, _codes, _max, _scales in (
+        ("Q2_K", _T.Q2_K, _encode_q2_k, _view_q2_k, 2, False, _codes_q2_k, 3, (80, 82)),
+        ("Q3_K", _T.Q3_K, _encode_q3_k, _view_q3_k, 4, True, _codes_q3_k, 7, (108,)),
         ("Q4_K", _T.Q4_K, lambda x, i, d: _encode_q45_k(x, i, d, 4), lambda b: _view_q45_k(b, 4), 4, False,
-         _codes_q4_k, 15),
+         _codes_q4_k, 15, (0, 2)),
         ("Q5_K", _T.Q5_K, lambda x, i, d: _encode_q45_k(x, i, d, 5), lambda b: _view_q45_k(b, 5), 8, False,
-         _codes_q5_k, 31),
-        ("Q6_K", _T.Q6_K, _encode_q6_k, _view_q6_k, 8, True, _codes_q6_k, 63)):
-    register(_name, Codec(_type, _encoder(_enc), _affine(_view, _bits, _integer), _code_writer(_codes), _max))
+         _codes_q5_k, 31, (0, 2)),
+        ("Q6_K", _T.Q6_K, _encode_q6_k, _view_q6_k, 8, True, _codes_q6_k, 63, (208,))):
+    register(_name, Codec(_type, _encoder(_enc), _affine(_view, _bits, _integer), _code_writer(_codes), _max,
+                          scale_fields=_scales))
 
 
 def encode_kquant(name: str, weight: np.ndarray, importance: np.ndarray | None = None, device=None) -> np.ndarray:

@@ -244,4 +244,5 @@ def _affine(lay: LatticeLayout):
 
 for _name, _lay in LATTICES.items():
     register(_name, Codec(_lay.ggml_type, lambda w, imp, device=None, name=_name: encode_lattice(name, w, imp),
-                          _affine(_lay), llama_cpp_candidate=False))  # the encoder is llama.cpp's own
+                          _affine(_lay), llama_cpp_candidate=False,  # the encoder is llama.cpp's own
+                          scale_fields=(0,)))

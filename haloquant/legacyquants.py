@@ -166,4 +166,5 @@ def _affine(lay: LegacyLayout) -> Callable[[np.ndarray], AffineBlocks]:
 for _name, _lay in LAYOUTS.items():
     register(_name, Codec(_lay.ggml_type, lambda w, imp, device=None, name=_name: encode_legacy(name, w, imp, device),
                           _affine(_lay), _lay.put_codes, _lay.nmax,
-                          llama_cpp_candidate=_name != "Q8_0"))  # Q8_0: llama.cpp has no imatrix path either
+                          llama_cpp_candidate=_name != "Q8_0",  # Q8_0: llama.cpp has no imatrix path either
+                          scale_fields=(0,) if _lay.m is None else (0, _lay.m)))

@@ -196,6 +196,10 @@ class QuantizeSpec(Strict):
     gptq: GPTQSpec = GPTQSpec()
     importance: bool = Field(True, description="weight k-quant scale fits by calibration E[x²] (imatrix)")
     block_tuning: BlockTuningSpec = BlockTuningSpec()
+    correct_row_scales: bool = Field(
+        False, description="after encoding, rescale each output row's block scales by the least-squares factor of its "
+        "output on calibration data (haloquant/row_scale.py); same bytes layout, a row is changed only where its "
+        "output error drops")
 
 
 class GateSpec(Strict):

@@ -1,0 +1,99 @@
+"""Issue 16 (statistics correction): what quantize.correct_row_scales does to llama.cpp's perplexity.
+
+    python bench/row_scale.py --run /tmp/haloquant-kquants --chunks 100
+
+Reuses a bench/kquant_presets.py run folder (its calibration, its allocations and its GPTQ files):
+for each preset, the GPTQ file on llama.cpp's type map and haloquant's own allocation at the
+preset's bytes ("mixed") are quantized again with the output-scale correction (same allocation,
+same GPTQ, then each row's block scales rescaled: haloquant/row_scale.py). Both files are scored by
+llama.cpp (WikiText-2 test, ctx 512, the first --chunks chunks): perplexity with a 95 % paired
+interval of the corrected file against the uncorrected one, and KL from the F16 file with its
+paired ratio. The files are the same size: only fp16 scale fields change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.schemas.params import GGUFSpec, QuantizeSpec
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.quantize import quantize
+
+from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
+
+PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
+STORED = {"gptq": "haloquant GPTQ", "mixed": "haloquant mixed"}  # the run's results.json names
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=REPO.parent / "shared/models/ref-llama-a")
+    ap.add_argument("--run", type=Path, required=True, help="a bench/kquant_presets.py --out folder")
+    ap.add_argument("--out", type=Path, default=None, help="default: RUN/row_scale")
+    ap.add_argument("--chunks", type=int, default=100)
+    ap.add_argument("--presets", nargs="+", default=PRESETS)
+    ap.add_argument("--labels", nargs="+", default=["gptq", "mixed"])
+    args = ap.parse_args()
+    out = args.out or args.run / "row_scale"
+    spec, calib, text = setup(args.model, args.run)
+    f16 = llama_cpp_perplexity(args.run / "F16" / "gguf" / "model.gguf", text, 512, args.chunks, keep_logprobs=True)
+    ref = f16.pop("logprobs")
+    stored = json.loads((args.run / "results.json").read_text())
+    assert stored.get("chunks", args.chunks) == args.chunks
+    print(f"F16: ppl {f16['ppl']:.4f}", flush=True)
+    rows = []
+    for preset in args.presets:
+        for label in args.labels:
+            src = args.run / preset / label
+            files, secs = {}, {}
+            for k, on in (("without", False), ("with", True)):  # both with this code: only the correction differs
+                dst = out / preset / label / k
+                t0 = time.perf_counter()
+                quantize(spec, QuantizeSpec(method="gptq", correct_row_scales=on), calib, src / "allocate",
+                         src / "scale_fold", dst / "quantize")
+                secs[k] = time.perf_counter() - t0
+                export_gguf(spec, GGUFSpec(), dst / "quantize", dst / "gguf")
+                files[k] = dst / "gguf" / "model.gguf"
+            scores = {}
+            key = f"{preset}/{STORED[label]}"
+            if filecmp.cmp(files["without"], src / "gguf" / "model.gguf", shallow=False) and key in stored["chunk_nll"]:
+                # the run's own file, byte for byte: its per-chunk scores (same F16 reference) are reused
+                nll, kls = stored["chunk_nll"][key], stored["chunk_kl"][key]
+                scores["without"] = {"chunk_nll": nll, "chunk_kl": kls, "kl": stored["kl"][key],
+                                     "ppl": float(np.exp(np.sum(nll) / (len(nll) * TOKENS_PER_CHUNK)))}
+                print(f"{key}: rebuilt byte for byte; the run's scores reused", flush=True)
+            else:
+                scores["without"] = llama_cpp_perplexity(files["without"], text, 512, args.chunks, reference=ref)
+            scores["with"] = llama_cpp_perplexity(files["with"], text, 512, args.chunks, reference=ref)
+            a, b = scores["without"], scores["with"]
+            d, lo, hi = paired(np.array(b["chunk_nll"]), np.array(a["chunk_nll"]), TOKENS_PER_CHUNK)
+            k, klo, khi = paired_ratio(np.array(b["chunk_kl"]), np.array(a["chunk_kl"]))
+            row = {"preset": preset, "label": label, "bytes": files["with"].stat().st_size,
+                   "bytes_without": files["without"].stat().st_size, "ppl_without": a["ppl"], "ppl_with": b["ppl"],
+                   "ppl_change": [d, lo, hi], "kl_without": a["kl"], "kl_with": b["kl"], "kl_change": [k, klo, khi],
+                   "quantize_s": secs["with"], "quantize_s_without": secs["without"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (out / "results.json").write_text(json.dumps({"chunks": args.chunks, "f16_ppl": f16["ppl"], "rows": rows},
+                                                 indent=2))
+    print(f"\n{args.model.name}: llama.cpp, WikiText-2 test, ctx 512, first {args.chunks} chunks; F16 {f16['ppl']:.4f}")
+    print("| preset size | file | bytes | ppl without | ppl with | change (95 %) | KL without | KL with | "
+          "change (95 %) | quantize s (without / with) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        d, lo, hi = r["ppl_change"]
+        k, klo, khi = r["kl_change"]
+        print(f"| {r['preset']} | {r['label']} | {r['bytes']:,} | {r['ppl_without']:.3f} | {r['ppl_with']:.3f} | "
+              f"{100 * d:+.2f} % ({100 * lo:+.2f} … {100 * hi:+.2f}) | {r['kl_without']:.5f} | {r['kl_with']:.5f} | "
+              f"{100 * k:+.1f} % ({100 * klo:+.1f} … {100 * khi:+.1f}) | {r['quantize_s_without']:.0f} / {r['quantize_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
