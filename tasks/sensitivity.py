@@ -265,13 +265,15 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
                 continue
             measured = fmt if spec.llama_cpp_candidate else fmt.own_fit_only()
             data = encode_tensor(t, w_host.numpy(), measured, quant_spec, stats, device)
-            err = 0.0
-            for part in row_chunks(*t.shape):  # one chunk of a large tensor's float copies at a time
-                err += row_error(w[part] - fmt.decode_torch(data[part], (part.stop - part.start, t.shape[1]), device),
-                                 part)
-            if metric == "kl_end_to_end" or (metric == "kl_calibrated" and fmt.name == ref):
-                kl = probe.kl(t.name, fmt.decode_torch(data, t.shape, device), probe.first_block(t))
-                err, probed = (kl, kl) if metric == "kl_end_to_end" else (err, kl)
+            if metric == "kl_end_to_end":
+                err = probe.kl(t.name, fmt.decode_torch(data, t.shape, device), probe.first_block(t))
+            else:
+                err = 0.0
+                for part in row_chunks(*t.shape):  # one chunk of a large tensor's float copies at a time
+                    err += row_error(w[part] - fmt.decode_torch(data[part], (part.stop - part.start, t.shape[1]),
+                                                                device), part)
+                if metric == "kl_calibrated" and fmt.name == ref:
+                    probed = probe.kl(t.name, fmt.decode_torch(data, t.shape, device), probe.first_block(t))
             cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=err)
         if metric == "kl_calibrated":
             scale = probed / cands[ref].error if cands[ref].error > 0 else 0.0
