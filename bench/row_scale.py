@@ -4,8 +4,9 @@
 
 Reuses a bench/kquant_presets.py run folder (its calibration, its allocations and its GPTQ files):
 for each preset, the GPTQ file on llama.cpp's type map and haloquant's own allocation at the
-preset's bytes ("mixed") are quantized again with the output-scale correction (same allocation,
-same GPTQ, then each row's block scales rescaled: haloquant/row_scale.py). Both files are scored by
+preset's bytes ("mixed"; --labels rtn: the RTN file on the type map) are quantized again with the
+output-scale correction (same allocation, same quantizer, then each row's block scales rescaled:
+haloquant/row_scale.py). Both files are scored by
 llama.cpp (WikiText-2 test, ctx 512, the first --chunks chunks): perplexity with a 95 % paired
 interval of the corrected file against the uncorrected one, and KL from the F16 file with its
 paired ratio. The files are the same size: only fp16 scale fields change.
@@ -29,7 +30,8 @@ from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
-STORED = {"gptq": "haloquant GPTQ", "mixed": "haloquant mixed"}  # the run's results.json names
+STORED = {"gptq": "haloquant GPTQ", "mixed": "haloquant mixed", "rtn": "haloquant RTN"}  # the run's results.json names
+METHOD = {"gptq": "gptq", "mixed": "gptq", "rtn": "rtn"}  # the quantizer each of the run's files was made with
 
 
 def main() -> None:
@@ -39,7 +41,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default: RUN/row_scale")
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--presets", nargs="+", default=PRESETS)
-    ap.add_argument("--labels", nargs="+", default=["gptq", "mixed"])
+    ap.add_argument("--labels", nargs="+", default=["gptq", "mixed"], choices=sorted(STORED),
+                    help="the run's files: gptq / rtn on llama.cpp's type map, mixed: haloquant's allocation (GPTQ)")
     args = ap.parse_args()
     out = args.out or args.run / "row_scale"
     spec, calib, text = setup(args.model, args.run)
@@ -56,7 +59,7 @@ def main() -> None:
             for k, on in (("without", False), ("with", True)):  # both with this code: only the correction differs
                 dst = out / preset / label / k
                 t0 = time.perf_counter()
-                quantize(spec, QuantizeSpec(method="gptq", correct_row_scales=on), calib, src / "allocate",
+                quantize(spec, QuantizeSpec(method=METHOD[label], correct_row_scales=on), calib, src / "allocate",
                          src / "scale_fold", dst / "quantize")
                 secs[k] = time.perf_counter() - t0
                 export_gguf(spec, GGUFSpec(), dst / "quantize", dst / "gguf")
@@ -81,7 +84,7 @@ def main() -> None:
                    "quantize_s": secs["with"], "quantize_s_without": secs["without"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (out / "results.json").write_text(json.dumps({"chunks": args.chunks, "f16_ppl": f16["ppl"], "rows": rows},
+    (out / f"results-{'-'.join(args.labels)}.json").write_text(json.dumps({"chunks": args.chunks, "f16_ppl": f16["ppl"], "rows": rows},
                                                  indent=2))
     print(f"\n{args.model.name}: llama.cpp, WikiText-2 test, ctx 512, first {args.chunks} chunks; F16 {f16['ppl']:.4f}")
     print("| preset size | file | bytes | ppl without | ppl with | change (95 %) | KL without | KL with | "
