@@ -222,12 +222,37 @@ def _add_tensor(writer, quantized: dict[str, EncodedTensor], plan: GGUFPlan, hea
     return add_tensor
 
 
+class _FalseMistralRegexAlarm(logging.Filter):
+    """transformers 4.57.3–4.57.6 warn of "an incorrect regex pattern" in every local folder saved by
+    those versions, whatever its model type (transformers#44031, fixed in 5.x). The converter's own
+    AutoTokenizer call cannot say "not Mistral's" as haloquant.modelio.load_tokenizer does, so the
+    false alarm is dropped while a non-Mistral model converts; the tokens are checked anyway (validate)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "with an incorrect regex pattern" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_false_mistral_alarm(model_dir: Path) -> Iterator[None]:
+    from haloquant.modelio import MISTRAL_REGEX_MODEL_TYPES, read_config
+
+    if read_config(model_dir).get("model_type") in MISTRAL_REGEX_MODEL_TYPES:
+        yield
+        return
+    emitter, alarm = logging.getLogger("transformers.tokenization_utils_base"), _FalseMistralRegexAlarm()
+    emitter.addFilter(alarm)
+    try:
+        yield
+    finally:
+        emitter.removeFilter(alarm)
+
+
 @contextlib.contextmanager
 def _converter(model_dir: Path, quantized: dict[str, EncodedTensor], floats: dict[str, np.ndarray],
                out: Path, name: str | None, file_type: gguf.LlamaFileType, add_bos: bool | None,
                header_only: bool) -> Iterator[tuple]:
     plan = GGUFPlan({}, {})
-    with model_view(model_dir) as view, torch.inference_mode():
+    with model_view(model_dir) as view, torch.inference_mode(), _no_false_mistral_alarm(view):
         cls = _driver(model_class(view), quantized, floats, plan, header_only)
         conv = cls(view, gguf.LlamaFileType.ALL_F32, out, model_name=name)
         conv.gguf_writer.add_tensor = _add_tensor(conv.gguf_writer, quantized, plan, header_only)

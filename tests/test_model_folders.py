@@ -109,3 +109,34 @@ def test_an_unregistered_family_fails_in_check_naming_the_registered_ones(tmp_pa
     assert r.returncode == 2, r.stderr
     assert "architecture 'GPTNeoXForCausalLM' is not supported; supported: Gemma2ForCausalLM" in r.stderr
     assert "Qwen3ForCausalLM" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("model_type, dropped", [("qwen2", True), ("llama", True), ("mistral", False)])
+def test_the_converter_drops_transformers_false_mistral_regex_alarm(tmp_path, model_type, dropped):
+    """transformers 4.57.3–4.57.6 warn of "an incorrect regex pattern" for any folder they saved (seen
+    converting Qwen2.5-Coder-0.5B); while llama.cpp's converter loads a non-Mistral model's tokenizer
+    the warning is dropped, for Mistral's own model types it stays."""
+    import logging
+
+    from haloquant.converter import _no_false_mistral_alarm
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    emitter = logging.getLogger("transformers.tokenization_utils_base")
+    handler = Keep()
+    emitter.addHandler(handler)
+    try:
+        with _no_false_mistral_alarm(tmp_path):
+            emitter.warning("The tokenizer you are loading from 'x' with an incorrect regex pattern: https://...")
+            emitter.warning("another warning")
+        emitter.warning("after: with an incorrect regex pattern")
+    finally:
+        emitter.removeHandler(handler)
+    assert seen == (["another warning"] if dropped else
+                    ["The tokenizer you are loading from 'x' with an incorrect regex pattern: https://...",
+                     "another warning"]) + ["after: with an incorrect regex pattern"]
