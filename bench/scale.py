@@ -11,7 +11,8 @@ data/models/ref-llama-tiny with the vocabulary padded to --vocab), writes the re
 params.yaml with only model.path, model.device and validate.runtimes changed, and runs the main
 stages in order in this process: for each, wall time, peak GPU memory (torch's allocator), the
 process's peak RSS so far, and the stage's peak anonymous RSS (sampled: RSS also counts the pages of
-the checkpoint, which transformers maps from its shards and the kernel may drop again). --stages limits the run (e.g. a machine without llama.cpp's converter
+the checkpoint, which transformers maps from its shards and the kernel may drop again). --stages
+limits the run (e.g. a machine without llama.cpp's converter
 stops before export_gguf). Where llama-cpp-python is absent the per-block llama.cpp candidate of
 the encoders is switched off (said in the output): the numbers are then a lower bound.
 """

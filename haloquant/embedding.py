@@ -72,7 +72,8 @@ def weight_moments(w: torch.Tensor) -> tuple[float, float, float, float]:
     total = square = abs_max = 0.0
     for rows in chunks:
         c = w[rows].double()
-        total, square, abs_max = total + float(c.sum()), square + float(c.pow(2).sum()), max(abs_max, float(c.abs().max()))
+        total, square = total + float(c.sum()), square + float(c.pow(2).sum())
+        abs_max = max(abs_max, float(c.abs().max()))
     mean = total / n
     m2 = m4 = 0.0
     for rows in chunks:
