@@ -66,10 +66,11 @@ class SensitivitySpec(Strict):
     kl_sequences: PositiveInt = Field(8, description="calibration sequences for the kl_* metrics' measurements")
     probe_budget_tflop: float = Field(100.0, gt=0, description="metric auto: the most kl_calibrated's probes may "
                                       "cost, in 10¹² floating-point operations (about 13 min on 2 CPU cores)")
-    llama_cpp_candidate: bool = Field(
-        True, description="measure each format as quantize writes it: per block the better of haloquant's fit and "
-        "llama.cpp's (true); false: haloquant's fit alone — on a GPU about half the stage's time (llama.cpp's "
-        "blocks are made on the host's cores), errors a few per cent higher (tasks/sensitivity.py)")
+    llama_cpp_candidate: bool | Literal["auto"] = Field(
+        "auto", description="measure each format as quantize writes it: per block the better of haloquant's fit "
+        "and llama.cpp's (true); false: haloquant's fit alone — errors a few per cent higher, on a GPU half the "
+        "stage's time (llama.cpp's blocks are made on the host's cores); auto: true on a CPU, false on a GPU "
+        "(tasks/sensitivity.py)")
 
     @field_validator("formats", "fallback_formats")
     @classmethod

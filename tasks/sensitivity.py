@@ -198,6 +198,15 @@ def candidate_formats(spec: SensitivitySpec, shape: tuple[int, int]) -> list[Qua
 
 
 @torch.no_grad()
+def uses_llama_cpp_candidate(spec: SensitivitySpec, device: torch.device) -> bool:
+    """`llama_cpp_candidate: auto`: on a CPU the candidate is ≈ 7 % of the stage and prices the real bytes; on a GPU
+    llama.cpp's blocks (made on the host's cores) are half of it, for allocations level with haloquant's fit alone
+    (bench/results/sensitivity_candidate_ref-llama-a.md, scale_h100_streamed.md)."""
+    if spec.llama_cpp_candidate == "auto":
+        return torch.device(device).type == "cpu"
+    return spec.llama_cpp_candidate
+
+
 def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: QuantizeSpec, calib_dir: Path,
                       out_dir: Path) -> SensitivityTable:
     """`quant_spec` is the quantizer the costs are measured for (the one quantize will run)."""
@@ -209,6 +218,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     ids = stats.tensor("calibration_ids")[: spec.kl_sequences]
     infos = quantizable_tensors(model)
     metric = resolve_metric(spec, model, infos, ids)
+    with_candidate = uses_llama_cpp_candidate(spec, device)
     probe = KLProbe(model, ids) if metric in ("kl_calibrated", "kl_end_to_end") else None
     local = diagonal_error if metric == "hessian_trace" else output_error
     if metric == "kl_fisher":
@@ -263,7 +273,7 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
             if metric == "none":
                 cands[fmt.name] = FormatCost(bytes=fmt.storage_bytes(t.shape), error=0.0)
                 continue
-            measured = fmt if spec.llama_cpp_candidate else fmt.own_fit_only()
+            measured = fmt if with_candidate else fmt.own_fit_only()
             data = encode_tensor(t, w_host.numpy(), measured, quant_spec, stats, device)
             if metric == "kl_end_to_end":
                 err = probe.kl(t.name, fmt.decode_torch(data, t.shape, device), probe.first_block(t))

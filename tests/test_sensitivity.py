@@ -15,9 +15,15 @@ FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0"]
 
 
 @pytest.fixture(scope="module")
-def tables(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("candidate")
-    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), tmp / "cal")
+def cal_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("candidate") / "cal"
+    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tables(cal_dir):
+    tmp = cal_dir.parent
     # hessian_trace is Σ_j E[x_j²] Σ_i ΔW_ij²: exactly the importance-weighted error the block choice minimises
     return {on: score_sensitivity(SPEC, SensitivitySpec(formats=FORMATS, metric="hessian_trace", llama_cpp_candidate=on),
                                   QuantizeSpec(), tmp / "cal", tmp / str(on))
@@ -87,3 +93,19 @@ def test_costs_do_not_depend_on_the_row_chunking(metric, tmp_path, monkeypatch):
     feats = [json.loads((tmp_path / d / "embeddings.json").read_text())["tensors"] for d in ("whole", "chunked")]
     for a, b in zip(*feats, strict=True):
         assert b["values"] == pytest.approx(a["values"], rel=1e-9, abs=1e-12), a["gguf_name"]
+
+
+def test_auto_candidate_is_on_for_a_cpu_and_off_for_a_gpu(tables, cal_dir, tmp_path):
+    """`llama_cpp_candidate: auto` (the default) prices the real bytes on a CPU — the same table as `true` — and
+    leaves llama.cpp's host-side blocks out where the model runs on a GPU."""
+    import torch
+
+    from haloquant.tasks.sensitivity import uses_llama_cpp_candidate
+
+    auto = SensitivitySpec(formats=FORMATS, metric="hessian_trace")
+    assert auto.llama_cpp_candidate == "auto"
+    assert uses_llama_cpp_candidate(auto, torch.device("cpu"))
+    assert not uses_llama_cpp_candidate(auto, torch.device("cuda", 0))
+    assert not uses_llama_cpp_candidate(SensitivitySpec(formats=FORMATS, llama_cpp_candidate=False), "cpu")
+    table = score_sensitivity(SPEC, auto, QuantizeSpec(), cal_dir, tmp_path)
+    assert {t.name: t.candidates for t in table.tensors} == {t.name: t.candidates for t in tables[True].tensors}
