@@ -3,6 +3,8 @@ sensitivity measures are the same quantizer."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -13,6 +15,8 @@ from haloquant.gptq import gptq_quantize
 from haloquant.llamacpp import ggml_quantize
 from haloquant.modelio import TensorInfo
 from haloquant.schemas.params import QuantizeSpec
+
+log = logging.getLogger(__name__)
 
 
 def uses_gptq(t: TensorInfo, fmt: QuantFormat, spec: QuantizeSpec) -> bool:
@@ -40,3 +44,19 @@ def encode_tensor(t: TensorInfo, weight: np.ndarray, fmt: QuantFormat, spec: Qua
     if spec.method == "llamacpp" and not fmt.is_float:
         return ggml_quantize(fmt, weight, importance)
     return fmt.encode(weight, importance, device=fit_device(device))
+
+
+def quantize_tensor(t: TensorInfo, weight: torch.Tensor, fmt: QuantFormat, spec: QuantizeSpec,
+                    stats: CalibrationStats, device, rounded: np.ndarray | None = None,
+                    gram: torch.Tensor | None = None) -> np.ndarray:
+    """The bytes the quantize stage writes for one tensor alone: `encode_tensor`, then (with
+    `correct_row_scales`) each output row's block scales refitted (haloquant/row_scale.py). Block
+    tuning, which works on whole decoder blocks, is the stage's own."""
+    from haloquant.row_scale import correct_row_scales
+
+    data = encode_tensor(t, weight.detach().float().cpu().numpy(), fmt, spec, stats, device, rounded, gram)
+    if spec.correct_row_scales and t.kind != "token_embd":  # an embedding's rows are looked up, not outputs
+        data, before, after = correct_row_scales(fmt, data, weight.detach().float().cpu(),
+                                                 stats.gram(t) if gram is None else gram, device)
+        log.debug("quantize: %s row scales: output error %.4g → %.4g", t.name, before, after)
+    return data

@@ -87,6 +87,7 @@ class AllocationResult(Artifact):
     tensors: list[TensorChoice]
     onnx_bytes: int | None = None  # Σ the tensors' onnx_bytes: the ONNX file's quantized weights
     onnx_budget_bytes: int | None = None  # allocation.onnx_budget × budget_bytes, where asked for
+    refinement: dict | None = None  # allocation.refine: measured KL before/after, evaluations, kept moves
 
 
 class PolicyCard(Artifact):

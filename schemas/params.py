@@ -118,6 +118,18 @@ class TensorRule(Strict):
         return self
 
 
+class RefineSpec(Strict):
+    """Refine the solver's formats with the whole model's measured KL (haloquant/refine.py)."""
+
+    evaluations: int = Field(0, ge=0, description="forward passes of the local search; 0: off (the solver's "
+                             "formats as they are)")
+    sequences: PositiveInt = Field(8, description="calibration sequences the KL is measured on: the last ones "
+                                   "(sensitivity's kl_* metrics use the first)")
+    time_limit_s: float = Field(600.0, gt=0, description="stop searching after this long")
+    min_gain: float = Field(0.002, ge=0, lt=1, description="keep a move only if it lowers the KL by more than "
+                            "this fraction of it")
+
+
 class AllocationSpec(Strict):
     budget: Budget
     solver: Literal["milp", "greedy", "lagrangian", "sac"] = "milp"
@@ -128,6 +140,7 @@ class AllocationSpec(Strict):
                                       "counts the GGUF only (solver milp)")
     policy: FilePath = Field(Path("policies/sac-llama-family"),
                          description="solver sac: a train_policy output folder (policy.zip + policy.json)")
+    refine: RefineSpec = Field(default_factory=RefineSpec)
 
 
 class TrainPolicySpec(Strict):

@@ -83,7 +83,7 @@ def _sensitivity(p: Params, root: Path):
 
 def _allocate(p: Params, root: Path):
     from haloquant.tasks.allocate import allocate
-    return allocate(p.allocation, root / "sensitivity", root / "allocate")
+    return allocate(p.allocation, root / "sensitivity", root / "allocate", p.model, p.quantize, root / "calibrate")
 
 
 def _scale_fold(p: Params, root: Path):
@@ -119,8 +119,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"), CALIB_OUTS, _calibrate),
     Stage("sensitivity", ("model", "sensitivity", "quantize.method", "quantize.gptq", "quantize.importance"), ("${model.path}",) + CALIB_OUTS, SENS_OUTS, _sensitivity,
           runtimes=("torch", "llama.cpp", "converter")),
-    Stage("allocate", ("allocation",), SENS_OUTS + ("${allocation.policy}",), ("allocate/allocation.json",),
-          _allocate, plots=("allocate/bits_per_layer.json",)),
+    # the model, its calibration and quantizer: for allocation.refine's measured KL
+    Stage("allocate", ("allocation", "model", "quantize"), ("${model.path}",) + CALIB_OUTS + SENS_OUTS + (
+          "${allocation.policy}",), ("allocate/allocation.json",),
+          _allocate, plots=("allocate/bits_per_layer.json",), runtimes=("torch", "llama.cpp")),
     Stage("scale_fold", ("model", "fold"), ("${model.path}",) + CALIB_OUTS + ("allocate/allocation.json",),
           ("scale_fold/fold.json", "scale_fold/scales.safetensors"), _scale_fold, plots=("scale_fold/outliers.json",),
           runtimes=("torch", "llama.cpp")),

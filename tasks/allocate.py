@@ -31,7 +31,7 @@ from haloquant.artifacts import read_artifact, write_json
 from haloquant.formats import get_format
 from haloquant.onnx_layout import onnx_weight_bytes
 from haloquant.schemas.artifacts import AllocationResult, FormatCost, LayerEmbeddings, SensitivityTable, TensorChoice
-from haloquant.schemas.params import AllocationSpec
+from haloquant.schemas.params import AllocationSpec, ModelSpec, QuantizeSpec
 
 ALLOCATION_FILE = "allocation.json"
 EMBEDDINGS_FILE = "embeddings.json"
@@ -205,6 +205,11 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
         picks = _solve_lagrangian(cands, cap)
     else:
         picks = _fill_greedy(cands, _cheapest(cands), cap)
+    return _result(spec, table, cands, onnx, picks, budget, min_bpw, onnx_cap)
+
+
+def _result(spec: AllocationSpec, table: SensitivityTable, cands: Candidates, onnx: list[dict[str, int]],
+            picks: list[str], budget: int, min_bpw: float, onnx_cap: int | None, **extra) -> AllocationResult:
     choices = []
     for t, cs, f, o in zip(table.tensors, cands, picks, onnx):
         c = cs[f]
@@ -212,19 +217,69 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
                                     bits_per_weight=8 * c.bytes / t.n_weights, error=c.error, onnx_bytes=o[f]))
     used = sum(c.bytes for c in choices)
     assert used <= budget
+    n_weights = sum(t.n_weights for t in table.tensors)
     return AllocationResult(
         solver=spec.solver, budget_bytes=budget, budget_spec=spec.budget.model_dump(exclude_none=True),
         used_bytes=used, total_bytes=used + table.fixed_bytes, bits_per_weight=8 * used / n_weights,
         objective=sum(c.error for c in choices), min_feasible_bits_per_weight=min_bpw, tensors=choices,
-        onnx_bytes=sum(c.onnx_bytes for c in choices), onnx_budget_bytes=onnx_cap,
+        onnx_bytes=sum(c.onnx_bytes for c in choices), onnx_budget_bytes=onnx_cap, **extra,
     )
 
 
-def allocate(spec: AllocationSpec, sensitivity_dir: Path, out_dir: Path) -> AllocationResult:
+def refine_allocation(spec: AllocationSpec, table: SensitivityTable, result: AllocationResult, model_spec: ModelSpec,
+                      quant_spec: QuantizeSpec, calib_dir: Path) -> AllocationResult:
+    """allocation.refine: the solver's formats, improved by measured end-to-end KL (haloquant/refine.py)."""
+    from haloquant.calibstats import CalibrationStats
+    from haloquant.klprobe import KLProbe, first_block
+    from haloquant.modelio import decoder_layers, load_model, quantizable_tensors
+    from haloquant.quantizer import quantize_tensor
+    from haloquant.refine import decoded_values, refine_formats
+    from haloquant.streaming import compute_device, streamed
+
+    model = load_model(model_spec.path, model_spec.device, model_spec.stream)
+    if streamed(model):
+        raise HaloquantError("allocation.refine.evaluations: the refinement needs the whole model on its device "
+                             "(model.stream is on for this model); set it to 0 or model.stream to false")
+    device = compute_device(model)
+    stats = CalibrationStats(calib_dir, model=model, device=device)
+    ids = stats.tensor("calibration_ids")
+    ids = ids[max(0, len(ids) - spec.refine.sequences):]
+    infos = {t.name: t for t in quantizable_tensors(model)}
+    missing = [t.name for t in table.tensors if t.name not in infos]
+    if missing:
+        raise HaloquantError(f"sensitivity.json names tensors {missing[:3]} that {model_spec.path} does not have: it "
+                             "was made for another model; re-run sensitivity")
+    tensors = [infos[t.name] for t in table.tensors]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weights = {t.name: params[t.name].detach().clone() for t in tensors}
+    probe = KLProbe(model, ids)
+    n_layers = len(decoder_layers(model))
+    value = decoded_values(tensors, weights, lambda t, w, fmt: quantize_tensor(t, w, fmt, quant_spec, stats, device),
+                           device)
+    cands = apply_rules(spec, table)
+    onnx = onnx_sizes(table, cands)
+    second = (onnx, result.onnx_budget_bytes) if result.onnx_budget_bytes is not None else None
+    r = spec.refine
+    found = refine_formats(probe, [t.name for t in tensors], [first_block(t, n_layers) for t in tensors], cands,
+                           [c.format for c in result.tensors], result.budget_bytes, value, r.evaluations,
+                           r.time_limit_s, r.min_gain, second)
+    report = {"kl_start": found.kl_start, "kl_end": found.kl_end, "evaluations": found.evaluations,
+              "seconds": round(found.seconds, 1), "sequences": len(ids), "accepted": found.accepted}
+    return _result(spec, table, cands, onnx, found.picks, result.budget_bytes, result.min_feasible_bits_per_weight,
+                   result.onnx_budget_bytes, refinement=report)
+
+
+def allocate(spec: AllocationSpec, sensitivity_dir: Path, out_dir: Path, model_spec: ModelSpec | None = None,
+             quant_spec: QuantizeSpec | None = None, calib_dir: Path | None = None) -> AllocationResult:
+    """`model_spec`, `quant_spec`, `calib_dir`: the model, its quantizer and calibration, for allocation.refine."""
     table = read_artifact(sensitivity_dir / "sensitivity.json", SensitivityTable)
     emb_file = sensitivity_dir / EMBEDDINGS_FILE
     embeddings = read_artifact(emb_file, LayerEmbeddings) if emb_file.is_file() else None
     result = allocate_bits(spec, table, embeddings)
+    if spec.refine.evaluations:
+        if model_spec is None or calib_dir is None:
+            raise HaloquantError("allocation.refine needs the model and its calibration: not given to allocate here")
+        result = refine_allocation(spec, table, result, model_spec, quant_spec or QuantizeSpec(), calib_dir)
     write_json(out_dir / ALLOCATION_FILE, result.model_dump())
     write_json(out_dir / PLOT_FILE, [
         {"index": i, "tensor": c.gguf_name, "bits_per_weight": round(c.bits_per_weight, 4), "format": c.format}

@@ -25,8 +25,7 @@ from haloquant.folding import load_folds
 from haloquant.formats import get_format
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors
 from haloquant.progress import track
-from haloquant.quantizer import encode_tensor, uses_gptq
-from haloquant.row_scale import correct_row_scales
+from haloquant.quantizer import quantize_tensor, uses_gptq
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
 from haloquant.reconstruct import TuneSettings, tune_blocks
 from haloquant.sequential import quantize_sequentially
@@ -60,13 +59,7 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     rounded = {t.name: np.empty(t.shape, np.float32) for t in in_blocks} if spec.block_tuning.iters else {}
 
     def encode(t, gram=None):
-        w = params[t.name].detach().float().cpu()
-        data = encode_tensor(t, w.numpy(), formats[t.name], spec, stats, device, rounded.get(t.name), gram)
-        if spec.correct_row_scales and t.kind != "token_embd":  # an embedding's rows are looked up, not outputs
-            data, before, after = correct_row_scales(formats[t.name], data, w, stats.gram(t) if gram is None else gram,
-                                                     device)
-            log.debug("quantize: %s row scales: output error %.4g → %.4g", t.name, before, after)
-        return data
+        return quantize_tensor(t, params[t.name], formats[t.name], spec, stats, device, rounded.get(t.name), gram)
 
     if spec.method == "gptq" and spec.gptq.sequential:  # decoder blocks in order, Hessians from the quantized path
         arrays = quantize_sequentially(model, stats.tensor("calibration_ids"), in_blocks, formats,

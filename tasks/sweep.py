@@ -37,7 +37,7 @@ def _score(p: Params, out: Path, series: str, label: str) -> SweepPoint:
 
 def sweep_point(p: Params, bits_per_weight: float, root: Path, out: Path) -> SweepPoint:
     spec = p.allocation.model_copy(update={"budget": Budget(bits_per_weight=bits_per_weight)})
-    allocate(spec, root / "sensitivity", out / "allocate")
+    allocate(spec, root / "sensitivity", out / "allocate", p.model, p.quantize, root / "calibrate")
     scale_fold(p.model, p.fold, root / "calibrate", out / "allocate", out / "scale_fold")
     quantize(p.model, p.quantize, root / "calibrate", out / "allocate", out / "scale_fold", out / "quantize")
     export_gguf(p.model, p.export.gguf, out / "quantize", out / "export_gguf")
