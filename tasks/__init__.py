@@ -179,7 +179,7 @@ def _pareto(p: Params, root: Path):
 
 SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}") + CALIB_OUTS + SENS_OUTS + ("${allocation.policy}",)
 SWEEP = Stage("sweep", ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "allocation.policy",
-                        "fold", "quantize", "validate", "export.gguf", "sweep.max_chunks"),  # not the budget: each
+                        "allocation.refine", "fold", "quantize", "validate", "export.gguf", "sweep.max_chunks"),  # not the budget: each
               SWEEP_POINT_INPUTS, (BUDGET_POINT_DIR.format(ITEM),), _sweep_point,              # point has its own
               runtimes=("torch", "llama.cpp", "converter"), foreach="sweep.bits_per_weight")
 PRESET = Stage("preset", ("model", "validate", "export.gguf", "sweep.max_chunks"), SWEEP_POINT_INPUTS[:4],
