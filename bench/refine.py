@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=900.0)
     ap.add_argument("--min-gain", type=float, default=0.002)
     args = ap.parse_args()
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    logging.getLogger("haloquant.refine").setLevel(logging.INFO)  # the search's kept moves
     out = args.out or args.run / "refine"
     spec, calib, text = setup(args.model, args.run)
     qspec = QuantizeSpec(method="gptq")
