@@ -45,9 +45,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--presets", nargs="+", default=PRESETS)
     ap.add_argument("--evaluations", type=int, default=200)
-    ap.add_argument("--sequences", type=int, default=8)
+    ap.add_argument("--sequences", type=int, default=32)
     ap.add_argument("--time-limit", type=float, default=900.0)
-    ap.add_argument("--min-gain", type=float, default=0.002)
+    ap.add_argument("--min-z", type=float, default=2.0)
     args = ap.parse_args()
     logging.basicConfig(format="%(asctime)s %(message)s")
     logging.getLogger("haloquant.refine").setLevel(logging.INFO)  # the search's kept moves
@@ -60,7 +60,7 @@ def main() -> None:
     print(f"F16: ppl {f16['ppl']:.4f}", flush=True)
     rows = []
     refine = {"evaluations": args.evaluations, "sequences": args.sequences, "time_limit_s": args.time_limit,
-              "min_gain": args.min_gain}
+              "min_z": args.min_z}
     for preset in args.presets:
         src = args.run / preset / "mixed"
         budget = read_json(src / "allocate" / "allocation.json")["budget_spec"]

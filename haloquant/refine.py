@@ -5,9 +5,11 @@ Errors of different tensors interact (one block's error changes what the next bl
 sum is only a proxy. Starting from the solver's answer, a local search measures the real thing —
 the KL of the whole quantized model's output from the float model's on held-out calibration
 sequences — for the moves the proxy rates closest to even: one tensor one format up, another one
-format down, within the byte budget (and the ONNX budget, where set). A move that lowers the
-measured KL by more than `min_gain` of it is kept (first improvement), one that does not is not
-tried again until one of its tensors changes. EvoPress searches from scratch this way; starting at
+format down, within the byte budget (and the ONNX budget, where set). A move is kept (first
+improvement) only if it lowers the KL by at least `min_z` standard errors of its per-sequence KL
+changes, paired over the sequences — on a few thousand tokens most small "gains" are the sample's
+noise and do not carry to other text (measured: bench/results/refine_ref-llama-a.md); a move that
+is not kept is not tried again until one of its tensors changes. EvoPress searches from scratch this way; starting at
 the MILP optimum, a few hundred forward passes suffice.
 
 A trial replays the decoder blocks before the first one the move changes from the last kept run
@@ -80,7 +82,7 @@ def candidate_moves(picks: list[str], order: list[list[str]], cost: list[dict[st
 
 def refine_formats(probe, names: list[str], first_blocks: list[int], cands: list[dict], picks: list[str],
                    budget: int, value: Callable[[int, str], torch.Tensor], evaluations: int, time_limit_s: float,
-                   min_gain: float, second: tuple[list[dict[str, int]], int] | None = None) -> Refinement:
+                   min_z: float, second: tuple[list[dict[str, int]], int] | None = None) -> Refinement:
     """`probe`: a KLProbe made on the float model; `cands[i]`: tensor i's {format: FormatCost};
     `value(i, f)`: tensor i quantized to format f and decoded (float32); `second`: the ONNX sizes of
     every candidate and their budget. Returns the refined picks and what was measured."""
@@ -93,6 +95,7 @@ def refine_formats(probe, names: list[str], first_blocks: list[int], cands: list
     onnx_used = sum(second[0][i][f] for i, f in enumerate(picks)) if second else 0
     kl = probe.trial({names[i]: value(i, f) for i, f in enumerate(picks)}, 0)
     probe.accept()
+    per_sequence = probe.sequence_kl()
     kl_start, n_eval, accepted, tried = kl, 0, [], set()
     log.info("refine: start KL %.6g (%d tensors, %d bytes of %d)", kl, len(picks), used, budget)
     while n_eval < evaluations and time.perf_counter() - started < time_limit_s:
@@ -104,7 +107,10 @@ def refine_formats(probe, names: list[str], first_blocks: list[int], cands: list
         move = moves[0]
         trial = probe.trial({names[i]: value(i, g) for i, g in move.changes}, min(first_blocks[i] for i, _ in move.changes))
         n_eval += 1
-        if trial < kl * (1 - min_gain):
+        diff = probe.sequence_kl() - per_sequence
+        z = float(-diff.mean() / (diff.std() / len(diff) ** 0.5).clamp_min(1e-30))
+        if trial < kl and z >= min_z:
+            per_sequence = probe.sequence_kl()
             probe.accept()
             changed = {i for i, _ in move.changes}
             for i, g in move.changes:
@@ -112,9 +118,9 @@ def refine_formats(probe, names: list[str], first_blocks: list[int], cands: list
                 picks[i] = g
             used += move.extra_bytes
             accepted.append({"changes": [{"tensor": names[i], "format": g} for i, g in move.changes],
-                             "proxy": move.proxy, "kl": trial, "kl_before": kl})
-            log.info("refine: %d/%d %s: KL %.6g → %.6g (proxy %+.3g)", n_eval, evaluations,
-                     ", ".join(f"{names[i]} → {g}" for i, g in move.changes), kl, trial, move.proxy)
+                             "proxy": move.proxy, "kl": trial, "kl_before": kl, "z": z})
+            log.info("refine: %d/%d %s: KL %.6g → %.6g (z %.1f, proxy %+.3g)", n_eval, evaluations,
+                     ", ".join(f"{names[i]} → {g}" for i, g in move.changes), kl, trial, z, move.proxy)
             kl = trial
             tried = {k for k in tried if not changed & {i for i, _ in k}}
         else:

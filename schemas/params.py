@@ -123,11 +123,12 @@ class RefineSpec(Strict):
 
     evaluations: int = Field(0, ge=0, description="forward passes of the local search; 0: off (the solver's "
                              "formats as they are)")
-    sequences: PositiveInt = Field(8, description="calibration sequences the KL is measured on: the last ones "
-                                   "(sensitivity's kl_* metrics use the first)")
+    sequences: int = Field(32, ge=2, description="calibration sequences the KL is measured on: the last ones "
+                           "(sensitivity's kl_* metrics use the first)")
     time_limit_s: float = Field(600.0, gt=0, description="stop searching after this long")
-    min_gain: float = Field(0.002, ge=0, lt=1, description="keep a move only if it lowers the KL by more than "
-                            "this fraction of it")
+    min_z: float = Field(2.0, ge=0, description="keep a move only if it lowers the KL by at least this many "
+                         "standard errors of its per-sequence KL changes (paired over the sequences): a drop "
+                         "within the noise of the sample is not a gain")
 
 
 class AllocationSpec(Strict):

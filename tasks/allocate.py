@@ -262,7 +262,7 @@ def refine_allocation(spec: AllocationSpec, table: SensitivityTable, result: All
     r = spec.refine
     found = refine_formats(probe, [t.name for t in tensors], [first_block(t, n_layers) for t in tensors], cands,
                            [c.format for c in result.tensors], result.budget_bytes, value, r.evaluations,
-                           r.time_limit_s, r.min_gain, second)
+                           r.time_limit_s, r.min_z, second)
     report = {"kl_start": found.kl_start, "kl_end": found.kl_end, "evaluations": found.evaluations,
               "seconds": round(found.seconds, 1), "sequences": len(ids), "accepted": found.accepted}
     return _result(spec, table, cands, onnx, found.picks, result.budget_bytes, result.min_feasible_bits_per_weight,

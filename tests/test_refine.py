@@ -105,7 +105,7 @@ def test_refinement_keeps_the_budget_and_lowers_the_measured_kl(run, model_and_p
     budget = sum(cands[i][f].bytes for i, f in enumerate(picks))
     n = len(decoder_layers(model))
     found = refine_formats(probe, [t.name for t in tensors], [first_block(t, n) for t in tensors], cands, picks,
-                           budget, value, evaluations=40, time_limit_s=300, min_gain=0.0)
+                           budget, value, evaluations=40, time_limit_s=300, min_z=0.0)
     assert sum(cands[i][f].bytes for i, f in enumerate(found.picks)) <= budget
     assert found.evaluations <= 40 and found.accepted
     assert found.kl_end < found.kl_start
@@ -113,6 +113,13 @@ def test_refinement_keeps_the_budget_and_lowers_the_measured_kl(run, model_and_p
     fresh = probe.trial({t.name: value(i, found.picks[i]) for i, t in enumerate(tensors)}, 0)
     probe.reject()
     assert fresh == pytest.approx(found.kl_end, rel=1e-5)
+    for a in found.accepted:
+        assert a["z"] >= 0.0 and a["kl"] < a["kl_before"]
+    # a move must beat the noise between sequences: with an impossible bar nothing is kept
+    strict = refine_formats(probe, [t.name for t in tensors], [first_block(t, n) for t in tensors], cands, picks,
+                            budget, value, evaluations=10, time_limit_s=300, min_z=1e9)
+    assert strict.picks == picks and not strict.accepted and strict.evaluations == 10
+    assert strict.kl_end == strict.kl_start == pytest.approx(found.kl_start, rel=1e-6)
     probe.trial({t.name: weights[t.name] for t in tensors}, 0)  # leave the shared model float for other tests
     probe.accept()
 
