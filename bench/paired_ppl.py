@@ -43,6 +43,27 @@ def paired_ratio(x: np.ndarray, y: np.ndarray, n_boot: int = 4000, seed: int = 0
     return x.sum() / y.sum() - 1, lo, hi
 
 
+def scores_of(gguf: Path, run_gguf: Path, stored: dict, key: str, text: str, chunks: int, reference) -> dict:
+    """llama.cpp's per-chunk scores of `gguf` against the F16 `reference`; reused from a bench run's results.json
+    (`stored`, entry `key`) where `gguf` is that run's file `run_gguf` byte for byte."""
+    import filecmp
+
+    from haloquant.llamacpp import llama_cpp_perplexity
+
+    if filecmp.cmp(gguf, run_gguf, shallow=False) and key in stored["chunk_nll"]:
+        nll = stored["chunk_nll"][key]
+        print(f"{key}: rebuilt byte for byte; the run's scores reused", flush=True)
+        return {"chunk_nll": nll, "chunk_kl": stored["chunk_kl"][key], "kl": stored["kl"][key],
+                "ppl": float(np.exp(np.sum(nll) / (len(nll) * TOKENS_PER_CHUNK)))}
+    return llama_cpp_perplexity(gguf, text, CTX, chunks, reference=reference)
+
+
+def paired_changes(new: dict, old: dict) -> tuple[tuple, tuple]:
+    """(perplexity change, KL change) of `new` against `old`, each (value, 95 % low, 95 % high), paired over chunks."""
+    return (paired(np.array(new["chunk_nll"]), np.array(old["chunk_nll"]), TOKENS_PER_CHUNK),
+            paired_ratio(np.array(new["chunk_kl"]), np.array(old["chunk_kl"])))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="*", help="label=path.gguf")

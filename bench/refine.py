@@ -15,13 +15,11 @@ from the F16 file with its paired ratio, bytes, and the refinement's time and me
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import logging
 import time
 from pathlib import Path
 
-import numpy as np
 from haloquant.artifacts import read_json
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.schemas.params import AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec
@@ -31,7 +29,7 @@ from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
-from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
+from paired_ppl import paired_changes, scores_of  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 STORED = "haloquant mixed"  # the run's results.json name of its own allocation's file
@@ -75,19 +73,9 @@ def main() -> None:
             quantize(spec, qspec, calib, dst / "allocate", dst / "scale_fold", dst / "quantize")
             export_gguf(spec, GGUFSpec(), dst / "quantize", dst / "gguf")
             files[k] = dst / "gguf" / "model.gguf"
-        scores = {}
-        key = f"{preset}/{STORED}"
-        if filecmp.cmp(files["without"], src / "gguf" / "model.gguf", shallow=False) and key in stored["chunk_nll"]:
-            nll, kls = stored["chunk_nll"][key], stored["chunk_kl"][key]
-            scores["without"] = {"chunk_nll": nll, "chunk_kl": kls, "kl": stored["kl"][key],
-                                 "ppl": float(np.exp(np.sum(nll) / (len(nll) * TOKENS_PER_CHUNK)))}
-            print(f"{key}: rebuilt byte for byte; the run's scores reused", flush=True)
-        else:
-            scores["without"] = llama_cpp_perplexity(files["without"], text, 512, args.chunks, reference=ref)
-        scores["with"] = llama_cpp_perplexity(files["with"], text, 512, args.chunks, reference=ref)
-        a, b = scores["without"], scores["with"]
-        d, lo, hi = paired(np.array(b["chunk_nll"]), np.array(a["chunk_nll"]), TOKENS_PER_CHUNK)
-        k, klo, khi = paired_ratio(np.array(b["chunk_kl"]), np.array(a["chunk_kl"]))
+        a = scores_of(files["without"], src / "gguf" / "model.gguf", stored, f"{preset}/{STORED}", text, args.chunks, ref)
+        b = llama_cpp_perplexity(files["with"], text, 512, args.chunks, reference=ref)
+        (d, lo, hi), (k, klo, khi) = paired_changes(b, a)
         rf = allocs["with"].refinement
         changed = sum(x.format != y.format for x, y in zip(allocs["without"].tensors, allocs["with"].tensors))
         row = {"preset": preset, "bytes": files["with"].stat().st_size,

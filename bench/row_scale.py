@@ -15,19 +15,17 @@ paired ratio. The files are the same size: only fp16 scale fields change.
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import time
 from pathlib import Path
 
-import numpy as np
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.schemas.params import GGUFSpec, QuantizeSpec
 from haloquant.tasks.export_gguf import export_gguf
 from haloquant.tasks.quantize import quantize
 
 from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
-from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
+from paired_ppl import paired_changes, scores_of  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 STORED = {"gptq": "haloquant GPTQ", "mixed": "haloquant mixed", "rtn": "haloquant RTN"}  # the run's results.json names
@@ -64,20 +62,10 @@ def main() -> None:
                 secs[k] = time.perf_counter() - t0
                 export_gguf(spec, GGUFSpec(), dst / "quantize", dst / "gguf")
                 files[k] = dst / "gguf" / "model.gguf"
-            scores = {}
-            key = f"{preset}/{STORED[label]}"
-            if filecmp.cmp(files["without"], src / "gguf" / "model.gguf", shallow=False) and key in stored["chunk_nll"]:
-                # the run's own file, byte for byte: its per-chunk scores (same F16 reference) are reused
-                nll, kls = stored["chunk_nll"][key], stored["chunk_kl"][key]
-                scores["without"] = {"chunk_nll": nll, "chunk_kl": kls, "kl": stored["kl"][key],
-                                     "ppl": float(np.exp(np.sum(nll) / (len(nll) * TOKENS_PER_CHUNK)))}
-                print(f"{key}: rebuilt byte for byte; the run's scores reused", flush=True)
-            else:
-                scores["without"] = llama_cpp_perplexity(files["without"], text, 512, args.chunks, reference=ref)
-            scores["with"] = llama_cpp_perplexity(files["with"], text, 512, args.chunks, reference=ref)
-            a, b = scores["without"], scores["with"]
-            d, lo, hi = paired(np.array(b["chunk_nll"]), np.array(a["chunk_nll"]), TOKENS_PER_CHUNK)
-            k, klo, khi = paired_ratio(np.array(b["chunk_kl"]), np.array(a["chunk_kl"]))
+            a = scores_of(files["without"], src / "gguf" / "model.gguf", stored, f"{preset}/{STORED[label]}", text,
+                          args.chunks, ref)
+            b = llama_cpp_perplexity(files["with"], text, 512, args.chunks, reference=ref)
+            (d, lo, hi), (k, klo, khi) = paired_changes(b, a)
             row = {"preset": preset, "label": label, "bytes": files["with"].stat().st_size,
                    "bytes_without": files["without"].stat().st_size, "ppl_without": a["ppl"], "ppl_with": b["ppl"],
                    "ppl_change": [d, lo, hi], "kl_without": a["kl"], "kl_with": b["kl"], "kl_change": [k, klo, khi],
