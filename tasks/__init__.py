@@ -119,8 +119,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"), CALIB_OUTS, _calibrate),
     Stage("sensitivity", ("model", "sensitivity", "quantize.method", "quantize.gptq", "quantize.importance"), ("${model.path}",) + CALIB_OUTS, SENS_OUTS, _sensitivity,
           runtimes=("torch", "llama.cpp", "converter")),
-    # the model, its calibration and quantizer: for allocation.refine's measured KL
-    Stage("allocate", ("allocation", "model", "quantize"), ("${model.path}",) + CALIB_OUTS + SENS_OUTS + (
+    # the model, its calibration and quantizer (as sensitivity measures it, plus the row-scale correction): for
+    # allocation.refine's measured KL
+    Stage("allocate", ("allocation", "model", "quantize.method", "quantize.gptq", "quantize.importance",
+                       "quantize.correct_row_scales"), ("${model.path}",) + CALIB_OUTS + SENS_OUTS + (
           "${allocation.policy}",), ("allocate/allocation.json",),
           _allocate, plots=("allocate/bits_per_layer.json",), runtimes=("torch", "llama.cpp")),
     Stage("scale_fold", ("model", "fold"), ("${model.path}",) + CALIB_OUTS + ("allocate/allocation.json",),

@@ -73,7 +73,8 @@ def test_declared_code_covers_every_module_the_stage_runs(stage, pipeline_run, t
 def test_a_code_edit_changes_exactly_the_keys_of_the_stages_that_run_it(monkeypatch, tmp_path):
     """The Prefect cache key of a stage hashes the files of the modules it can run: changing
     tasks/quantize.py changes quantize's key and every sweep point's and preset's (they quantize),
-    nobody else's; the runner and the CLI are no stage's code."""
+    nobody else's; the runner and the CLI are no stage's code. allocate runs the quantizer for
+    allocation.refine, and train_policy evaluates with allocate's solvers: both have GPTQ's code."""
     import haloquant.tasks.runner as runner
 
     params = _params()
@@ -83,7 +84,8 @@ def test_a_code_edit_changes_exactly_the_keys_of_the_stages_that_run_it(monkeypa
     before = keys()
     for edited, expected in (("tasks/quantize.py", {"quantize", "sweep@5.0", "preset@Q4_K_M"}),
                              ("tasks/allocate.py", {"allocate", "sweep@5.0", "preset@Q4_K_M", "train_policy"}),
-                             ("haloquant/gptq.py", {"sensitivity", "quantize", "sweep@5.0", "preset@Q4_K_M"}),
+                             ("haloquant/gptq.py", {"sensitivity", "allocate", "quantize", "sweep@5.0", "preset@Q4_K_M",
+                                                    "train_policy"}),
                              ("tasks/runner.py", set()), ("flows/cli.py", set())):
         monkeypatch.setattr(runner, "sha256_tree", lambda p, e=edited: "edited" if Path(p) == REPO / e else real(p))
         after = keys()
@@ -108,8 +110,8 @@ def test_a_runtime_change_changes_the_keys_of_the_stages_that_declare_it(monkeyp
     after = {s.name: runner.fingerprint(s, params, tmp_path) for s in stages}
     changed = {n for n in before if after[n] != before[n]}
     assert changed == {s.name for s in stages if "llama.cpp" in s.runtimes}
-    assert {"sensitivity", "quantize", "validate", "sweep@5.0", "preset@Q4_K_M"} <= changed
-    assert "calibrate" not in changed and "allocate" not in changed
+    assert {"sensitivity", "allocate", "quantize", "validate", "sweep@5.0", "preset@Q4_K_M"} <= changed  # allocate:
+    assert "calibrate" not in changed and "train_policy" not in changed  # allocation.refine quantizes
 
 
 def test_block_tuning_is_quantize_s_param_not_sensitivity_s(tmp_path):
