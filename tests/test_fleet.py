@@ -181,7 +181,7 @@ def test_fleet_spec_errors_name_the_member(tmp_path):
     from haloquant.tasks.fleet import write_fleet_dvc
 
     write_params(tmp_path, {"members": {"a": "a/params.yaml"}}, "fleet.yaml")
-    with pytest.raises(HaloquantError, match=r"members\.a: .*params\.yaml must spell out allocation\.policy, allocation\.rules"):
+    with pytest.raises(HaloquantError, match=r"members\.a: .*params\.yaml must spell out allocation\.policy, allocation\.refine, allocation\.rules"):
         write_fleet_dvc(fleet)
     assert not (tmp_path / "a" / "dvc.yaml").exists()
     r = subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "fleet", "check", str(tmp_path / "none.yaml")],
