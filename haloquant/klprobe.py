@@ -29,23 +29,13 @@ class KLProbe:
         self.layers = decoder_layers(model)
         self.batch = ids.to(compute_device(model))
         self.block_out: list = [None] * len(self.layers)
-        handles = [layer.register_forward_hook(self._keep(i)) for i, layer in enumerate(self.layers)]
-        try:
-            logits = model(self.batch, use_cache=False).logits.float()
-        finally:
-            for h in handles:
-                h.remove()
+        logits = self._run(0, self.block_out)
         self.ref_logits = logits.reshape(-1, logits.shape[-1])
         self.ref_p = F.softmax(self.ref_logits, -1)
         self.ref_mass = self.ref_p.sum(-1)  # 1 up to rounding, which matters for KLs of 1e-7
         self._pending: list | None = None
         self.token_kl = torch.zeros(0, dtype=torch.float64)
         self._undo: list = []
-
-    def _keep(self, i: int):
-        def hook(_module, _args, out):
-            self.block_out[i] = out
-        return hook
 
     @torch.no_grad()
     def kl(self, name: str, value: torch.Tensor, layer: int = 0) -> float:
@@ -55,11 +45,22 @@ class KLProbe:
         saved = p.data
         p.data = value.to(p.device, torch.float32)  # float32 also where a streamed block stores bf16
         try:
-            with replaying(self.layers[: max(0, layer)], self.block_out):
-                logits = self.model(self.batch, use_cache=False).logits.float()
+            logits = self._run(layer)
         finally:
             p.data = saved
         return self._kl_from(logits.reshape(self.ref_logits.shape))
+
+    def _run(self, layer: int, record: list | None = None) -> torch.Tensor:
+        """The model's logits with blocks before `layer` replayed from the base run; `record`: a list
+        that receives what blocks `layer`… return."""
+        handles = [] if record is None else [self.layers[i].register_forward_hook(self._keep_into(record, i))
+                                             for i in range(max(0, layer), len(self.layers))]
+        try:
+            with replaying(self.layers[: max(0, layer)], self.block_out):
+                return self.model(self.batch, use_cache=False).logits.float()
+        finally:
+            for h in handles:
+                h.remove()
 
     def _kl_from(self, logits: torch.Tensor, rows: int = 32) -> float:
         """Mean over tokens of KL(p ‖ q) = log Σ p e^Δ − Σ p Δ, Δ = logits − reference logits: exact,
@@ -94,14 +95,7 @@ class KLProbe:
             self._undo.append((p, p.data))
             p.data = value.to(p.device, torch.float32)
         self._pending = list(self.block_out)
-        handles = [self.layers[i].register_forward_hook(self._keep_into(self._pending, i))
-                   for i in range(max(0, layer), len(self.layers))]
-        try:
-            with replaying(self.layers[: max(0, layer)], self.block_out):
-                logits = self.model(self.batch, use_cache=False).logits.float()
-        finally:
-            for h in handles:
-                h.remove()
+        logits = self._run(layer, self._pending)
         return self._kl_from(logits.reshape(self.ref_logits.shape))
 
     def accept(self) -> None:
