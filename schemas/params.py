@@ -215,6 +215,11 @@ class QuantizeSpec(Strict):
         False, description="after encoding, rescale each output row's block scales by the least-squares factor of its "
         "output on calibration data (haloquant/row_scale.py); same bytes layout, a row is changed only where its "
         "output error drops")
+    correct_input_scales: bool = Field(
+        False, description="after encoding (and block tuning), rescale each linear group's input channels by least "
+        "squares so the quantized outputs match the float model's on calibration data, block by block on the "
+        "quantized model's own inputs (haloquant/input_scales.py): the factors go into the norm weights (q/k/v, "
+        "gate/up) and the v and up rows' block scales (o, down); a group changes only where its output error drops")
 
 
 class GateSpec(Strict):

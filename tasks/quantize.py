@@ -5,7 +5,9 @@ to calibration-weighted error (llama.cpp's imatrix, from the calibrate stage's d
 Method `gptq`: GPTQ on the format's own grid with the calibration Hessian (haloquant/gptq.py), or
 with `gptq.sequential` the Hessians of the quantized model's own inputs (haloquant/sequential.py).
 With `block_tuning.iters` > 0 the codes of every decoder block are then tuned against the float
-block's output (haloquant/reconstruct.py); scales stay, bytes stay llama.cpp's.
+block's output (haloquant/reconstruct.py); scales stay, bytes stay llama.cpp's. With
+`correct_input_scales` every linear group's input channels are then rescaled to the float model's
+outputs through the norms and the v/up rows (haloquant/input_scales.py).
 The artifact holds the exact block bytes that export_gguf writes and validate decodes.
 """
 
@@ -23,6 +25,7 @@ from haloquant.artifacts import atomic_path, read_artifact, write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.folding import load_folds
 from haloquant.formats import get_format
+from haloquant.input_scales import correct_input_scales
 from haloquant.modelio import float_tensors, load_model, quantizable_tensors
 from haloquant.progress import track
 from haloquant.quantizer import quantize_tensor, uses_gptq
@@ -74,7 +77,11 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     if spec.block_tuning.iters:
         arrays, _ = tune_blocks(model, stats.tensor("calibration_ids"), arrays, formats,
                                 TuneSettings(**spec.block_tuning.model_dump()), device, rounded)
-    floats = float_tensors(model)
+    corrected = {}
+    if spec.correct_input_scales:
+        arrays, corrected, _ = correct_input_scales(model, stats.tensor("calibration_ids"), arrays, formats, device,
+                                                    log=log.debug)
+    floats = {**float_tensors(model), **corrected}
     arrays.update({n: v.float().numpy() for n, v in floats.items()})
     with atomic_path(out_dir / TENSORS_FILE) as tmp:
         save_file(arrays, str(tmp))

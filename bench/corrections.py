@@ -1,15 +1,18 @@
-"""Issue 16 (statistics correction): what quantize.correct_row_scales does to llama.cpp's perplexity.
+"""Issue 16 (statistics correction): what quantize's corrections do to llama.cpp's perplexity.
 
-    python bench/row_scale.py --run /tmp/haloquant-kquants --chunks 100
+    python bench/corrections.py --run /tmp/haloquant-kquants --chunks 100 --add correct_row_scales
+    python bench/corrections.py --run /tmp/haloquant-kquants --add correct_input_scales [--base correct_row_scales]
 
 Reuses a bench/kquant_presets.py run folder (its calibration, its allocations and its GPTQ files):
 for each preset, the GPTQ file on llama.cpp's type map and haloquant's own allocation at the
-preset's bytes ("mixed"; --labels rtn: the RTN file on the type map) are quantized again with the
-output-scale correction (same allocation, same quantizer, then each row's block scales rescaled:
-haloquant/row_scale.py). Both files are scored by
-llama.cpp (WikiText-2 test, ctx 512, the first --chunks chunks): perplexity with a 95 % paired
-interval of the corrected file against the uncorrected one, and KL from the F16 file with its
-paired ratio. The files are the same size: only fp16 scale fields change.
+preset's bytes ("mixed"; --labels rtn: the RTN file on the type map) are quantized again without
+and with the corrections named by --add (same allocation, same quantizer; --base: corrections on
+in both): `correct_row_scales` rescales each output row's block scales (haloquant/row_scale.py),
+`correct_input_scales` each linear group's input channels through the norms and the v/up rows
+(haloquant/input_scales.py). Both files are scored by llama.cpp (WikiText-2 test, ctx 512, the
+first --chunks chunks): perplexity with a 95 % paired interval of the "with" file against the
+"without" one, and KL from the F16 file with its paired ratio. The files are the same size: only
+fp16 scale fields and float norm weights change. (Before 2026-12-06 this was bench/row_scale.py.)
 """
 
 from __future__ import annotations
@@ -30,19 +33,22 @@ from paired_ppl import paired_changes, scores_of  # noqa: E402
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 STORED = {"gptq": "haloquant GPTQ", "mixed": "haloquant mixed", "rtn": "haloquant RTN"}  # the run's results.json names
 METHOD = {"gptq": "gptq", "mixed": "gptq", "rtn": "rtn"}  # the quantizer each of the run's files was made with
+CORRECTIONS = ["correct_row_scales", "correct_input_scales"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=REPO.parent / "shared/models/ref-llama-a")
     ap.add_argument("--run", type=Path, required=True, help="a bench/kquant_presets.py --out folder")
-    ap.add_argument("--out", type=Path, default=None, help="default: RUN/row_scale")
+    ap.add_argument("--out", type=Path, default=None, help="default: RUN/corrections")
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--presets", nargs="+", default=PRESETS)
     ap.add_argument("--labels", nargs="+", default=["gptq", "mixed"], choices=sorted(STORED),
                     help="the run's files: gptq / rtn on llama.cpp's type map, mixed: haloquant's allocation (GPTQ)")
+    ap.add_argument("--add", nargs="+", choices=CORRECTIONS, required=True, help="on in the 'with' file only")
+    ap.add_argument("--base", nargs="*", choices=CORRECTIONS, default=[], help="on in both files")
     args = ap.parse_args()
-    out = args.out or args.run / "row_scale"
+    out = (args.out or args.run / "corrections") / "+".join(args.base + args.add)
     spec, calib, text = setup(args.model, args.run)
     f16 = llama_cpp_perplexity(args.run / "F16" / "gguf" / "model.gguf", text, 512, args.chunks, keep_logprobs=True)
     ref = f16.pop("logprobs")
@@ -57,7 +63,8 @@ def main() -> None:
             for k, on in (("without", False), ("with", True)):  # both with this code: only the correction differs
                 dst = out / preset / label / k
                 t0 = time.perf_counter()
-                quantize(spec, QuantizeSpec(method=METHOD[label], correct_row_scales=on), calib, src / "allocate",
+                flags = {c: True for c in args.base + (args.add if on else [])}
+                quantize(spec, QuantizeSpec(method=METHOD[label], **flags), calib, src / "allocate",
                          src / "scale_fold", dst / "quantize")
                 secs[k] = time.perf_counter() - t0
                 export_gguf(spec, GGUFSpec(), dst / "quantize", dst / "gguf")
@@ -74,7 +81,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     (out / f"results-{'-'.join(args.labels)}.json").write_text(json.dumps({"chunks": args.chunks, "f16_ppl": f16["ppl"], "rows": rows},
                                                  indent=2))
-    print(f"\n{args.model.name}: llama.cpp, WikiText-2 test, ctx 512, first {args.chunks} chunks; F16 {f16['ppl']:.4f}")
+    print(f"\n{args.model.name}: llama.cpp, WikiText-2 test, ctx 512, first {args.chunks} chunks; F16 {f16['ppl']:.4f}; "
+          f"without: {' + '.join(args.base) or 'no correction'}; with: also {' + '.join(args.add)}")
     print("| preset size | file | bytes | ppl without | ppl with | change (95 %) | KL without | KL with | "
           "change (95 %) | quantize s (without / with) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,138 @@
+"""Input-scale correction: each linear group's input channels rescaled, after quantization, so that the
+quantized linears' outputs match the float model's on calibration data (Hubara et al.'s statistics
+correction, per input channel, through the model's exact invariances).
+
+Scale-Fold's groups (haloquant/folding.py, the family's knowledge) say where a per-channel factor on a
+linear's input can be put without a new tensor: into the norm whose output it is (q/k/v, gate/up:
+offset + w ← (offset + w)·s), or into the rows of the linear whose output it is (v → o, per kv head
+under grouped-query attention; up → down), whose llama.cpp blocks scale by fp16 fields
+(`Codec.scale_fields`, as haloquant/row_scale.py uses). With the quantized weights Ŵ fixed, s is the
+least-squares answer of
+
+    min_s  Σ_tokens ‖W x_float − Ŵ diag(s) x_quant‖²,
+
+x_float being the float model's input of the group and x_quant the quantized model's (every earlier
+group already corrected): M s = c with M = (ŴᵀŴ) ∘ E[x_q x_qᵀ], c = diag(ŴᵀW E[x_f x_qᵀ]). It
+corrects the drift that GPTQ's float-input Hessians do not see and the second moment of each
+channel. A group keeps its old values unless the solved s lowers that error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from haloquant.blocks import block_inputs, block_output, module_name
+from haloquant.folding import FoldGroup, expand_scales, fold_groups
+from haloquant.formats import QuantFormat
+from haloquant.modelio import decoder_layers
+from haloquant.progress import track
+from haloquant.row_scale import rescalable, scaled_bytes
+from haloquant.streaming import on_device, place
+
+SCALE_RANGE = (0.5, 2.0)
+DAMP = 1e-6  # relative to M's mean diagonal: a channel the calibration never excites stays at 1
+
+
+@torch.no_grad()
+def correct_input_scales(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], formats: dict[str, QuantFormat],
+                         device, batch: int = 8, log=None) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor],
+                                                                     list[dict]]:
+    """(block bytes with rescaled source rows, the float tensors that changed — norm weights, a
+    rescaled source's bias — by parameter name, one report entry per group)."""
+    device = torch.device(device)
+    model = place(model, device)
+    x_float, layer_kwargs = block_inputs(model, ids.to(device), batch)
+    x_quant = [x.clone() for x in x_float]
+    out, changed, report = dict(encoded), {}, []
+    groups = fold_groups(model)
+    layers = decoder_layers(model)
+    for i, layer in track(enumerate(layers), "input-scale correction", "blocks", total=len(layers)):
+        with on_device(layer, device):
+            prefix = f"{module_name(model, layer)}."
+            quant = {n: formats[prefix + n].decode_torch(out[prefix + n], tuple(p.shape), device)
+                     for n, p in layer.named_parameters() if prefix + n in out}
+            mine = [g for g in groups if g.targets[0].startswith(prefix)]
+            order = [n for n, _ in layer.named_modules()]
+            for g in sorted(mine, key=lambda g: order.index(g.targets[0][len(prefix):])):
+                entry = _correct_group(model, layer, prefix, g, quant, x_float, x_quant, layer_kwargs[i], out,
+                                       formats, changed, device)
+                report.append(entry)
+                if log:
+                    log(f"{entry['group']}: output error {entry['error_before']:.4g} → {entry['error_after']:.4g}"
+                        + ("" if entry["kept"] else " (kept as it was)"))
+            x_float = [block_output(layer(x, **k)) for x, k in zip(x_float, layer_kwargs[i])]
+            x_quant = [block_output(functional_call(layer, quant, (x,), k)) for x, k in zip(x_quant, layer_kwargs[i])]
+    return out, changed, report
+
+
+def _correct_group(model, layer, prefix: str, g: FoldGroup, quant: dict, x_float: list, x_quant: list, kw: list,
+                   out: dict, formats: dict, changed: dict, device) -> dict:
+    rel = lambda name: name[len(prefix):]  # noqa: E731
+    entry = {"group": g.name, "kept": False, "error_before": 0.0, "error_after": 0.0}
+    src_w = f"{g.source}.weight" if g.source_kind == "rows" else g.source
+    if g.source_kind == "rows" and (src_w not in out or not rescalable(formats[src_w])):
+        entry["skipped"] = "the source's format has no scale field to fold a factor into"
+        return entry
+    g_qq, g_fq = _input_grams(layer, rel(g.targets[0]), quant, x_float, x_quant, kw)
+    w_float = torch.cat([layer.get_submodule(rel(t)).weight.to(device, torch.float64) for t in g.targets])
+    w_quant = torch.cat([quant[f"{rel(t)}.weight"].double() for t in g.targets])
+    m = (w_quant.T @ w_quant) * g_qq
+    c = ((w_quant.T @ w_float) * g_fq.T).sum(1)
+    # one factor per source channel: under GQA a kv head's channel feeds several query heads' columns
+    n_src = g_qq.shape[0] // g.expand
+    index = expand_scales(torch.arange(n_src, device=device, dtype=torch.float64), g, model).long()
+    by_source = torch.zeros(n_src, m.shape[1], dtype=m.dtype, device=device).index_add_(0, index, m)
+    m_src = torch.zeros(n_src, n_src, dtype=m.dtype, device=device).index_add_(1, index, by_source)
+    c_src = torch.zeros(n_src, dtype=c.dtype, device=device).index_add_(0, index, c)
+    # solved for s − 1 with a small ridge: a channel the calibration never excites keeps s = 1
+    damp = DAMP * m_src.diagonal().mean().clamp_min(1e-30)
+    delta = torch.linalg.solve(m_src + damp * torch.eye(n_src, dtype=m.dtype, device=device), c_src - m_src.sum(1))
+    s = torch.where(torch.isfinite(delta), 1 + delta, torch.ones_like(delta)).clamp(*SCALE_RANGE)
+    ones = torch.ones_like(s)
+    error = lambda v: float(v @ m_src @ v - 2 * c_src @ v)  # noqa: E731  (up to the same constant)
+    before, after = error(ones), error(s)
+    entry.update(error_before=before, error_after=after, scale_min=float(s.min()), scale_max=float(s.max()))
+    if not after < before:
+        return entry
+    entry["kept"] = True
+    if g.source_kind == "norm":
+        offset = g.norm_offset
+        w = quant.get(rel(g.source), layer.get_submodule(rel(g.source).rsplit(".", 1)[0]).weight.to(device))
+        new = ((offset + w.double()) * s - offset).float()
+        quant[rel(g.source)] = new
+        changed[g.source] = new.cpu()
+        return entry
+    fmt, rows_total = formats[src_w], out[src_w].shape[0]
+    alpha = np.ones(rows_total, np.float32)
+    alpha[g.rows] = s.float().cpu().numpy()
+    out[src_w] = scaled_bytes(fmt, out[src_w], alpha)
+    shape = tuple(layer.get_submodule(rel(g.source)).weight.shape)
+    quant[rel(src_w)] = fmt.decode_torch(out[src_w], shape, device)
+    bias = layer.get_submodule(rel(g.source)).bias
+    if bias is not None:
+        b = quant.get(rel(f"{g.source}.bias"), bias.to(device)).clone().float()
+        b *= torch.from_numpy(alpha).to(device)
+        quant[rel(f"{g.source}.bias")] = b
+        changed[f"{g.source}.bias"] = b.cpu()
+    return entry
+
+
+def _input_grams(layer, target: str, quant: dict, x_float: list, x_quant: list, kw: list):
+    """Σ x_q x_qᵀ and Σ x_f x_qᵀ of `target`'s input over all windows (float64)."""
+    seen = {}
+    handle = layer.get_submodule(target).register_forward_hook(
+        lambda mod, inp, o: seen.__setitem__("x", inp[0].reshape(-1, inp[0].shape[-1]).double()))
+    g_qq = g_fq = 0
+    try:
+        for xf, xq, k in zip(x_float, x_quant, kw):
+            layer(xf, **k)
+            f = seen["x"]
+            functional_call(layer, quant, (xq,), k)
+            q = seen["x"]
+            g_qq = g_qq + q.T @ q
+            g_fq = g_fq + f.T @ q
+    finally:
+        handle.remove()
+    return g_qq, g_fq
