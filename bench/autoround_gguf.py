@@ -8,7 +8,9 @@ made on first use with this project's torch, transformers and gguf pins), on thi
 haloquant's calibration text: the 64 windows of 256 tokens of WikiText-2 validation that the
 default params.yaml calibrates on, decoded back to text (AutoRound tokenizes them itself; its
 sequences are 256 tokens). Prints, per format, the GGUF path, its bytes and the wall time;
-bench/low_bit.py --autoround scores them beside its rows.
+bench/low_bit.py --autoround scores them beside its rows; --against RUN scores them here beside a
+bench/kquant_presets.py run's llama.cpp+imatrix and haloquant rows of the same preset (llama.cpp,
+WikiText-2 test, ctx 512, the run's chunks; KL from the run's F16 file; 95 % paired intervals).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from haloquant.modelio import load_tokenizer
 from haloquant.pretokenizers import pretokenizer_by_rules
 from haloquant.textdata import calibration_batch, read_text, tokenize
 
-from common import CALIB_TEXT, model_add_bos  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import CALIB_TEXT, EVAL_TEXT, model_add_bos  # noqa: E402  (bench/ is on sys.path when run as a script)
+from paired_ppl import CTX, paired_changes  # noqa: E402
 
 AUTOROUND = "auto-round==0.16.1"
 PINS = ["torch==2.13.0", "transformers==4.57.6", "gguf==0.19.0", "sentencepiece"]  # its GGUF export
@@ -130,10 +133,51 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-autoround"))
+    ap.add_argument("--against", type=Path, default=None, help="a bench/kquant_presets.py --out folder to score beside")
     args = ap.parse_args()
+    files = {}
     for fmt in args.formats:
         path, secs = autoround_gguf(args.model.resolve(), fmt, args.out / fmt, args.venv, args.iters)
+        files[fmt] = (path, secs)
         print(f"{fmt}: {path} {path.stat().st_size:,} bytes, {secs:.0f} s", flush=True)
+    if args.against:
+        score_against(args.against, files, args.out)
+
+
+def score_against(run: Path, files: dict[str, tuple[Path, float]], out: Path) -> None:
+    """AutoRound's files beside the run's rows of the same preset, paired chunk by chunk."""
+    from haloquant.llamacpp import llama_cpp_perplexity
+
+    stored = json.loads((run / "results.json").read_text())
+    chunks = stored.get("chunks", 100)
+    text = read_text(EVAL_TEXT, "evaluation")
+    f16 = llama_cpp_perplexity(run / "F16" / "gguf" / "model.gguf", text, CTX, chunks, keep_logprobs=True)
+    ref = f16.pop("logprobs")
+    rows = []
+    for fmt, (path, secs) in files.items():
+        preset = fmt.upper()
+        score_file = out / fmt / "score.json"
+        if not score_file.is_file():
+            score_file.write_text(json.dumps(llama_cpp_perplexity(path, text, CTX, chunks, reference=ref)))
+        mine = json.loads(score_file.read_text())
+        for label in ("llama.cpp+imatrix", "haloquant mixed"):
+            key = f"{preset}/{label}"
+            if key not in stored["chunk_nll"]:
+                continue
+            theirs = {"chunk_nll": stored["chunk_nll"][key], "chunk_kl": stored["chunk_kl"][key]}
+            (d, lo, hi), (k, klo, khi) = paired_changes(mine, theirs)
+            row = next(r for r in stored["ppl"] if r["preset"] == preset)
+            rows.append((preset, label, row[f"{label} bytes"], row[label], stored["kl"][key], path.stat().st_size,
+                         mine["ppl"], mine["kl"], d, lo, hi, k, klo, khi, secs))
+    print(f"\nAutoRound against {run} (llama.cpp, WikiText-2 test, ctx {CTX}, first {chunks} chunks; F16 "
+          f"{f16['ppl']:.3f}); change = AutoRound against the row, 95 % paired")
+    print("| preset | row | bytes | ppl | KL | AutoRound bytes | ppl | KL | ppl change (95 %) | KL change (95 %) | "
+          "AutoRound s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for p, label, b, ppl, kl, ab, appl, akl, d, lo, hi, k, klo, khi, secs in rows:
+        print(f"| {p} | {label} | {b:,} | {ppl:.3f} | {kl:.5f} | {ab:,} | {appl:.3f} | {akl:.5f} | "
+              f"{100 * d:+.2f} % ({100 * lo:+.2f} … {100 * hi:+.2f}) | {100 * k:+.1f} % ({100 * klo:+.1f} … "
+              f"{100 * khi:+.1f}) | {secs:.0f} |")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,8 @@ def main() -> None:
                     help="switch off the encoders' per-block comparison with llama.cpp's quantizer (every stage)")
     ap.add_argument("--sensitivity-own-fit", action="store_true",
                     help="sensitivity.llama_cpp_candidate: false (quantize still keeps the better block)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="params.yaml values, e.g. quantize.correct_input_scales=true (VALUE read as YAML)")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)  # the child that makes the model
     ap.add_argument("--resume", action="store_true",
                     help="keep --out: reuse its model and skip the stages an earlier run finished (their rows are reprinted)")
@@ -161,6 +163,13 @@ def main() -> None:
         params["sensitivity"]["metric"] = args.metric
     if args.sensitivity_own_fit:
         params["sensitivity"]["llama_cpp_candidate"] = False
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        section = params
+        for k in path:
+            section = section[k]
+        section[last] = yaml.safe_load(value)
     (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p = load_params(args.out / "params.yaml")
     root = artifacts_root(args.out / "params.yaml")
@@ -169,7 +178,7 @@ def main() -> None:
              f"hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
              f"vocab {args.vocab}, bf16 ({made:.0f} s to make)")
     print(f"model: {shape}; model.stream {args.stream}; validate.runtimes {args.runtimes}; GPU {gpu}; "
-          f"torch {torch.__version__}"
+          f"torch {torch.__version__}" + (f"; set {' '.join(args.set)}" if args.set else "")
           + ("; no llama.cpp block candidate (switched off, or llama-cpp-python absent)" if no_lc else
              "; encoders compare each block with llama.cpp's quantizer"), flush=True)
     print("\n| stage | seconds | peak GPU GiB | peak RSS GiB (process, so far) | peak anonymous RSS GiB (stage) | summary |"

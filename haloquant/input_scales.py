@@ -32,6 +32,7 @@ from haloquant.row_scale import rescalable, scaled_bytes
 from haloquant.streaming import on_device, place
 
 SCALE_RANGE = (0.5, 2.0)
+WIDE = 16384  # inputs wider than this are solved in float32
 DAMP = 1e-6  # relative to M's mean diagonal: a channel the calibration never excites stays at 1
 
 
@@ -75,24 +76,36 @@ def _correct_group(model, layer, prefix: str, g: FoldGroup, quant: dict, x_float
     if g.source_kind == "rows" and (src_w not in out or not rescalable(formats[src_w])):
         entry["skipped"] = "the source's format has no scale field to fold a factor into"
         return entry
-    g_qq, g_fq = _input_grams(layer, rel(g.targets[0]), quant, x_float, x_quant, kw)
-    w_float = torch.cat([layer.get_submodule(rel(t)).weight.to(device, torch.float64) for t in g.targets])
-    w_quant = torch.cat([quant[f"{rel(t)}.weight"].double() for t in g.targets])
-    m = (w_quant.T @ w_quant) * g_qq
-    c = ((w_quant.T @ w_float) * g_fq.T).sum(1)
+    w_float = torch.cat([layer.get_submodule(rel(t)).weight.to(device, torch.float32) for t in g.targets])
+    w_quant = torch.cat([quant[f"{rel(t)}.weight"].float() for t in g.targets])
+    # float64 where the d×d products fit easily; float32 for the widest inputs (a 70B model's 28672-wide down)
+    dtype = torch.float64 if w_float.shape[1] <= WIDE else torch.float32
+    g_qq, g_fq, target = _input_grams(layer, rel(g.targets[0]), quant, x_float, x_quant, kw, w_float, dtype)
+    w_float, w_quant = w_float.to(dtype), w_quant.to(dtype)
+    m = (w_quant.T @ w_quant).mul_(g_qq)
+    del g_qq
+    c = (w_quant.T @ w_float).mul_(g_fq.T).sum(1)
+    del g_fq, w_float, w_quant
     # one factor per source channel: under GQA a kv head's channel feeds several query heads' columns
-    n_src = g_qq.shape[0] // g.expand
-    index = expand_scales(torch.arange(n_src, device=device, dtype=torch.float64), g, model).long()
-    by_source = torch.zeros(n_src, m.shape[1], dtype=m.dtype, device=device).index_add_(0, index, m)
-    m_src = torch.zeros(n_src, n_src, dtype=m.dtype, device=device).index_add_(1, index, by_source)
-    c_src = torch.zeros(n_src, dtype=c.dtype, device=device).index_add_(0, index, c)
+    n_src = m.shape[0] // g.expand
+    if g.expand > 1:
+        index = expand_scales(torch.arange(n_src, device=device, dtype=torch.float64), g, model).long()
+        by_source = torch.zeros(n_src, m.shape[1], dtype=m.dtype, device=device).index_add_(0, index, m)
+        m = torch.zeros(n_src, n_src, dtype=m.dtype, device=device).index_add_(1, index, by_source)
+        c = torch.zeros(n_src, dtype=c.dtype, device=device).index_add_(0, index, c)
+        del by_source
+    ones = torch.ones(n_src, dtype=m.dtype, device=device)
+    m_ones = m @ ones
+    # Σ‖W x_f − Ŵ diag(s) x_q‖² = target − 2 cᵀs + sᵀMs
+    error = lambda v, mv: float(target - 2 * (c @ v) + v @ mv)  # noqa: E731
+    before = error(ones, m_ones)
     # solved for s − 1 with a small ridge: a channel the calibration never excites keeps s = 1
-    damp = DAMP * m_src.diagonal().mean().clamp_min(1e-30)
-    delta = torch.linalg.solve(m_src + damp * torch.eye(n_src, dtype=m.dtype, device=device), c_src - m_src.sum(1))
-    s = torch.where(torch.isfinite(delta), 1 + delta, torch.ones_like(delta)).clamp(*SCALE_RANGE)
-    ones = torch.ones_like(s)
-    error = lambda v: float(v @ m_src @ v - 2 * c_src @ v)  # noqa: E731  (up to the same constant)
-    before, after = error(ones), error(s)
+    damp = DAMP * m.diagonal().mean().clamp_min(1e-30)
+    m.diagonal().add_(damp)
+    delta = torch.linalg.solve(m, c - m_ones)
+    m.diagonal().sub_(damp)
+    s = torch.where(torch.isfinite(delta), 1 + delta, ones).clamp(*SCALE_RANGE)
+    after = error(s, m @ s)
     entry.update(error_before=before, error_after=after, scale_min=float(s.min()), scale_max=float(s.max()))
     if not after < before:
         return entry
@@ -119,20 +132,43 @@ def _correct_group(model, layer, prefix: str, g: FoldGroup, quant: dict, x_float
     return entry
 
 
-def _input_grams(layer, target: str, quant: dict, x_float: list, x_quant: list, kw: list):
-    """Σ x_q x_qᵀ and Σ x_f x_qᵀ of `target`'s input over all windows (float64)."""
+def _input_grams(layer, target: str, quant: dict, x_float: list, x_quant: list, kw: list, w_float: torch.Tensor,
+                 dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Σ x_q x_qᵀ, Σ x_f x_qᵀ of `target`'s input over all windows (products in float32 per window batch,
+    summed in `dtype`), and Σ‖W x_f‖²; each forward stops at `target`."""
     seen = {}
-    handle = layer.get_submodule(target).register_forward_hook(
-        lambda mod, inp, o: seen.__setitem__("x", inp[0].reshape(-1, inp[0].shape[-1]).double()))
+
+    def capture(mod, inp):
+        seen["x"] = inp[0].reshape(-1, inp[0].shape[-1]).float()
+        raise _Stop
+
+    handle = layer.get_submodule(target).register_forward_pre_hook(capture)
     g_qq = g_fq = 0
+    norm = 0.0
     try:
         for xf, xq, k in zip(x_float, x_quant, kw):
-            layer(xf, **k)
+            _until_stop(layer, None, xf, k)
             f = seen["x"]
-            functional_call(layer, quant, (xq,), k)
+            _until_stop(layer, quant, xq, k)
             q = seen["x"]
-            g_qq = g_qq + q.T @ q
-            g_fq = g_fq + f.T @ q
+            g_qq = g_qq + (q.T @ q).to(dtype)
+            g_fq = g_fq + (f.T @ q).to(dtype)
+            norm += float((f @ w_float.T).double().pow(2).sum())
     finally:
         handle.remove()
-    return g_qq, g_fq
+    return g_qq, g_fq, norm
+
+
+class _Stop(Exception):
+    pass
+
+
+def _until_stop(layer, params: dict | None, x: torch.Tensor, kw: dict) -> None:
+    try:
+        if params is None:
+            layer(x, **kw)
+        else:
+            functional_call(layer, params, (x,), kw)
+    except _Stop:
+        return
+    raise RuntimeError("the group's target linear was not reached in the block's forward")

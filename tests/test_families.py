@@ -53,7 +53,8 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c.id)
 def exported(request, zoo):
-    """The case's model with GPTQ-quantized mixed formats, exported to GGUF and ONNX."""
+    """The case's model with GPTQ-quantized mixed formats (and the statistics corrections), exported to GGUF and
+    ONNX."""
     case = request.param
     folder = make_model(case, zoo)
     out = zoo / f"{case.id}-out"
@@ -66,7 +67,10 @@ def exported(request, zoo):
         type_map[t.gguf_name] = fits[i % len(fits)]
     write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, "test").model_dump())
     scale_fold(spec, FoldSpec(), out / "calibrate", out / "allocate", out / "scale_fold")
-    quantize(spec, QuantizeSpec(method="gptq"), out / "calibrate", out / "allocate", out / "scale_fold", out / "quantize")
+    # with both statistics corrections, so that what they change (scale fields of v/up rows, norm weights, a
+    # rescaled bias) is checked in llama.cpp and onnxruntime for every family
+    quantize(spec, QuantizeSpec(method="gptq", correct_row_scales=True, correct_input_scales=True), out / "calibrate",
+             out / "allocate", out / "scale_fold", out / "quantize")
     export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
     export_onnx(spec, ONNXSpec(), out / "quantize", out / "onnx")
     return case, folder, out, type_map
