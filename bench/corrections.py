@@ -9,7 +9,8 @@ preset's bytes ("mixed"; --labels rtn: the RTN file on the type map) are quantiz
 and with the corrections named by --add (same allocation, same quantizer; --base: corrections on
 in both): `correct_row_scales` rescales each output row's block scales (haloquant/row_scale.py),
 `correct_input_scales` each linear group's input channels through the norms and the v/up rows
-(haloquant/input_scales.py). Both files are scored by llama.cpp (WikiText-2 test, ctx 512, the
+(haloquant/input_scales.py); `block_tuning` is block-output tuning at 200 steps (haloquant/reconstruct.py).
+Both files are scored by llama.cpp (WikiText-2 test, ctx 512, the
 first --chunks chunks): perplexity with a 95 % paired interval of the "with" file against the
 "without" one, and KL from the F16 file with its paired ratio. The files are the same size: only
 fp16 scale fields and float norm weights change. (Before 2026-12-06 this was bench/row_scale.py.)
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.schemas.params import GGUFSpec, QuantizeSpec
+from haloquant.schemas.params import BlockTuningSpec, GGUFSpec, QuantizeSpec
 from haloquant.tasks.export_gguf import export_gguf
 from haloquant.tasks.quantize import quantize
 
@@ -33,7 +34,11 @@ from paired_ppl import paired_changes, scores_of  # noqa: E402
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 STORED = {"gptq": "haloquant GPTQ", "mixed": "haloquant mixed", "rtn": "haloquant RTN"}  # the run's results.json names
 METHOD = {"gptq": "gptq", "mixed": "gptq", "rtn": "rtn"}  # the quantizer each of the run's files was made with
-CORRECTIONS = ["correct_row_scales", "correct_input_scales"]
+CORRECTIONS = {  # --add / --base name → QuantizeSpec values
+    "correct_row_scales": {"correct_row_scales": True},
+    "correct_input_scales": {"correct_input_scales": True},
+    "block_tuning": {"block_tuning": BlockTuningSpec(iters=200)},  # AutoRound's default steps
+}
 
 
 def main() -> None:
@@ -63,7 +68,7 @@ def main() -> None:
             for k, on in (("without", False), ("with", True)):  # both with this code: only the correction differs
                 dst = out / preset / label / k
                 t0 = time.perf_counter()
-                flags = {c: True for c in args.base + (args.add if on else [])}
+                flags = {k: v for c in args.base + (args.add if on else []) for k, v in CORRECTIONS[c].items()}
                 quantize(spec, QuantizeSpec(method=METHOD[label], **flags), calib, src / "allocate",
                          src / "scale_fold", dst / "quantize")
                 secs[k] = time.perf_counter() - t0
@@ -72,6 +77,7 @@ def main() -> None:
             a = scores_of(files["without"], src / "gguf" / "model.gguf", stored, f"{preset}/{STORED[label]}", text,
                           args.chunks, ref)
             b = llama_cpp_perplexity(files["with"], text, 512, args.chunks, reference=ref)
+            (out / preset / label / "with" / "score.json").write_text(json.dumps(b))  # per chunk, for later pairings
             (d, lo, hi), (k, klo, khi) = paired_changes(b, a)
             row = {"preset": preset, "label": label, "bytes": files["with"].stat().st_size,
                    "bytes_without": files["without"].stat().st_size, "ppl_without": a["ppl"], "ppl_with": b["ppl"],
