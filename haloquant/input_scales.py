@@ -112,7 +112,7 @@ def _correct_group(model, layer, prefix: str, g: FoldGroup, quant: dict, x_float
     entry["kept"] = True
     if g.source_kind == "norm":
         offset = g.norm_offset
-        w = quant.get(rel(g.source), layer.get_submodule(rel(g.source).rsplit(".", 1)[0]).weight.to(device))
+        w = quant.get(rel(g.source), layer.get_parameter(rel(g.source)).to(device))
         new = ((offset + w.double()) * s - offset).float()
         quant[rel(g.source)] = new
         changed[g.source] = new.cpu()
