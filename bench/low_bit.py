@@ -9,7 +9,10 @@ without an imatrix) and fixed bits per weight. Rows at each size:
 - haloquant k-quants: the allocation over k-quants + Q8_0 (and llama.cpp's fallbacks) at the
   preset's tensor bytes, GPTQ — haloquant before the i-quants;
 - + i-quants: the same with IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S among the candidates;
-- + block tuning (--tuning-iters N > 0): that allocation with block-output tuning;
+- + statistics correction (--corrections): that allocation with quantize's two corrections
+  (correct_row_scales, correct_input_scales);
+- + block tuning (--tuning-iters N > 0): that allocation with block-output tuning (and the
+  corrections, with --corrections: each row adds one part to the one above);
 - AutoRound (--autoround): AutoRound 0.16.1's GGUF of the same llama.cpp preset (default 200
   iterations, same calibration text; bench/autoround_gguf.py), for the presets it writes.
 One sensitivity run (kl_calibrated, GPTQ quantizer) measures every candidate; the k-quant row's
@@ -78,6 +81,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="*", default=PRESETS)
     ap.add_argument("--bpw", nargs="*", type=float, default=BPW)
     ap.add_argument("--tuning-iters", type=int, default=0, help="> 0: also a row with block tuning")
+    ap.add_argument("--corrections", action="store_true",
+                    help="also a row with correct_row_scales + correct_input_scales (and block tuning on top)")
     ap.add_argument("--metric", default="kl_calibrated")
     ap.add_argument("--autoround", action="store_true", help="also AutoRound's GGUF of each preset it writes")
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-lowbit"))
@@ -115,9 +120,13 @@ def main() -> None:
     def variants(label: str, d: Path, total: int) -> dict[str, Path]:
         files = {}
         runs = [("haloquant k-quants", sens_k, d / "kquants", None), ("+ i-quants", sens, d / "iquants", None)]
+        corrections = {"correct_row_scales": True, "correct_input_scales": True} if args.corrections else {}
+        if corrections:
+            runs.append(("+ statistics correction", sens, d / "corrected", QuantizeSpec(method="gptq", **corrections)))
         if args.tuning_iters > 0:
-            runs.append(("+ block tuning", sens, d / "tuned",
-                         QuantizeSpec(method="gptq", block_tuning=BlockTuningSpec(iters=args.tuning_iters))))
+            runs.append(("+ block tuning", sens, d / ("tuned-corrected" if corrections else "tuned"),
+                         QuantizeSpec(method="gptq", block_tuning=BlockTuningSpec(iters=args.tuning_iters),
+                                      **corrections)))
         for name, table, out, qspec in runs:
             if (out / "gguf" / "model.gguf").is_file():  # built by an earlier, interrupted run
                 files[name] = out / "gguf" / "model.gguf"
@@ -153,6 +162,8 @@ def main() -> None:
                          **versus(s, scores[base])})
             if name != "haloquant k-quants" and "haloquant k-quants" in scores:  # what each part adds
                 rows[-1]["vs_kquants"] = versus(s, scores["haloquant k-quants"])
+            if name.startswith(("haloquant", "+")) and "AutoRound" in scores:
+                rows[-1]["vs_autoround"] = versus(s, scores["AutoRound"])
             print(json.dumps(rows[-1]), flush=True)
     write_json(args.out / "low_bit.json", {"model": str(args.model), "chunks": args.chunks, "f16_ppl": ref["ppl"],
                                            "rows": rows, "infeasible": infeasible})
@@ -173,6 +184,15 @@ def main() -> None:
             lines.append(f"| {r['size']} | {r['row']} | {100 * v['ppl_rel']:+.2f} % ({100 * v['ppl_lo']:+.2f} … "
                          f"{100 * v['ppl_hi']:+.2f}) | {100 * v['kl_rel']:+.1f} % ({100 * v['kl_lo']:+.1f} … "
                          f"{100 * v['kl_hi']:+.1f}) |")
+    if any("vs_autoround" in r for r in rows):
+        lines += ["", "haloquant's rows against AutoRound's file at the same preset (95 % paired):", "",
+                  "| size | row | Δ ppl (95 %) | Δ KL (95 %) |", "|---|---|---|---|"]
+        for r in rows:
+            if "vs_autoround" in r:
+                v = r["vs_autoround"]
+                lines.append(f"| {r['size']} | {r['row']} | {100 * v['ppl_rel']:+.2f} % ({100 * v['ppl_lo']:+.2f} … "
+                             f"{100 * v['ppl_hi']:+.2f}) | {100 * v['kl_rel']:+.1f} % ({100 * v['kl_lo']:+.1f} … "
+                             f"{100 * v['kl_hi']:+.1f}) |")
     (args.out / "low_bit.md").write_text("\n".join(lines) + "\n")  # llama.cpp's log may interleave with stdout
     print("\n" + "\n".join(lines))
 

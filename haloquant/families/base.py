@@ -7,7 +7,10 @@ converter (haloquant/converter.py). A family adds the torch-side knowledge:
   v → o, up → down), with the row range inside a fused linear (Phi-3's qkv_proj, gate_up_proj);
 - the norm's form: RMSNorm multiplies by `norm_offset + weight` (Gemma: 1 + w);
 - the scale the embedding is multiplied by before the first block (Gemma: √hidden), so that a
-  looked-up row's error is counted in residual-stream units.
+  looked-up row's error is counted in residual-stream units;
+- for the residual-stream rotation (haloquant/rotation.py): the linears whose outputs are added to
+  the stream (`residual_writers`), and the final norm before the head; a family that normalises
+  sublayer outputs before adding them (Gemma 2/3's post-norms) cannot be rotated (`post_norms`).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class Family:
     norm_offset: float = 0.0
     embedding_scale: Callable[[object], float] = field(default=lambda config: 1.0)
     layers: str = "model.layers"  # prefix of decoder layer i: <layers>.<i>.
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")  # outputs added to the stream
+    final_norm: str = "model.norm"  # the norm before the output head
+    post_norms: bool = False  # sublayer outputs normalised before the residual add (no rotation then)
 
     def layer(self, i: int) -> str:
         return f"{self.layers}.{i}"

@@ -11,6 +11,6 @@ GEMMA_NORM_FEEDS = (
 )
 
 GEMMA2 = Family("gemma2", ("Gemma2ForCausalLM",), GEMMA_NORM_FEEDS, LLAMA_ROWS_FEEDS, norm_offset=1.0,
-                embedding_scale=sqrt_hidden)
+                embedding_scale=sqrt_hidden, post_norms=True)
 GEMMA3 = Family("gemma3", ("Gemma3ForCausalLM",), GEMMA_NORM_FEEDS, LLAMA_ROWS_FEEDS, norm_offset=1.0,
-                embedding_scale=sqrt_hidden)
+                embedding_scale=sqrt_hidden, post_norms=True)

@@ -1,0 +1,133 @@
+"""Issue 16 (6): the default pipeline with and without quantize's two corrections, on any model.
+
+    python bench/default_corrections.py --model /work/models/real/smollm2-135m --out /tmp/dc-smollm2
+    python bench/default_corrections.py --model ../shared/models/ref-llama-a --set quantize.method=gptq
+
+The repository's params.yaml with model.path (and --set KEY=VALUE items) changed: calibrate,
+sensitivity, allocate and scale_fold run once; quantize and export_gguf run once per variant —
+`neither` (correct_row_scales and correct_input_scales false), `both` (true), and, with
+--variants, each alone. Every GGUF is scored by llama.cpp (WikiText-2 test, ctx 512, the first
+--chunks chunks) with KL from the model's F16 file, and each variant against `neither` with a 95 %
+paired bootstrap over chunks. The files are the same size (only fp16 scale fields and float norm
+weights change); quantize's seconds say what the corrections cost. Stage outputs and scores are
+kept in --out, so a second call reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from haloquant.artifacts import read_json, write_json
+from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.modelio import load_model, quantizable_tensors
+from haloquant.schemas.params import load_params
+from haloquant.textdata import read_text
+
+from common import EVAL_TEXT, REPO, model_add_bos  # noqa: E402  (bench/ is on sys.path when run as a script)
+from kquant_presets import build  # noqa: E402
+from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
+
+VARIANTS = {  # name → (correct_row_scales, correct_input_scales)
+    "neither": (False, False),
+    "correct_row_scales": (True, False),
+    "correct_input_scales": (False, True),
+    "both": (True, True),
+}
+SHARED = ("calibrate", "sensitivity", "allocate", "scale_fold")
+
+
+def params_for(model: Path, sets: list[str], out: Path):
+    """The repository's params.yaml with model.path, model.add_bos and `sets` changed, written to out."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["path"] = str(model.resolve())
+    params["model"]["add_bos"] = model_add_bos(model)
+    for section in ("calibration", "validate"):
+        params[section]["text"] = str(REPO / params[section]["text"])
+    params["allocation"]["policy"] = str(REPO / params["allocation"]["policy"])
+    for item in sets:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        section = params
+        for k in path:
+            section = section[k]
+        section[last] = yaml.safe_load(value)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return load_params(out / "params.yaml")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=REPO.parent / "shared/models/ref-llama-a")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-default-corrections"))
+    ap.add_argument("--chunks", type=int, default=100)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml values (VALUE read as YAML)")
+    ap.add_argument("--variants", nargs="+", default=["neither", "both"], choices=VARIANTS)
+    args = ap.parse_args()
+    from haloquant.tasks import STAGES
+
+    p = params_for(args.model, args.set, args.out)
+    stages = {s.name: s for s in STAGES}
+    seconds = {}
+    for name in SHARED:
+        done = args.out / name / ".done"
+        if not done.is_file():
+            t = time.perf_counter()
+            stages[name].run(p, args.out)
+            done.write_text(f"{time.perf_counter() - t:.1f}")
+        seconds[name] = float(done.read_text())
+    text = read_text(EVAL_TEXT, "eval")
+    infos = quantizable_tensors(load_model(p.model.path, "cpu"))
+    f16, _ = build(p.model, infos, {t.gguf_name: "F16" for t in infos}, "rtn", args.out / "calibrate", args.out / "F16")
+    ref = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=True)
+    f16_logprobs = ref.pop("logprobs")
+    print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.3f}; shared stages (s): {seconds}", flush=True)
+
+    scores = {}
+    for name in args.variants:
+        d = args.out / name
+        cache = d / "score.json"
+        if not cache.is_file() or read_json(cache)["chunks"] != args.chunks:
+            row, inp = VARIANTS[name]
+            q = p.model_copy(update={"quantize": p.quantize.model_copy(
+                update={"correct_row_scales": row, "correct_input_scales": inp})})
+            for sub in ("calibrate", "sensitivity", "allocate", "scale_fold"):  # the shared stages' outputs
+                if not (d / sub).exists():
+                    d.mkdir(parents=True, exist_ok=True)
+                    (d / sub).symlink_to((args.out / sub).resolve())
+            t = time.perf_counter()
+            stages["quantize"].run(q, d)
+            quantize_s = time.perf_counter() - t
+            stages["export_gguf"].run(q, d)
+            gguf = d / "export_gguf" / "model.gguf"
+            r = llama_cpp_perplexity(gguf, text, 512, args.chunks, reference=f16_logprobs)
+            write_json(cache, {"chunks": args.chunks, "bytes": gguf.stat().st_size, "ppl": r["ppl"], "kl": r["kl"],
+                               "quantize_s": quantize_s, "chunk_nll": r["chunk_nll"], "chunk_kl": r["chunk_kl"]})
+        scores[name] = read_json(cache)
+        print(json.dumps({k: v for k, v in scores[name].items() if not k.startswith("chunk_")}), flush=True)
+
+    base = scores.get("neither")
+    lines = [f"{args.model.name}: params.yaml with model.path" + (f" and {' '.join(args.set)}" if args.set else "")
+             + f"; llama.cpp perplexity, WikiText-2 test, ctx 512, first {args.chunks} chunks; F16 {ref['ppl']:.3f}; "
+             "KL from the F16 file; Δ against `neither`, 95 % paired bootstrap over chunks", "",
+             "| corrections | file bytes | ppl | Δ ppl (95 %) | KL | Δ KL (95 %) | quantize s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in scores.items():
+        dp = dk = ""
+        if base is not None and name != "neither":
+            rel, lo, hi = paired(np.array(s["chunk_nll"]), np.array(base["chunk_nll"]), TOKENS_PER_CHUNK)
+            krel, klo, khi = paired_ratio(np.array(s["chunk_kl"]), np.array(base["chunk_kl"]))
+            dp = f"{100 * rel:+.2f} % ({100 * lo:+.2f} … {100 * hi:+.2f})"
+            dk = f"{100 * krel:+.1f} % ({100 * klo:+.1f} … {100 * khi:+.1f})"
+        lines.append(f"| {name} | {s['bytes']:,} | {s['ppl']:.3f} | {dp} | {s['kl']:.5f} | {dk} | {s['quantize_s']:.0f} |")
+    (args.out / "default_corrections.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
