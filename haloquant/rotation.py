@@ -15,23 +15,28 @@ Q is a randomized Hadamard matrix where the width allows (n = 2ᵏ·m: a Sylvest
 Kronecker a random orthogonal m × m, rows signed at random) — any orthogonal Q is exact, the
 Hadamard part spreads a channel evenly over 2ᵏ others.
 
+The folder is rotated tensor by tensor, shard by shard (products in float64), so a model of any
+size needs one shard in memory. Rotated tensors keep the source's dtype unless `dtype` says
+otherwise: a bf16 checkpoint stays bf16 (rounding the rotated weights to bf16 costs 2⁻⁹ relative,
+far below any 2–8-bit quantizer's error); float32 keeps the function to float32 rounding.
+
 What it costs: a tied head must be untied (the head becomes E·diag(γ_final)·Q, the embedding E·Q),
 so the file carries a second vocab × hidden matrix. What it cannot do: families that normalise a
 sublayer's output before adding it to the stream (Gemma 2/3's post-norms: nothing after that norm
-takes its weight) — `Family.post_norms`; LayerNorm families (mean removal is not rotation-invariant)
-are not registered.
+takes its weight) — `Family.post_norms`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from haloquant import HaloquantError
-from haloquant.families import family, architecture_of
+from haloquant.families import Family, family_of_architecture
 from haloquant.families.base import head_dim
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
@@ -56,96 +61,168 @@ def randomized_hadamard(n: int, seed: int) -> torch.Tensor:
     return signs[:, None] * torch.kron(h / h.shape[0] ** 0.5, rest)
 
 
-def check_rotatable(model) -> None:
-    fam = family(model)
+def check_rotatable(fam: Family, arch: str) -> None:
     if fam.post_norms:
-        raise HaloquantError(f"rotation: {architecture_of(model)} normalises its sublayer outputs before the residual "
-                             "add (post-norms), which no rotation of the stream preserves; rotate a family without")
+        raise HaloquantError(f"rotation: {arch} normalises its sublayer outputs before the residual add "
+                             "(post-norms), which no rotation of the stream preserves; rotate a family without")
+
+
+@dataclass
+class RotationPlan:
+    """What happens to each named tensor of a family's checkpoint (HF parameter names)."""
+
+    fam: Family
+    q: torch.Tensor  # the stream's rotation, hidden × hidden
+    seed: int
+    hd: int
+    n_kv: int
+    n_rep: int
+    heads: bool
+    readers: dict[str, str] = field(default_factory=dict)  # linear weight → the norm weight folded into it
+    writers: set[str] = field(default_factory=set)  # linear weights (and biases) whose outputs join the stream
+    v_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # weight/bias → (layer, first v row)
+    o_cols: dict[str, int] = field(default_factory=dict)  # o weight → layer
+    norms: set[str] = field(default_factory=set)
+
+    def head_rotation(self, layer: int, kv_head: int) -> torch.Tensor:
+        return randomized_hadamard(self.hd, self.seed + 1 + layer * self.n_kv + kv_head)
+
+    def rotate(self, name: str, t: torch.Tensor, read) -> torch.Tensor:
+        """The rotated tensor `name` (float64); `read(name)` gives any other source tensor."""
+        off = self.fam.norm_offset
+        w = t.to(torch.float64, copy=True)
+        if name in self.norms:
+            return torch.full_like(w, 1.0 - off)
+        if name in (f"{self.fam.embedding}.weight",):
+            return torch.cat([w[i:i + 8192] @ self.q for i in range(0, w.shape[0], 8192)])
+        if name in self.readers:
+            gamma = off + read(self.readers[name]).double()
+            w = torch.cat([(w[i:i + 8192] * gamma[None, :]) @ self.q for i in range(0, w.shape[0], 8192)])
+        if name in self.writers:
+            w = self.q.T @ w if w.ndim == 2 else w @ self.q
+        if name in self.v_rows and self.heads:
+            layer, start = self.v_rows[name]
+            for h in range(self.n_kv):
+                r, rows = self.head_rotation(layer, h), slice(start + h * self.hd, start + (h + 1) * self.hd)
+                w[rows] = r.T @ w[rows] if w.ndim == 2 else w[rows] @ r
+        if name in self.o_cols and self.heads:
+            for h in range(self.n_kv):
+                r = self.head_rotation(self.o_cols[name], h)
+                for j in range(h * self.n_rep, (h + 1) * self.n_rep):
+                    w[:, j * self.hd:(j + 1) * self.hd] = w[:, j * self.hd:(j + 1) * self.hd] @ r
+        return w
+
+
+def plan_for(fam: Family, cfg, seed: int = 0, heads: bool = True) -> RotationPlan:
+    hd = head_dim(cfg)
+    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    plan = RotationPlan(fam, randomized_hadamard(cfg.hidden_size, seed), seed, hd, n_kv,
+                        cfg.num_attention_heads // n_kv, heads)
+    for i in range(cfg.num_hidden_layers):
+        p = fam.layer(i)
+        for f in fam.norm_feeds:
+            plan.norms.add(f"{p}.{f.norm}.weight")
+            plan.readers.update({f"{p}.{t}.weight": f"{p}.{f.norm}.weight" for t in f.linears})
+        plan.writers.update(f"{p}.{w}.{x}" for w in fam.residual_writers for x in ("weight", "bias"))
+        for f in (f for f in fam.rows_feeds if f.per_kv_head):
+            start = f.rows(cfg).start or 0
+            plan.v_rows.update({f"{p}.{f.source}.weight": (i, start), f"{p}.{f.source}.bias": (i, start)})
+            plan.o_cols[f"{p}.{f.target}.weight"] = i
+    plan.norms.add(f"{fam.final_norm}.weight")
+    plan.readers[f"{fam.head}.weight"] = f"{fam.final_norm}.weight"
+    return plan
 
 
 @torch.no_grad()
 def rotate_model(model, seed: int = 0, heads: bool = True) -> dict:
-    """Rotate `model` in place (float32 afterwards; products in float64). Returns what was done."""
-    check_rotatable(model)
-    fam, cfg = family(model), model.config
+    """Rotate a loaded model in place (float32 afterwards), untying a tied head. Returns what was done."""
+    from haloquant.families import architecture_of
+
+    arch = architecture_of(model)
+    fam = family_of_architecture(arch)
+    check_rotatable(fam, arch)
     model.float()
-    params = dict(model.named_parameters())
-    mods = dict(model.named_modules())
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    untied = head.weight is embed.weight or bool(getattr(cfg, "tie_word_embeddings", False))
-    if untied:  # the head gets the final norm's weight folded in, the embedding does not
+    untied = head.weight is embed.weight or bool(getattr(model.config, "tie_word_embeddings", False))
+    if untied:
         head.weight = torch.nn.Parameter(embed.weight.detach().clone())
-        cfg.tie_word_embeddings = False
-        if hasattr(cfg, "get_text_config"):
-            cfg.get_text_config().tie_word_embeddings = False
-
-    def fold_norm(norm: str, linears: list[str]) -> None:
-        w = params[f"{norm}.weight"]
-        gamma = fam.norm_offset + w.double()
-        for lin in linears:
-            mods[lin].weight.copy_(mods[lin].weight.double() * gamma[None, :])
-        w.fill_(1.0 - fam.norm_offset)
-
-    readers = []
-    for i in range(cfg.num_hidden_layers):
-        p = fam.layer(i)
-        for f in fam.norm_feeds:
-            fold_norm(f"{p}.{f.norm}", [f"{p}.{t}" for t in f.linears])
-            readers += [f"{p}.{t}" for t in f.linears]
-    head_name = next(n for n, m in mods.items() if m is head)
-    fold_norm(fam.final_norm, [head_name])
-
-    q = randomized_hadamard(cfg.hidden_size, seed)
-    embed.weight.copy_(embed.weight.double() @ q)
-    for name in readers + [head_name]:
-        mods[name].weight.copy_(mods[name].weight.double() @ q)
-    writers = [f"{fam.layer(i)}.{w}" for i in range(cfg.num_hidden_layers) for w in fam.residual_writers]
-    for name in writers:
-        lin = mods[name]
-        lin.weight.copy_(q.T @ lin.weight.double())
-        if lin.bias is not None:
-            lin.bias.copy_(lin.bias.double() @ q)
-
-    n_head_rot = 0
-    if heads:
-        hd = head_dim(cfg)
-        n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
-        n_rep = cfg.num_attention_heads // n_kv
-        for i in range(cfg.num_hidden_layers):
-            for f in (f for f in fam.rows_feeds if f.per_kv_head):
-                src, tgt = mods[f"{fam.layer(i)}.{f.source}"], mods[f"{fam.layer(i)}.{f.target}"]
-                start = f.rows(cfg).start or 0
-                for h in range(n_kv):
-                    r = randomized_hadamard(hd, seed + 1 + i * n_kv + h)
-                    rows = slice(start + h * hd, start + (h + 1) * hd)
-                    src.weight[rows] = r.T @ src.weight[rows].double()
-                    if src.bias is not None:
-                        src.bias[rows] = src.bias[rows].double() @ r
-                    for j in range(h * n_rep, (h + 1) * n_rep):
-                        cols = slice(j * hd, (j + 1) * hd)
-                        tgt.weight[:, cols] = tgt.weight[:, cols].double() @ r
-                n_head_rot += n_kv
-    return {"hidden": cfg.hidden_size, "seed": seed, "untied_head": untied, "readers": len(readers) + 1,
-            "writers": len(writers), "head_rotations": n_head_rot}
+        model.config.tie_word_embeddings = False
+    plan = plan_for(fam, model.config, seed, heads)
+    source = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.copy_(plan.rotate(name, source[name], source.__getitem__))
+    return {"hidden": model.config.hidden_size, "seed": seed, "untied_head": untied, "heads": heads}
 
 
-def write_rotated(src: str | Path, out: str | Path, seed: int = 0, heads: bool = True) -> dict:
-    """A rotated copy of the HF folder `src` in `out` (float32 weights; tokenizer and other files
-    copied as they are). Written to a temporary folder first, so `out` is whole or absent."""
-    from haloquant.modelio import load_model
+def _shards(src: Path) -> list[Path]:
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise HaloquantError(f"rotation: {src} holds no *.safetensors weights (rotation reads safetensors shards)")
+    return shards
 
-    src, out = Path(src), Path(out)
-    model = load_model(src, "cpu")
-    report = rotate_model(model, seed, heads)
+
+def write_rotated(src: str | Path, out: str | Path, seed: int = 0, heads: bool = True,
+                  dtype: torch.dtype | None = None) -> dict:
+    """A rotated copy of the HF folder `src` in `out`, shard by shard (`dtype`: of the rotated
+    tensors; None: each source tensor's own). Tokenizer and other files are copied as they are. Written
+    to a temporary folder first, so `out` is whole or absent."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from haloquant.modelio import check_model_dir, load_config, read_config
+
+    src, out = check_model_dir(src), Path(out)
+    cfg = load_config(src)
+    arch = (read_config(src).get("architectures") or [None])[0]
+    fam = family_of_architecture(arch)
+    check_rotatable(fam, arch)
+    plan = plan_for(fam, cfg, seed, heads)
+    shards = _shards(src)
+    where = {}
+    for s in shards:
+        with safe_open(str(s), "pt") as f:
+            where.update({k: s for k in f.keys()})
+    embed_name, head_name = f"{fam.embedding}.weight", f"{fam.head}.weight"
+    if embed_name not in where:
+        raise HaloquantError(f"rotation: {src} has no tensor {embed_name!r} (the {fam.name} family's embedding)")
+    untie = head_name not in where
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(where[name]), "pt") as f:
+            return f.get_tensor(name)
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for s in shards:
+        tensors = {}
+        with safe_open(str(s), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                tensors[name] = plan.rotate(name, t, read).to(dtype or t.dtype).contiguous() \
+                    if t.is_floating_point() else t
+            if untie and embed_name in tensors:
+                e = f.get_tensor(embed_name)
+                tensors[head_name] = plan.rotate(head_name, e, read).to(dtype or e.dtype).contiguous()
+        save_file(tensors, str(tmp / s.name), metadata={"format": "pt"})
+        weight_map.update({k: s.name for k in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    config = read_config(src)
+    config["tie_word_embeddings"] = False
+    if "tie_word_embeddings" in config.get("text_config", {}):
+        config["text_config"]["tie_word_embeddings"] = False
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name not in ("config.json",) \
+        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "config.json" \
                 and not f.name.endswith(".index.json"):
             shutil.copy(f, tmp / f.name)
-    model.save_pretrained(tmp)
-    (tmp / "rotation.json").write_text(json.dumps({"source": str(src), **report}, indent=1))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if len(shards) > 1:
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    report = {"source": str(src), "hidden": cfg.hidden_size, "seed": seed, "heads": heads, "untied_head": untie,
+              "dtype": str(dtype).removeprefix("torch.") if dtype else "source"}
+    (tmp / "rotation.json").write_text(json.dumps(report, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return report

@@ -57,7 +57,7 @@ def test_rotated_folder_computes_the_float_models_logits(case, zoo):
     src = make_model(case, zoo)
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
     ref = _logits(load_model(src, "cpu").float(), ids)
-    report = write_rotated(src, zoo / f"{case.id}-rotated")
+    report = write_rotated(src, zoo / f"{case.id}-rotated", dtype=torch.float32)
     rotated = load_model(zoo / f"{case.id}-rotated", "cpu")
     assert (_logits(rotated, ids) - ref).abs().max() < 1e-4
     assert report["untied_head"] == case.tied and not rotated.config.tie_word_embeddings
@@ -73,9 +73,28 @@ def test_rotated_folder_computes_the_float_models_logits(case, zoo):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.family.startswith("gemma")][:2], ids=lambda c: c.id)
 def test_post_norm_families_are_refused(case, zoo):
-    model = load_model(make_model(case, zoo), "cpu")
+    folder = make_model(case, zoo)
     with pytest.raises(HaloquantError, match="post-norms"):
-        rotate_model(model)
+        rotate_model(load_model(folder, "cpu"))
+    with pytest.raises(HaloquantError, match="post-norms"):
+        write_rotated(folder, zoo / f"{case.id}-refused")
+    assert not (zoo / f"{case.id}-refused").exists()
+
+
+def test_a_bf16_checkpoint_stays_bf16(zoo):
+    """Rotated tensors keep a 16-bit checkpoint's dtype: the file stays as small, and the function moves
+    only by bf16's rounding of the rotated weights."""
+    from safetensors import safe_open
+
+    case = next(c for c in ROTATABLE if c.dtype == "bfloat16")
+    src = make_model(case, zoo)
+    out = zoo / f"{case.id}-rotated-bf16"
+    write_rotated(src, out)
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref, got = _logits(load_model(src, "cpu"), ids), _logits(load_model(out, "cpu"), ids)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max(), float((got - ref).abs().max())
 
 
 def test_an_outlier_channel_is_spread(zoo):

@@ -60,6 +60,8 @@ class Family:
     layers: str = "model.layers"  # prefix of decoder layer i: <layers>.<i>.
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")  # outputs added to the stream
     final_norm: str = "model.norm"  # the norm before the output head
+    embedding: str = "model.embed_tokens"
+    head: str = "lm_head"
     post_norms: bool = False  # sublayer outputs normalised before the residual add (no rotation then)
 
     def layer(self, i: int) -> str:
