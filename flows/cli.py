@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("serve", help="serve the scheduled Prefect deployment (needs PREFECT_API_URL)")
     d.add_argument("--params", default="params.yaml", type=Path)
     d.add_argument("--cron", default="0 3 * * *")
+    ro = sub.add_parser("rotate", help="write a rotated copy of a model folder (haloquant/rotation.py): the same "
+                        "function, outlier channels spread; quantize it with model.path set to OUT")
+    ro.add_argument("source", type=Path, help="Hugging Face model folder (safetensors)")
+    ro.add_argument("out", type=Path, help="folder to write (replaced if present)")
+    ro.add_argument("--seed", type=int, default=0)
+    ro.add_argument("--no-heads", action="store_true", help="rotate the residual stream only, not each v → o head")
+    ro.add_argument("--float32", action="store_true", help="rotated tensors in float32 (default: the source's dtype)")
     fl = sub.add_parser("fleet", help="several models as one (fleet.yaml): check, generate DVC files, run, serve")
     fl.add_argument("action", choices=["check", "dvc-yaml", "flow", "report", "serve"],
                     help="check: every member's spec; dvc-yaml: write each member's dvc.yaml and the fleet's "
@@ -64,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             from haloquant.tasks.runner import dvc_yaml
 
             sys.stdout.write(dvc_yaml())
+        elif args.cmd == "rotate":
+            import torch
+
+            from haloquant.rotation import write_rotated
+
+            report = write_rotated(args.source, args.out, args.seed, not args.no_heads,
+                                   torch.float32 if args.float32 else None)
+            print(f"rotated {args.source} → {args.out}: hidden {report['hidden']}, seed {report['seed']}"
+                  + (", head untied" if report["untied_head"] else ""))
         elif args.cmd == "fleet":
             _fleet(args)
         elif args.cmd == "serve":

@@ -171,7 +171,10 @@ def write_rotated(src: str | Path, out: str | Path, seed: int = 0, heads: bool =
 
     from haloquant.modelio import check_model_dir, load_config, read_config
 
-    src, out = check_model_dir(src), Path(out)
+    try:
+        src, out = check_model_dir(src), Path(out)
+    except HaloquantError as e:
+        raise HaloquantError(str(e).replace("model.path:", "rotation source:", 1)) from None
     cfg = load_config(src)
     arch = (read_config(src).get("architectures") or [None])[0]
     fam = family_of_architecture(arch)

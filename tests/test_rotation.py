@@ -81,6 +81,18 @@ def test_post_norm_families_are_refused(case, zoo):
     assert not (zoo / f"{case.id}-refused").exists()
 
 
+def test_cli_rotates_and_refuses_clearly(zoo, tmp_path, capsys):
+    from haloquant.flows.cli import main
+
+    gemma = make_model(next(c for c in CASES if c.family.startswith("gemma")), zoo)
+    assert main(["rotate", str(gemma), str(tmp_path / "g")]) == 2
+    assert "post-norms" in capsys.readouterr().err and not (tmp_path / "g").exists()
+    assert main(["rotate", str(tmp_path / "missing"), str(tmp_path / "m")]) == 2
+    assert "rotation source: folder" in capsys.readouterr().err
+    assert main(["rotate", str(make_model(ROTATABLE[0], zoo)), str(tmp_path / "r"), "--float32"]) == 0
+    assert json.loads((tmp_path / "r" / "rotation.json").read_text())["dtype"] == "float32"
+
+
 def test_a_bf16_checkpoint_stays_bf16(zoo):
     """Rotated tensors keep a 16-bit checkpoint's dtype: the file stays as small, and the function moves
     only by bf16's rounding of the rotated weights."""
