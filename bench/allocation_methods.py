@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec,
+from haloquant.schemas.params import (AllocationSpec, FoldSpec, GGUFSpec,
                             SensitivitySpec)
 from haloquant.tasks.allocate import allocate
 from haloquant.tasks.export_gguf import export_gguf
@@ -23,7 +23,7 @@ from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 from haloquant.tasks.sensitivity import score_sensitivity
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 METRICS = ["output_error", "hessian_trace", "kl_calibrated", "kl_end_to_end", "kl_fisher"]
 SOLVERS = ["milp", "lagrangian", "greedy"]
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
@@ -45,7 +45,7 @@ def main() -> None:
         sens = args.out / metric / "sensitivity"
         t0 = time.perf_counter()
         score_sensitivity(spec, SensitivitySpec(formats=FORMATS, metric=metric, kl_sequences=args.kl_sequences),
-                          QuantizeSpec(), calib, sens)
+                          plain(), calib, sens)
         sens_s = time.perf_counter() - t0
         for budget in args.budgets:
             for solver in args.solvers:
@@ -54,7 +54,7 @@ def main() -> None:
                 res = allocate(AllocationSpec(budget={"bits_per_weight": budget}, solver=solver), sens, d / "allocate")
                 solve_s = time.perf_counter() - t1
                 scale_fold(spec, FoldSpec(), calib, d / "allocate", d / "scale_fold")
-                quantize(spec, QuantizeSpec(), calib, d / "allocate", d / "scale_fold", d / "quantize")
+                quantize(spec, plain(), calib, d / "allocate", d / "scale_fold", d / "quantize")
                 export_gguf(spec, GGUFSpec(), d / "quantize", d / "gguf")
                 ppl = llama_cpp_perplexity(d / "gguf" / "model.gguf", text, 512, args.chunks)["ppl"]
                 rows.append({"metric": metric, "sensitivity_s": sens_s, "budget": budget, "solver": solver,

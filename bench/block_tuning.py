@@ -24,10 +24,10 @@ import numpy as np
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map, tensor_data_bytes
-from haloquant.schemas.params import BlockTuningSpec, QuantizeSpec, SensitivitySpec
+from haloquant.schemas.params import BlockTuningSpec, SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 
-from common import setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import KQUANTS, build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired  # noqa: E402
 
@@ -50,8 +50,8 @@ def main() -> None:
     f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib, out / "F16")
     ref = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=out / "f16_logprobs.npy")
     f16_logprobs = ref.pop("logprobs")
-    methods = {"gptq": QuantizeSpec(method="gptq"),
-               "gptq+tuning": QuantizeSpec(method="gptq", block_tuning=BlockTuningSpec(iters=args.iters, lr=args.lr))}
+    methods = {"gptq": plain(method="gptq"),
+               "gptq+tuning": plain(method="gptq", block_tuning=BlockTuningSpec(iters=args.iters, lr=args.lr))}
     rows = []
     for preset in args.presets:
         d = out / preset
@@ -62,7 +62,7 @@ def main() -> None:
         if args.mixed:
             sens = out / "sensitivity"
             if not (sens / "sensitivity.json").is_file():
-                score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"]), QuantizeSpec(method="gptq"),
+                score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"]), plain(method="gptq"),
                                   calib, sens)
             builds += [(f"mixed {name}", qspec, sens) for name, qspec in methods.items()]
         for name, qspec, sens in builds:

@@ -14,6 +14,13 @@ from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 
 REPO = Path(__file__).resolve().parent.parent
+NO_CORRECTIONS = {"correct_row_scales": False, "correct_input_scales": False}
+
+
+def plain(**kw) -> QuantizeSpec:
+    """The quantizer alone: quantize's statistics corrections off unless `kw` turns them on, whatever the
+    schema's defaults — the baseline the benches' ablations add parts to, as their recorded results were made."""
+    return QuantizeSpec(**{**NO_CORRECTIONS, **kw})
 
 
 def journaled(out: Path, stage: str, *key):
@@ -57,7 +64,7 @@ def build_and_score(spec, calib, alloc_dir: Path, out: Path, text: str, chunks: 
     """An allocation folder → RTN quantize (no folding) → GGUF; returns its bytes and llama.cpp's
     perplexity on `chunks` chunks of 512."""
     scale_fold(spec, FoldSpec(), calib, alloc_dir, out / "scale_fold")
-    quantize(spec, QuantizeSpec(), calib, alloc_dir, out / "scale_fold", out / "quantize")
+    quantize(spec, plain(), calib, alloc_dir, out / "scale_fold", out / "quantize")
     export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
     gguf = out / "gguf" / "model.gguf"
     return gguf.stat().st_size, llama_cpp_perplexity(gguf, text, 512, chunks)["ppl"]

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.schemas.params import BlockTuningSpec, GGUFSpec, QuantizeSpec
+from haloquant.schemas.params import BlockTuningSpec, GGUFSpec
 from haloquant.tasks.export_gguf import export_gguf
 from haloquant.tasks.quantize import quantize
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from paired_ppl import paired_changes, scores_of  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
@@ -69,7 +69,7 @@ def main() -> None:
                 dst = out / preset / label / k
                 t0 = time.perf_counter()
                 flags = {k: v for c in args.base + (args.add if on else []) for k, v in CORRECTIONS[c].items()}
-                quantize(spec, QuantizeSpec(method=METHOD[label], **flags), calib, src / "allocate",
+                quantize(spec, plain(method=METHOD[label], **flags), calib, src / "allocate",
                          src / "scale_fold", dst / "quantize")
                 secs[k] = time.perf_counter() - t0
                 export_gguf(spec, GGUFSpec(), dst / "quantize", dst / "gguf")

@@ -36,7 +36,7 @@ from haloquant.tasks.export_gguf import export_gguf
 from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -100,7 +100,7 @@ def build(model_spec, infos, type_map, method: str | QuantizeSpec, calib_dir, ou
     write_json(out / "allocate/allocation.json", allocation_from_type_map(infos, type_map, "type map").model_dump())
     scale_fold(model_spec, FoldSpec(), calib_dir, out / "allocate", out / "scale_fold")
     t0 = time.perf_counter()
-    spec = method if isinstance(method, QuantizeSpec) else QuantizeSpec(method=method)
+    spec = method if isinstance(method, QuantizeSpec) else plain(method=method)
     quantize(model_spec, spec, calib_dir, out / "allocate", out / "scale_fold", out / "quantize")
     secs = time.perf_counter() - t0
     export_gguf(model_spec, GGUFSpec(), out / "quantize", out / "gguf")
@@ -111,7 +111,7 @@ def build_mixed(model_spec, sens_dir, total_bytes, calib_dir, out, qspec: Quanti
     """haloquant's own allocation at `total_bytes` of tensor data, quantized with GPTQ (or `qspec`)."""
     allocate(AllocationSpec(budget={"total_bytes": total_bytes}), sens_dir, out / "allocate")
     scale_fold(model_spec, FoldSpec(), calib_dir, out / "allocate", out / "scale_fold")
-    quantize(model_spec, qspec or QuantizeSpec(method="gptq"), calib_dir, out / "allocate", out / "scale_fold",
+    quantize(model_spec, qspec or plain(method="gptq"), calib_dir, out / "allocate", out / "scale_fold",
              out / "quantize")
     export_gguf(model_spec, GGUFSpec(), out / "quantize", out / "gguf")
     return out / "gguf" / "model.gguf"
@@ -166,7 +166,7 @@ def main() -> None:
         from haloquant.tasks.sensitivity import score_sensitivity
 
         score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"], metric=args.metric),
-                          QuantizeSpec(method="gptq"), calib_dir, sens_dir)
+                          plain(method="gptq"), calib_dir, sens_dir)
     print(f"sensitivity ({args.metric}, GPTQ quantizer): {time.perf_counter() - t0:.1f} s", flush=True)
     f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib_dir, args.out / "F16")
     r = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=True)

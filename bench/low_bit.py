@@ -37,11 +37,11 @@ from haloquant.artifacts import read_json, write_json
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
-from haloquant.schemas.params import BlockTuningSpec, QuantizeSpec, SensitivitySpec
+from haloquant.schemas.params import BlockTuningSpec, SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 
 from autoround_gguf import autoround_gguf  # noqa: E402  (bench/ is on sys.path when run as a script)
-from common import REPO, setup  # noqa: E402
+from common import REPO, plain, setup  # noqa: E402
 from kquant_presets import build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 
@@ -95,7 +95,7 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (sens / "sensitivity.json").is_file():
         score_sensitivity(spec, SensitivitySpec(formats=KQUANT_CANDIDATES + LATTICE, metric=args.metric),
-                          QuantizeSpec(method="gptq"), calib, sens)
+                          plain(method="gptq"), calib, sens)
     print(f"sensitivity ({args.metric}, GPTQ quantizer, {len(KQUANT_CANDIDATES + LATTICE)} formats): "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     sens_k = restricted(sens, KQUANT_CANDIDATES, args.out / "sensitivity-kquants")
@@ -122,10 +122,11 @@ def main() -> None:
         runs = [("haloquant k-quants", sens_k, d / "kquants", None), ("+ i-quants", sens, d / "iquants", None)]
         corrections = {"correct_row_scales": True, "correct_input_scales": True} if args.corrections else {}
         if corrections:
-            runs.append(("+ statistics correction", sens, d / "corrected", QuantizeSpec(method="gptq", **corrections)))
+            runs.append(("+ statistics correction", sens, d / "corrected", plain(method="gptq", **corrections)))
         if args.tuning_iters > 0:
-            runs.append(("+ block tuning", sens, d / ("tuned-corrected" if corrections else "tuned"),
-                         QuantizeSpec(method="gptq", block_tuning=BlockTuningSpec(iters=args.tuning_iters),
+            runs.append((f"+ block tuning ({args.tuning_iters} steps)", sens,
+                         d / (f"tuned-{args.tuning_iters}" + ("-corrected" if corrections else "")),
+                         plain(method="gptq", block_tuning=BlockTuningSpec(iters=args.tuning_iters),
                                       **corrections)))
         for name, table, out, qspec in runs:
             if (out / "gguf" / "model.gguf").is_file():  # built by an earlier, interrupted run

@@ -24,7 +24,7 @@ from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_tokenizer
 from haloquant.onnxrt import onnx_check
 from haloquant.quantized import load_quantized_model
-from haloquant.schemas.params import (AllocationSpec, Budget, FoldSpec, GGUFSpec, ONNXSpec, QuantizeSpec,
+from haloquant.schemas.params import (AllocationSpec, Budget, FoldSpec, GGUFSpec, ONNXSpec,
                                       SensitivitySpec)
 from haloquant.tasks.allocate import allocate
 from haloquant.tasks.export_gguf import export_gguf
@@ -34,7 +34,7 @@ from haloquant.tasks.scale_fold import scale_fold
 from haloquant.tasks.sensitivity import score_sensitivity
 from haloquant.textdata import eval_chunks, sequence_bos, tokenize
 
-from common import setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "IQ4_NL"]
 
@@ -87,7 +87,7 @@ def main() -> None:
     spec, calib, text = setup(args.model, out)
     sens = out / "sensitivity"
     if not (sens / "sensitivity.json").is_file():
-        score_sensitivity(spec, SensitivitySpec(formats=FORMATS), QuantizeSpec(), calib, sens)
+        score_sensitivity(spec, SensitivitySpec(formats=FORMATS), plain(), calib, sens)
     tok = load_tokenizer(spec.path)
     ids = tokenize(tok, text)
     chunks = eval_chunks(ids, 512, args.chunks, sequence_bos(tok, spec.add_bos))
@@ -107,7 +107,7 @@ def main() -> None:
             scores_file = d / "scores.json"  # a rerun (e.g. to time decoding on an idle machine) starts here
             if not scores_file.is_file():
                 scale_fold(spec, FoldSpec(), None, None, d / "scale_fold")
-                quantize(spec, QuantizeSpec(), calib, d / "allocate", d / "scale_fold", d / "quantize")
+                quantize(spec, plain(), calib, d / "allocate", d / "scale_fold", d / "quantize")
                 export_gguf(spec, GGUFSpec(), d / "quantize", d / "gguf")
                 export_onnx(spec, ONNXSpec(), d / "quantize", d / "onnx")
                 o = onnx_check(onnx_file, chunks, load_quantized_model(spec.path, d / "quantize", "cpu"))

@@ -31,10 +31,10 @@ import yaml
 from haloquant.llamacpp import llama_cpp_perplexity, scored_slice
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map, tensor_data_bytes
-from haloquant.schemas.params import QuantizeSpec, SensitivitySpec
+from haloquant.schemas.params import SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 
-from common import REPO, journaled, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, journaled, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import KQUANTS, build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 
@@ -110,7 +110,7 @@ def main() -> None:
     t0 = time.perf_counter()
     sens = out / "sensitivity"
     if not (sens / "sensitivity.json").is_file():
-        sens_spec, quant_spec = SensitivitySpec(formats=KQUANTS + ["Q8_0"], metric=args.metric), QuantizeSpec(method="gptq")
+        sens_spec, quant_spec = SensitivitySpec(formats=KQUANTS + ["Q8_0"], metric=args.metric), plain(method="gptq")
         with journaled(out, "sensitivity", spec.model_dump(mode="json"), sens_spec.model_dump(mode="json"),
                        quant_spec.model_dump(mode="json")):  # an interrupted run resumes here
             score_sensitivity(spec, sens_spec, quant_spec, calib, sens)

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from haloquant.artifacts import read_json
 from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.schemas.params import AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec
+from haloquant.schemas.params import AllocationSpec, FoldSpec, GGUFSpec
 from haloquant.tasks.allocate import allocate
 from haloquant.tasks.export_gguf import export_gguf
 from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from paired_ppl import paired_changes, scores_of  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
@@ -51,7 +51,7 @@ def main() -> None:
     logging.getLogger("haloquant.refine").setLevel(logging.INFO)  # the search's kept moves
     out = args.out or args.run / "refine"
     spec, calib, text = setup(args.model, args.run)
-    qspec = QuantizeSpec(method="gptq")
+    qspec = plain(method="gptq")
     f16 = llama_cpp_perplexity(args.run / "F16" / "gguf" / "model.gguf", text, 512, args.chunks, keep_logprobs=True)
     ref = f16.pop("logprobs")
     stored = json.loads((args.run / "results.json").read_text())

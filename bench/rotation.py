@@ -29,10 +29,10 @@ from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
 from haloquant.rotation import WEIGHT_FILES, write_rotated
-from haloquant.schemas.params import QuantizeSpec, SensitivitySpec
+from haloquant.schemas.params import SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quantize", nargs="*", default=[], metavar="KEY=VALUE", help="QuantizeSpec values, both arms")
     args = ap.parse_args()
-    qspec = QuantizeSpec(method="gptq", **{k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in args.quantize)})
+    qspec = plain(method="gptq", **{k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in args.quantize)})
     name = args.model.resolve().name
     models = {"untied": untied_copy(args.model, args.out / "models" / f"{name}-untied")}
     rotated = args.out / "models" / f"{name}-rotated"
@@ -83,7 +83,7 @@ def main() -> None:
         spec, calib, text = setup(path, d)
         if not (d / "sensitivity" / "sensitivity.json").is_file():
             t = time.perf_counter()
-            score_sensitivity(spec, SensitivitySpec(formats=KQUANTS), QuantizeSpec(method="gptq"), calib, d / "sensitivity")
+            score_sensitivity(spec, SensitivitySpec(formats=KQUANTS), plain(method="gptq"), calib, d / "sensitivity")
             print(f"{arm}: sensitivity {time.perf_counter() - t:.0f} s", flush=True)
         arms[arm] = (spec, calib, d)
     spec_u, calib_u, d_u = arms["untied"]

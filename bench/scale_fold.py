@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.schemas.params import (AllocationSpec, FoldSpec, GGUFSpec, QuantizeSpec,
+from haloquant.schemas.params import (AllocationSpec, FoldSpec, GGUFSpec,
                             SensitivitySpec)
 from haloquant.tasks.allocate import allocate
 from haloquant.tasks.export_gguf import export_gguf
@@ -24,7 +24,7 @@ from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 from haloquant.tasks.sensitivity import score_sensitivity
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-fold"))
     args = ap.parse_args()
     spec, calib, text = setup(args.model, args.out)
-    qspec = QuantizeSpec(method=args.method)
+    qspec = plain(method=args.method)
     sens = args.out / "sensitivity"
     if not (sens / "sensitivity.json").is_file():
         score_sensitivity(spec, SensitivitySpec(formats=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]), qspec,

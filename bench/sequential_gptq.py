@@ -21,14 +21,14 @@ import numpy as np
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map, tensor_data_bytes
-from haloquant.schemas.params import QuantizeSpec, SensitivitySpec
+from haloquant.schemas.params import SensitivitySpec
 
-from common import REPO, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import KQUANTS, build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 
-SPECS = {"float Hessians": QuantizeSpec(method="gptq"),
-         "sequential": QuantizeSpec(method="gptq", gptq={"sequential": True})}
+SPECS = {"float Hessians": plain(method="gptq"),
+         "sequential": plain(method="gptq", gptq={"sequential": True})}
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         if not (sens / "sensitivity.json").is_file():
             from haloquant.tasks.sensitivity import score_sensitivity
 
-            score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"]), QuantizeSpec(method="gptq"), calib,
+            score_sensitivity(spec, SensitivitySpec(formats=KQUANTS + ["Q8_0"]), plain(method="gptq"), calib,
                               sens)
     for preset in args.presets:
         d = args.out / preset

@@ -44,6 +44,10 @@ def sweep_point(p: Params, bits_per_weight: float, root: Path, out: Path) -> Swe
     return _score(p, out, "haloquant", f"{bits_per_weight:g} bpw")
 
 
+# what llama-quantize --imatrix does, and nothing of haloquant's own: no statistics corrections
+LLAMA_QUANTIZE = QuantizeSpec(method="llamacpp", importance=True, correct_row_scales=False, correct_input_scales=False)
+
+
 def preset_point(p: Params, preset: str, root: Path, out: Path) -> SweepPoint:
     infos = quantizable_tensors(model_skeleton(p.model.path))
     f16 = out / "f16"  # llama-quantize needs a float GGUF to start from
@@ -51,11 +55,12 @@ def preset_point(p: Params, preset: str, root: Path, out: Path) -> SweepPoint:
                allocation_from_type_map(infos, {t.gguf_name: "F16" for t in infos}, "F16").model_dump())
     scale_fold(p.model, p.fold.model_copy(update={"method": "identity"}), root / "calibrate", f16 / "allocate",
                f16 / "scale_fold")
-    quantize(p.model, QuantizeSpec(), root / "calibrate", f16 / "allocate", f16 / "scale_fold", f16 / "quantize")
+    quantize(p.model, LLAMA_QUANTIZE.model_copy(update={"method": "rtn"}), root / "calibrate", f16 / "allocate",
+             f16 / "scale_fold", f16 / "quantize")
     export_gguf(p.model, p.export.gguf, f16 / "quantize", f16 / "export_gguf")
     type_map = preset_type_map(f16 / "export_gguf" / "model.gguf", preset, f16 / "llama.cpp.gguf")
     write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, preset).model_dump())
-    quantize(p.model, QuantizeSpec(method="llamacpp", importance=True), root / "calibrate", out / "allocate",
+    quantize(p.model, LLAMA_QUANTIZE, root / "calibrate", out / "allocate",
              f16 / "scale_fold", out / "quantize")
     export_gguf(p.model, p.export.gguf, out / "quantize", out / "export_gguf")
     return _score(p, out, "llama.cpp+imatrix", preset)
