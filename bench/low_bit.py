@@ -43,7 +43,7 @@ from haloquant.tasks.sensitivity import score_sensitivity
 from autoround_gguf import autoround_gguf  # noqa: E402  (bench/ is on sys.path when run as a script)
 from common import REPO, plain, setup  # noqa: E402
 from kquant_presets import build, build_mixed  # noqa: E402
-from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
+from paired_ppl import TOKENS_PER_CHUNK, cached_score, paired, paired_ratio  # noqa: E402
 
 PRESETS = ["IQ2_M", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 BPW = [2.5, 3.0, 3.5]
@@ -72,6 +72,19 @@ def versus(s: dict, ref: dict) -> dict:
     rel, lo, hi = paired(np.array(s["chunk_nll"]), np.array(ref["chunk_nll"]), TOKENS_PER_CHUNK)
     krel, klo, khi = paired_ratio(np.array(s["chunk_kl"]), np.array(ref["chunk_kl"]))
     return {"ppl_rel": rel, "ppl_lo": lo, "ppl_hi": hi, "kl_rel": krel, "kl_lo": klo, "kl_hi": khi}
+
+
+def versus_table(rows: list[dict], key: str, title: str) -> list[str]:
+    """Markdown lines: each row's `key` comparison (a versus() dict), if any row has one."""
+    if not any(key in r for r in rows):
+        return []
+    lines = ["", f"{title} (95 % paired):", "", "| size | row | Δ ppl (95 %) | Δ KL (95 %) |", "|---|---|---|---|"]
+    for r in (r for r in rows if key in r):
+        v = r[key]
+        lines.append(f"| {r['size']} | {r['row']} | {100 * v['ppl_rel']:+.2f} % ({100 * v['ppl_lo']:+.2f} … "
+                     f"{100 * v['ppl_hi']:+.2f}) | {100 * v['kl_rel']:+.1f} % ({100 * v['kl_lo']:+.1f} … "
+                     f"{100 * v['kl_hi']:+.1f}) |")
+    return lines
 
 
 def main() -> None:
@@ -106,14 +119,7 @@ def main() -> None:
     print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.3f}", flush=True)
 
     def scored(path: Path) -> dict:
-        cache = path.parent / "score.json"
-        if cache.is_file() and read_json(cache).get("chunks") == args.chunks:
-            return read_json(cache)
-        r = llama_cpp_perplexity(path, text, 512, args.chunks, reference=f16_logprobs)
-        out = {"chunks": args.chunks, "bytes": path.stat().st_size, "ppl": r["ppl"], "kl": r["kl"],
-               "chunk_nll": r["chunk_nll"], "chunk_kl": r["chunk_kl"]}
-        write_json(cache, out)
-        return out
+        return cached_score(path, text, args.chunks, f16_logprobs)
 
     infeasible: list[dict] = []
 
@@ -177,23 +183,8 @@ def main() -> None:
         dk = "" if same else f"{100 * r['kl_rel']:+.1f} % ({100 * r['kl_lo']:+.1f} … {100 * r['kl_hi']:+.1f})"
         lines.append(f"| {r['size']} | {r['row']} | {r['bytes']:,} | {r['ppl']:.3f} | {dp} | {r['kl']:.5f} | {dk} |")
     lines += [f"| {r['size']} | {r['row']} | infeasible: {r['why']} | | | | |" for r in infeasible]
-    lines += ["", "Every other row against haloquant k-quants at the same size (95 % paired):", "",
-              "| size | row | Δ ppl (95 %) | Δ KL (95 %) |", "|---|---|---|---|"]
-    for r in rows:
-        if "vs_kquants" in r:
-            v = r["vs_kquants"]
-            lines.append(f"| {r['size']} | {r['row']} | {100 * v['ppl_rel']:+.2f} % ({100 * v['ppl_lo']:+.2f} … "
-                         f"{100 * v['ppl_hi']:+.2f}) | {100 * v['kl_rel']:+.1f} % ({100 * v['kl_lo']:+.1f} … "
-                         f"{100 * v['kl_hi']:+.1f}) |")
-    if any("vs_autoround" in r for r in rows):
-        lines += ["", "haloquant's rows against AutoRound's file at the same preset (95 % paired):", "",
-                  "| size | row | Δ ppl (95 %) | Δ KL (95 %) |", "|---|---|---|---|"]
-        for r in rows:
-            if "vs_autoround" in r:
-                v = r["vs_autoround"]
-                lines.append(f"| {r['size']} | {r['row']} | {100 * v['ppl_rel']:+.2f} % ({100 * v['ppl_lo']:+.2f} … "
-                             f"{100 * v['ppl_hi']:+.2f}) | {100 * v['kl_rel']:+.1f} % ({100 * v['kl_lo']:+.1f} … "
-                             f"{100 * v['kl_hi']:+.1f}) |")
+    lines += versus_table(rows, "vs_kquants", "Every other row against haloquant k-quants at the same size")
+    lines += versus_table(rows, "vs_autoround", "haloquant's rows against AutoRound's file at the same preset")
     (args.out / "low_bit.md").write_text("\n".join(lines) + "\n")  # llama.cpp's log may interleave with stdout
     print("\n" + "\n".join(lines))
 

@@ -26,6 +26,22 @@ CTX = 512
 TOKENS_PER_CHUNK = len(range(CTX)[scored_slice(CTX)])  # the positions llama-perplexity scores
 
 
+def cached_score(path: Path, text: str, chunks: int, reference) -> dict:
+    """llama.cpp's perplexity and KL (against `reference` log-probabilities) of one GGUF with its per-chunk
+    values, kept beside it (score.json) so a bench called again reuses it."""
+    from haloquant.artifacts import read_json, write_json
+    from haloquant.llamacpp import llama_cpp_perplexity
+
+    cache = path.parent / "score.json"
+    if cache.is_file() and read_json(cache).get("chunks") == chunks:
+        return read_json(cache)
+    r = llama_cpp_perplexity(path, text, CTX, chunks, reference=reference)
+    out = {"chunks": chunks, "bytes": path.stat().st_size, "ppl": r["ppl"], "kl": r["kl"],
+           "chunk_nll": r["chunk_nll"], "chunk_kl": r["chunk_kl"]}
+    write_json(cache, out)
+    return out
+
+
 def paired(x: np.ndarray, y: np.ndarray, tokens_per_chunk: int, n_boot: int = 4000, seed: int = 0):
     """ppl(x)/ppl(y) − 1 over the same chunks, and its 95 % bootstrap interval (chunks resampled)."""
     diff = (x - y) / tokens_per_chunk

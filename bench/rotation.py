@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from haloquant.artifacts import read_json, write_json
+from haloquant.artifacts import write_json
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
@@ -34,7 +34,7 @@ from haloquant.tasks.sensitivity import score_sensitivity
 
 from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import build, build_mixed  # noqa: E402
-from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
+from paired_ppl import TOKENS_PER_CHUNK, cached_score, paired, paired_ratio  # noqa: E402
 
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 
@@ -94,14 +94,7 @@ def main() -> None:
     print(f"untied F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.3f}", flush=True)
 
     def scored(path: Path) -> dict:
-        cache = path.parent / "score.json"
-        if cache.is_file() and read_json(cache).get("chunks") == args.chunks:
-            return read_json(cache)
-        r = llama_cpp_perplexity(path, text, 512, args.chunks, reference=f16_logprobs)
-        out = {"chunks": args.chunks, "bytes": path.stat().st_size, "ppl": r["ppl"], "kl": r["kl"],
-               "chunk_nll": r["chunk_nll"], "chunk_kl": r["chunk_kl"]}
-        write_json(cache, out)
-        return out
+        return cached_score(path, text, args.chunks, f16_logprobs)
 
     tag = "gptq" + "".join(f"+{i}" for i in args.quantize)
     rows = []
