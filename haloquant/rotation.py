@@ -77,11 +77,10 @@ class RotationPlan:
     hd: int
     n_kv: int
     n_rep: int
-    heads: bool
     readers: dict[str, str] = field(default_factory=dict)  # linear weight → the norm weight folded into it
     writers: set[str] = field(default_factory=set)  # linear weights (and biases) whose outputs join the stream
-    v_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # weight/bias → (layer, first v row)
-    o_cols: dict[str, int] = field(default_factory=dict)  # o weight → layer
+    v_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # weight/bias → (layer, first v row); heads only
+    o_cols: dict[str, int] = field(default_factory=dict)  # o weight → layer; heads only
     norms: set[str] = field(default_factory=set)
 
     def head_rotation(self, layer: int, kv_head: int) -> torch.Tensor:
@@ -93,38 +92,42 @@ class RotationPlan:
         w = t.to(torch.float64, copy=True)
         if name in self.norms:
             return torch.full_like(w, 1.0 - off)
-        if name in (f"{self.fam.embedding}.weight",):
-            return torch.cat([w[i:i + 8192] @ self.q for i in range(0, w.shape[0], 8192)])
+        if name == f"{self.fam.embedding}.weight":
+            return self._times_q(w)
         if name in self.readers:
-            gamma = off + read(self.readers[name]).double()
-            w = torch.cat([(w[i:i + 8192] * gamma[None, :]) @ self.q for i in range(0, w.shape[0], 8192)])
+            w = self._times_q(w, off + read(self.readers[name]).double())
         if name in self.writers:
             w = self.q.T @ w if w.ndim == 2 else w @ self.q
-        if name in self.v_rows and self.heads:
+        if name in self.v_rows:
             layer, start = self.v_rows[name]
             for h in range(self.n_kv):
                 r, rows = self.head_rotation(layer, h), slice(start + h * self.hd, start + (h + 1) * self.hd)
                 w[rows] = r.T @ w[rows] if w.ndim == 2 else w[rows] @ r
-        if name in self.o_cols and self.heads:
+        if name in self.o_cols:
             for h in range(self.n_kv):
                 r = self.head_rotation(self.o_cols[name], h)
                 for j in range(h * self.n_rep, (h + 1) * self.n_rep):
                     w[:, j * self.hd:(j + 1) * self.hd] = w[:, j * self.hd:(j + 1) * self.hd] @ r
         return w
 
+    def _times_q(self, w: torch.Tensor, gamma: torch.Tensor | None = None) -> torch.Tensor:
+        """(w · diag(gamma)) Q, 8192 rows at a time (a vocabulary-sized embedding in float64 is large)."""
+        g = torch.ones(w.shape[1], dtype=w.dtype) if gamma is None else gamma
+        return torch.cat([(w[i:i + 8192] * g[None, :]) @ self.q for i in range(0, w.shape[0], 8192)])
+
 
 def plan_for(fam: Family, cfg, seed: int = 0, heads: bool = True) -> RotationPlan:
     hd = head_dim(cfg)
     n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
     plan = RotationPlan(fam, randomized_hadamard(cfg.hidden_size, seed), seed, hd, n_kv,
-                        cfg.num_attention_heads // n_kv, heads)
+                        cfg.num_attention_heads // n_kv)
     for i in range(cfg.num_hidden_layers):
         p = fam.layer(i)
         for f in fam.norm_feeds:
             plan.norms.add(f"{p}.{f.norm}.weight")
             plan.readers.update({f"{p}.{t}.weight": f"{p}.{f.norm}.weight" for t in f.linears})
         plan.writers.update(f"{p}.{w}.{x}" for w in fam.residual_writers for x in ("weight", "bias"))
-        for f in (f for f in fam.rows_feeds if f.per_kv_head):
+        for f in (f for f in fam.rows_feeds if f.per_kv_head and heads):
             start = f.rows(cfg).start or 0
             plan.v_rows.update({f"{p}.{f.source}.weight": (i, start), f"{p}.{f.source}.bias": (i, start)})
             plan.o_cols[f"{p}.{f.target}.weight"] = i

@@ -159,3 +159,21 @@ def test_quantized_rotated_gguf_computes_what_torch_computes(case, zoo):
     torch_ppl = score(load_quantized_model(folder, out / "quantize", "cpu"), chunks)["ppl"]
     lc = llama_cpp_perplexity(out / "gguf" / "model.gguf", text, 128, 3)
     assert math.isfinite(lc["ppl"]) and abs(lc["ppl"] / torch_ppl - 1) < 0.01, (lc["ppl"], torch_ppl)
+
+
+def test_stream_only_rotation_is_exact_too(zoo):
+    """heads=False (`--no-heads`): the residual rotation alone, v/o left in their basis — also the same function."""
+    case = next(c for c in ROTATABLE if c.family == "phi3" and c.kv_heads < c.heads)  # fused qkv, GQA
+    model = load_model(make_model(case, zoo), "cpu").float()
+    ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(1))
+    ref = _logits(model, ids)
+    v_before = model.model.layers[0].self_attn.qkv_proj.weight.detach().clone()
+    rotate_model(model, seed=5, heads=False)
+    assert (_logits(model, ids) - ref).abs().max() < 1e-4
+    full = load_model(make_model(case, zoo), "cpu").float()
+    rotate_model(full, seed=5, heads=True)
+    after, with_heads = model.model.layers[0].self_attn.qkv_proj.weight, full.model.layers[0].self_attn.qkv_proj.weight
+    q_rows = case.heads * (case.hidden // case.heads)
+    assert torch.allclose(after[:q_rows], with_heads[:q_rows])  # q (and k) rows: the stream's rotation only
+    assert not torch.allclose(after[-(q_rows // case.heads * case.kv_heads):], with_heads[-(q_rows // case.heads * case.kv_heads):])
+    assert not torch.allclose(after, v_before)
