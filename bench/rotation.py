@@ -28,7 +28,7 @@ from haloquant.artifacts import write_json
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
-from haloquant.rotation import WEIGHT_FILES, write_rotated
+from haloquant.rotation import copy_side_files, write_rotated
 from haloquant.schemas.params import SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 
@@ -50,9 +50,7 @@ def untied_copy(src: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "config.json" and not f.name.endswith(".index.json"):
-            shutil.copy(f, tmp / f.name)
+    copy_side_files(src, tmp)
     model.save_pretrained(tmp)
     tmp.rename(out)
     return out

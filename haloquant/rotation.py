@@ -157,6 +157,15 @@ def rotate_model(model, seed: int = 0, heads: bool = True) -> dict:
     return {"hidden": model.config.hidden_size, "seed": seed, "untied_head": untied, "heads": heads}
 
 
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Every file of the model folder `src` but its weights, their index and config.json (tokenizer, chat
+    template, generation config …): what a rewritten copy of the model keeps as it is."""
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "config.json" \
+                and not f.name.endswith(".index.json"):
+            shutil.copy(f, dst / f.name)
+
+
 def _shards(src: Path) -> list[Path]:
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
@@ -218,10 +227,7 @@ def write_rotated(src: str | Path, out: str | Path, seed: int = 0, heads: bool =
     config["tie_word_embeddings"] = False
     if "tie_word_embeddings" in config.get("text_config", {}):
         config["text_config"]["tie_word_embeddings"] = False
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "config.json" \
-                and not f.name.endswith(".index.json"):
-            shutil.copy(f, tmp / f.name)
+    copy_side_files(src, tmp)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if len(shards) > 1:
         (tmp / "model.safetensors.index.json").write_text(
