@@ -24,7 +24,7 @@ from haloquant import HaloquantError
 from haloquant.artifacts import read_json, sha256_json, sha256_tree, write_json
 from haloquant.schemas.fleet import Fleet, load_fleet
 from haloquant.schemas.params import OrchestrationSpec, load_params
-from haloquant.tasks import STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
+from haloquant.tasks import SHARED_STAGES, STAGES, TRAIN_POLICY, Stage, find_stage, sweep_stages
 from haloquant.tasks.fleet import preflight_fleet
 from haloquant.tasks.fleet_report import report_fleet
 from haloquant.tasks.runner import (artifacts_root, fingerprint, fingerprint_parts, preflight, timed_line,
@@ -202,10 +202,10 @@ def local_cluster_environ():
 
 @flow(name="haloquant-sweep", log_prints=True)
 def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
-    """calibrate and sensitivity (cached, shared with the main flow), then every sweep budget and
+    """rotate, calibrate and sensitivity (cached, shared with the main flow), then every sweep budget and
     llama.cpp preset as mapped tasks on `orchestration`'s runner, then the Pareto plot."""
     params_path = Path(params_file).resolve()
-    results = _run_in_order(params_path, STAGES[:2])
+    results = _run_in_order(params_path, SHARED_STAGES)
     params = load_params(params_path)
     root = artifacts_root(params_path)
     *points, pareto_stage = sweep_stages(params)
@@ -281,6 +281,6 @@ def fleet_stages(fleet_file: str) -> dict[str, dict]:
 
 @flow(name="train-policy", log_prints=True)
 def train_policy_flow(params_file: str = "params.yaml") -> dict[str, dict]:
-    """calibrate and sensitivity (cached, shared with the main flow), then train_policy: a policy
+    """rotate, calibrate and sensitivity (cached, shared with the main flow), then train_policy: a policy
     folder under artifacts/train_policy for `allocation.solver: sac`."""
-    return _run_in_order(Path(params_file).resolve(), STAGES[:2] + (TRAIN_POLICY,))
+    return _run_in_order(Path(params_file).resolve(), SHARED_STAGES + (TRAIN_POLICY,))

@@ -47,6 +47,18 @@ class TensorInfo:
         return self.name.removesuffix(".weight")
 
 
+def model_name(path: str | Path) -> str:
+    """The model's name in artifacts and the GGUF: its folder's, or for a rotated copy its source's
+    (haloquant/rotation.py records it), since the copy computes the same model."""
+    path = Path(path)
+    record = path / "rotation.json"
+    if record.is_file():
+        source = json.loads(record.read_text()).get("source")
+        if isinstance(source, str) and source:
+            return source
+    return path.name
+
+
 def read_config(path: Path) -> dict:
     p = Path(path) / "config.json"
     try:

@@ -232,7 +232,7 @@ def write_rotated(src: str | Path, out: str | Path, seed: int = 0, heads: bool =
     if len(shards) > 1:
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    report = {"source": str(src), "hidden": cfg.hidden_size, "seed": seed, "heads": heads, "untied_head": untie,
+    report = {"source": src.name, "hidden": cfg.hidden_size, "seed": seed, "heads": heads, "untied_head": untie,
               "dtype": str(dtype).removeprefix("torch.") if dtype else "source"}
     (tmp / "rotation.json").write_text(json.dumps(report, indent=1))
     shutil.rmtree(out, ignore_errors=True)

@@ -111,6 +111,15 @@ class PolicyCard(Artifact):
     final_proxy_regret: float  # cost / MILP optimum − 1 at the evaluation budgets, last curve point
 
 
+class RotationRecord(Artifact):
+    enabled: bool
+    model: str  # the source model folder's name
+    seed: int | None = None
+    heads: bool | None = None
+    untied_head: bool | None = None
+    files: dict[str, str] = {}  # the rotated folder's files → sha256: what the stages after it read
+
+
 class FoldResult(Artifact):
     method: str
     scales_file: str | None

@@ -190,6 +190,19 @@ class GPTQSpec(Strict):
         "damp leans toward that role")
 
 
+class RotateSpec(Strict):
+    """Rotation preconditioning (haloquant/rotation.py): the stages quantize a rotated copy of the model —
+    norms folded into the linears after them, the residual stream in a randomized-Hadamard basis, each kv head's
+    v → o pair rotated — which computes the same logits and runs in unmodified llama.cpp. A tied head is untied
+    (its bytes count). Not Gemma 2/3 (their post-norms cannot take the rotation back)."""
+
+    enabled: bool = Field(False, description="quantize a rotated copy (artifacts/rotate/model, as large as the "
+                          "model in its own dtype); off: on ref-llama-a it lowered perplexity at Q2_K's size "
+                          "and raised KL at every size (bench/results/rotation_ref-llama-a.md)")
+    seed: int = Field(0, description="the random signs and orthogonal factor of the randomized Hadamard matrices")
+    heads: bool = Field(True, description="also rotate each kv head's v rows and o columns")
+
+
 class BlockTuningSpec(Strict):
     """Block-output reconstruction after the quantizer (haloquant/reconstruct.py): each decoder
     block's codes tuned by signed gradient against the float block's output; scales kept."""
@@ -212,11 +225,11 @@ class QuantizeSpec(Strict):
     importance: bool = Field(True, description="weight k-quant scale fits by calibration E[x²] (imatrix)")
     block_tuning: BlockTuningSpec = BlockTuningSpec()
     correct_row_scales: bool = Field(
-        False, description="after encoding, rescale each output row's block scales by the least-squares factor of its "
+        True, description="after encoding, rescale each output row's block scales by the least-squares factor of its "
         "output on calibration data (haloquant/row_scale.py); same bytes layout, a row is changed only where its "
         "output error drops")
     correct_input_scales: bool = Field(
-        False, description="after encoding (and block tuning), rescale each linear group's input channels by least "
+        True, description="after encoding (and block tuning), rescale each linear group's input channels by least "
         "squares so the quantized outputs match the float model's on calibration data, block by block on the "
         "quantized model's own inputs (haloquant/input_scales.py): the factors go into the norm weights (q/k/v, "
         "gate/up) and the v and up rows' block scales (o, down); a group changes only where its output error drops")
@@ -311,6 +324,7 @@ class OrchestrationSpec(Strict):
 
 class Params(Strict):
     model: ModelSpec
+    rotate: RotateSpec = RotateSpec()
     calibration: CalibrationSpec
     sensitivity: SensitivitySpec
     allocation: AllocationSpec

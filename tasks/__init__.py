@@ -39,6 +39,7 @@ class Stage:
     runtimes: tuple[str, ...] = ("torch",)  # haloquant/environment.py: third-party code in its cache key
     foreach: str | None = None  # params key of a list: a template, one stage per item ("${item}" below)
     item: object = None  # the item of a stage made from a template
+    uncached: tuple[str, ...] = ()  # outputs DVC records but does not copy into its cache (model-sized folders)
 
     @property
     def code(self) -> tuple[str, ...]:
@@ -46,14 +47,15 @@ class Stage:
         return stage_code(self.run.func if isinstance(self.run, partial) else self.run)
 
     def all_outs(self) -> tuple[str, ...]:
-        return self.outs + self.metrics + self.plots
+        return self.outs + self.uncached + self.metrics + self.plots
 
     def at(self, item) -> "Stage":
         """The template's stage for one item (names and paths with the item as DVC renders it)."""
         label = item_label(item)
         sub = lambda xs: tuple(x.replace(ITEM, label) for x in xs)  # noqa: E731
         return replace(self, name=f"{self.name}@{label}", inputs=sub(self.inputs), outs=sub(self.outs),
-                       metrics=sub(self.metrics), plots=sub(self.plots), run=partial(self.run, item=item),
+                       uncached=sub(self.uncached), metrics=sub(self.metrics), plots=sub(self.plots),
+                       run=partial(self.run, item=item),
                        foreach=None, item=item)
 
 
@@ -71,76 +73,98 @@ def item_label(item) -> str:
     return str(float(item)) if isinstance(item, float) else str(item)
 
 
+ROTATED_MODEL = "rotate/model"  # the rotated copy (an empty folder when rotation is off)
+
+
+def _rotate(p: Params, root: Path):
+    from haloquant.tasks.rotate import rotate
+    return rotate(p.model, p.rotate, root / ROTATION[0], root / ROTATED_MODEL)
+
+
+def _model(p: Params, root: Path):
+    """The model every stage after `rotate` quantizes: the checkpoint, or its rotated copy."""
+    return p.model.model_copy(update={"path": root / ROTATED_MODEL}) if p.rotate.enabled else p.model
+
+
 def _calibrate(p: Params, root: Path):
     from haloquant.tasks.calibrate import calibrate
-    return calibrate(p.model, p.calibration, root / "calibrate")
+    return calibrate(_model(p, root), p.calibration, root / "calibrate")
 
 
 def _sensitivity(p: Params, root: Path):
     from haloquant.tasks.sensitivity import score_sensitivity
-    return score_sensitivity(p.model, p.sensitivity, p.quantize, root / "calibrate", root / "sensitivity")
+    return score_sensitivity(_model(p, root), p.sensitivity, p.quantize, root / "calibrate", root / "sensitivity")
 
 
 def _allocate(p: Params, root: Path):
     from haloquant.tasks.allocate import allocate
-    return allocate(p.allocation, root / "sensitivity", root / "allocate", p.model, p.quantize, root / "calibrate")
+    return allocate(p.allocation, root / "sensitivity", root / "allocate", _model(p, root), p.quantize,
+                    root / "calibrate")
 
 
 def _scale_fold(p: Params, root: Path):
     from haloquant.tasks.scale_fold import scale_fold
-    return scale_fold(p.model, p.fold, root / "calibrate", root / "allocate", root / "scale_fold")
+    return scale_fold(_model(p, root), p.fold, root / "calibrate", root / "allocate", root / "scale_fold")
 
 
 def _quantize(p: Params, root: Path):
     from haloquant.tasks.quantize import quantize
-    return quantize(p.model, p.quantize, root / "calibrate", root / "allocate", root / "scale_fold",
+    return quantize(_model(p, root), p.quantize, root / "calibrate", root / "allocate", root / "scale_fold",
                     root / "quantize")
 
 
 def _export_gguf(p: Params, root: Path):
     from haloquant.tasks.export_gguf import export_gguf
-    return export_gguf(p.model, p.export.gguf, root / "quantize", root / "export_gguf")
+    return export_gguf(_model(p, root), p.export.gguf, root / "quantize", root / "export_gguf")
 
 
 def _export_onnx(p: Params, root: Path):
     from haloquant.tasks.export_onnx import export_onnx
-    return export_onnx(p.model, p.export.onnx, root / "quantize", root / "export_onnx")
+    return export_onnx(_model(p, root), p.export.onnx, root / "quantize", root / "export_onnx")
 
 
 def _validate(p: Params, root: Path):
+    """The quantized model against the checkpoint itself (not its rotated copy) as the float reference."""
     from haloquant.tasks.validate import validate
-    return validate(p.model, p.validate_, root / "calibrate", root / "quantize", root / "export_gguf",
-                    root / "export_onnx", root / "validate")
+    return validate(_model(p, root), p.validate_, root / "calibrate", root / "quantize", root / "export_gguf",
+                    root / "export_onnx", root / "validate", reference=p.model)
 
 
+ROTATION = ("rotate/rotation.json",)  # what the stages after `rotate` read of it (the copy's files by hash)
 CALIB_OUTS = ("calibrate/stats.safetensors", "calibrate/calibration.json")
 SENS_OUTS = ("sensitivity/sensitivity.json", "sensitivity/embeddings.json")
 STAGES: tuple[Stage, ...] = (
-    Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}"), CALIB_OUTS, _calibrate),
-    Stage("sensitivity", ("model", "sensitivity", "quantize.method", "quantize.gptq", "quantize.importance"), ("${model.path}",) + CALIB_OUTS, SENS_OUTS, _sensitivity,
+    Stage("rotate", ("model", "rotate"), ("${model.path}",), ROTATION, _rotate, uncached=(ROTATED_MODEL,)),
+    Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}") + ROTATION, CALIB_OUTS,
+          _calibrate),
+    Stage("sensitivity", ("model", "sensitivity", "quantize.method", "quantize.gptq", "quantize.importance"),
+          ("${model.path}",) + ROTATION + CALIB_OUTS, SENS_OUTS, _sensitivity,
           runtimes=("torch", "llama.cpp", "converter")),
     # the model, its calibration and quantizer (as sensitivity measures it, plus the row-scale correction): for
     # allocation.refine's measured KL
     Stage("allocate", ("allocation", "model", "quantize.method", "quantize.gptq", "quantize.importance",
-                       "quantize.correct_row_scales"), ("${model.path}",) + CALIB_OUTS + SENS_OUTS + (
+                       "quantize.correct_row_scales"), ("${model.path}",) + ROTATION + CALIB_OUTS + SENS_OUTS + (
           "${allocation.policy}",), ("allocate/allocation.json",),
           _allocate, plots=("allocate/bits_per_layer.json",), runtimes=("torch", "llama.cpp")),
-    Stage("scale_fold", ("model", "fold"), ("${model.path}",) + CALIB_OUTS + ("allocate/allocation.json",),
+    Stage("scale_fold", ("model", "fold"), ("${model.path}",) + ROTATION + CALIB_OUTS + ("allocate/allocation.json",),
           ("scale_fold/fold.json", "scale_fold/scales.safetensors"), _scale_fold, plots=("scale_fold/outliers.json",),
           runtimes=("torch", "llama.cpp")),
-    Stage("quantize", ("model", "quantize"), ("${model.path}",) + CALIB_OUTS + (
+    Stage("quantize", ("model", "quantize"), ("${model.path}",) + ROTATION + CALIB_OUTS + (
           "allocate/allocation.json", "scale_fold/fold.json", "scale_fold/scales.safetensors"),
           ("quantize/tensors.safetensors", "quantize/quantized.json"), _quantize, runtimes=("torch", "llama.cpp")),
-    Stage("export_gguf", ("model", "export.gguf"), ("${model.path}", "quantize/tensors.safetensors",
+    Stage("export_gguf", ("model", "export.gguf"), ("${model.path}",) + ROTATION + ("quantize/tensors.safetensors",
           "quantize/quantized.json"), ("export_gguf/model.gguf", "export_gguf/export.json"), _export_gguf,
           runtimes=("torch", "converter")),
-    Stage("export_onnx", ("model", "export.onnx"), ("${model.path}", "quantize/tensors.safetensors",
+    Stage("export_onnx", ("model", "export.onnx"), ("${model.path}",) + ROTATION + ("quantize/tensors.safetensors",
           "quantize/quantized.json"), ("export_onnx",), _export_onnx, runtimes=("torch", "onnx")),
-    Stage("validate", ("model", "validate"), ("${model.path}", "${validate.text}", "calibrate/calibration.json",
+    Stage("validate", ("model", "validate"), ("${model.path}", "${validate.text}") + ROTATION + ("calibrate/calibration.json",
           "quantize/tensors.safetensors", "quantize/quantized.json", "export_gguf/model.gguf", "export_onnx"),
           ("validate/report.json",), _validate, metrics=("validate/metrics.json",),
           plots=("validate/size_ppl.json",), runtimes=("torch", "llama.cpp", "onnx")),
 )
+
+# what the budget sweep and the policy training share with the main flow: the budget plays no part in them
+SHARED_STAGES = tuple(s for s in STAGES if s.name in ("rotate", "calibrate", "sensitivity"))
 
 
 def _train_policy(p: Params, root: Path):
@@ -164,14 +188,20 @@ TRAIN_POLICY = Stage("train_policy", ("train_policy",), ("calibrate/calibration.
 BUDGET_POINT_DIR, PRESET_POINT_DIR = "sweep/bpw-{}", "sweep/preset-{}"
 
 
+def _quantized(p: Params, root: Path) -> Params:
+    return p.model_copy(update={"model": _model(p, root)})
+
+
 def _sweep_point(p: Params, root: Path, item: float):
     from haloquant.tasks.sweep import sweep_point
-    return sweep_point(p, item, root, root / BUDGET_POINT_DIR.format(item_label(item)))
+    return sweep_point(_quantized(p, root), item, root, root / BUDGET_POINT_DIR.format(item_label(item)))
 
 
 def _preset_point(p: Params, root: Path, item: str):
+    """llama.cpp's preset of the model the pipeline quantizes (the rotated copy when rotation is on:
+    the calibration imatrix is of that model)."""
     from haloquant.tasks.sweep import preset_point
-    return preset_point(p, item, root, root / PRESET_POINT_DIR.format(item))
+    return preset_point(_quantized(p, root), item, root, root / PRESET_POINT_DIR.format(item))
 
 
 def _pareto(p: Params, root: Path):
@@ -179,12 +209,12 @@ def _pareto(p: Params, root: Path):
     return pareto(p, root, root / "pareto")
 
 
-SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}") + CALIB_OUTS + SENS_OUTS + ("${allocation.policy}",)
+SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}") + ROTATION + CALIB_OUTS + SENS_OUTS + ("${allocation.policy}",)
 SWEEP = Stage("sweep", ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "allocation.policy",
                         "allocation.refine", "fold", "quantize", "validate", "export.gguf", "sweep.max_chunks"),  # not the budget: each
               SWEEP_POINT_INPUTS, (BUDGET_POINT_DIR.format(ITEM),), _sweep_point,              # point has its own
               runtimes=("torch", "llama.cpp", "converter"), foreach="sweep.bits_per_weight")
-PRESET = Stage("preset", ("model", "validate", "export.gguf", "sweep.max_chunks"), SWEEP_POINT_INPUTS[:4],
+PRESET = Stage("preset", ("model", "validate", "export.gguf", "sweep.max_chunks"), SWEEP_POINT_INPUTS[:5],
                (PRESET_POINT_DIR.format(ITEM),), _preset_point, runtimes=("torch", "llama.cpp", "converter"),
                foreach="sweep.presets")
 PARETO = Stage("pareto", ("sweep.bits_per_weight", "sweep.presets"), ("sweep",), (), _pareto,

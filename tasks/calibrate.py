@@ -20,7 +20,8 @@ from haloquant import HaloquantError
 from haloquant.artifacts import atomic_path, sha256_file, write_json
 from haloquant.blocks import block_inputs, block_output, logits_after_blocks
 from haloquant.inputs import check_enough_tokens, check_finite
-from haloquant.modelio import decoder_layers, load_model, load_tokenizer, output_head_module, quantizable_tensors
+from haloquant.modelio import (decoder_layers, load_model, load_tokenizer, model_name, output_head_module,
+                               quantizable_tensors)
 from haloquant.progress import track
 from haloquant.streaming import compute_device, on_device
 from haloquant.textdata import calibration_batch, read_text, sequence_bos, tokenize
@@ -134,7 +135,7 @@ def calibrate(model_spec: ModelSpec, spec: CalibrationSpec, out_dir: Path) -> Ca
     with atomic_path(out_dir / STATS_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     report = CalibrationReport(
-        model=Path(model_spec.path).name, text_sha256=sha256_file(spec.text),
+        model=model_name(model_spec.path), text_sha256=sha256_file(spec.text),
         n_sequences=spec.n_sequences, seq_len=spec.seq_len, seed=spec.seed, n_tokens=int(batch.numel()),
         stats_file=STATS_FILE, input_of=input_of, output_head=output_head_module(model), bos_id=bos,
         device=str(device),

@@ -26,7 +26,7 @@ from haloquant.calibstats import CalibrationStats
 from haloquant.folding import load_folds
 from haloquant.formats import get_format
 from haloquant.input_scales import correct_input_scales
-from haloquant.modelio import float_tensors, load_model, quantizable_tensors
+from haloquant.modelio import float_tensors, load_model, model_name, quantizable_tensors
 from haloquant.progress import track
 from haloquant.quantizer import quantize_tensor, uses_gptq
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
@@ -88,7 +88,7 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     n_weights = sum(t.n_weights for t in infos)
     qbytes = sum(q.bytes for q in quantized)
     manifest = QuantizedManifest(
-        method=spec.method, model=Path(model_spec.path).name, tensors_file=TENSORS_FILE, quantized=quantized,
+        method=spec.method, model=model_name(model_spec.path), tensors_file=TENSORS_FILE, quantized=quantized,
         float_tensors=sorted(floats), total_bytes=qbytes + sum(v.numel() * 4 for v in floats.values()),
         n_weights=n_weights, bits_per_weight=8 * qbytes / n_weights,
     )

@@ -22,6 +22,7 @@ from haloquant.inputs import check_model_files
 from haloquant.resume import journal_for
 from haloquant.schemas.params import Params, load_params
 from haloquant.tasks import ALL_STAGES, REPO, STAGES, Stage, expand, find_stage
+from haloquant.tasks.rotate import check_rotation
 from haloquant.textdata import check_disjoint, read_text
 
 log = logging.getLogger("haloquant.stages")
@@ -33,6 +34,7 @@ RESUME_DIR = ".resume"  # under the artifacts root: interrupted stages' finished
 def preflight(params: Params) -> None:
     """Input checks every stage runs before it writes anything."""
     check_model_files(params.model.path)
+    check_rotation(params.model, params.rotate)
     read_text(params.calibration.text, "calibration.text")
     read_text(params.validate_.text, "validate.text")
     check_disjoint(params.calibration.text, params.validate_.text)
@@ -166,8 +168,8 @@ def _dvc_stage(s: Stage, code_dir: str) -> dict:
     d["deps"] = [i if i.startswith("${") else f"artifacts/{i}" for i in s.inputs] + \
         [f"{code_dir}{c}" for c in s.code] + [f"artifacts/{environment_file(Path(), r).as_posix()}" for r in s.runtimes]
     d["params"] = list(s.params)
-    if s.outs:
-        d["outs"] = [f"artifacts/{o}" for o in s.outs]
+    if s.outs or s.uncached:
+        d["outs"] = [f"artifacts/{o}" for o in s.outs] + [{f"artifacts/{o}": {"cache": False}} for o in s.uncached]
     if s.metrics:
         d["metrics"] = [{f"artifacts/{m}": {"cache": False}} for m in s.metrics]
     if s.plots:

@@ -43,7 +43,7 @@ from haloquant.fisher import fisher_lookup_error, fisher_output_error, output_fi
 from haloquant.klprobe import KLProbe, first_block  # noqa: F401  (KLProbe: also the tests')
 from haloquant.formats import QuantFormat, get_format
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
-from haloquant.modelio import (TensorInfo, decoder_layers, float_tensors, load_model, output_head_module,
+from haloquant.modelio import (TensorInfo, decoder_layers, float_tensors, load_model, model_name, output_head_module,
                                quantizable_tensors)
 from haloquant.progress import track
 from haloquant.resume import Journal
@@ -113,7 +113,7 @@ def linear_of(model, t: TensorInfo) -> str | None:
 def _gguf_overhead(model_spec: ModelSpec, infos, floats) -> int:
     """What a GGUF of this model holds beyond tensor data (for allocation.budget.file_bytes)."""
     return gguf_overhead_bytes(Path(model_spec.path), {t.name: t.shape for t in infos},
-                               {n: v.cpu().numpy() for n, v in floats.items()}, Path(model_spec.path).name,
+                               {n: v.cpu().numpy() for n, v in floats.items()}, model_name(model_spec.path),
                                gguf_add_bos(model_spec))
 
 

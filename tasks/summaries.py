@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from haloquant.schemas.artifacts import (AllocationResult, CalibrationReport, ExportReport, FoldResult,
-                                         PolicyCard, QuantizedManifest, SensitivityTable, SweepPoint,
-                                         ValidationReport)
+                                         PolicyCard, QuantizedManifest, RotationRecord, SensitivityTable,
+                                         SweepPoint, ValidationReport)
 
 
 def _counts(values) -> str:
@@ -14,6 +14,11 @@ def _counts(values) -> str:
 
 
 def summary(obj) -> str:
+    if isinstance(obj, RotationRecord):
+        if not obj.enabled:
+            return f"{obj.model} as it is (rotate.enabled: false)"
+        return (f"{obj.model} rotated (seed {obj.seed}{', v → o per head' if obj.heads else ''}"
+                f"{', head untied' if obj.untied_head else ''}): {len(obj.files)} files")
     if isinstance(obj, CalibrationReport):
         return (f"{obj.n_tokens:,} tokens ({obj.n_sequences} × {obj.seq_len}) through {obj.model}; statistics of "
                 f"{len(set(obj.input_of.values()))} linear inputs")

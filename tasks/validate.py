@@ -68,7 +68,9 @@ def scoped_metrics(report: dict, passed: bool) -> dict:
 
 
 def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_dir: Path, gguf_dir: Path,
-             onnx_dir: Path, out_dir: Path) -> ValidationReport:
+             onnx_dir: Path, out_dir: Path, reference: ModelSpec | None = None) -> ValidationReport:
+    """`model_spec`: the model that was quantized; `reference`: the float model to score against
+    (the checkpoint itself where the stages quantized a rotated copy of it; default: `model_spec`)."""
     text = read_text(spec.text, "validate.text")
     calib = read_artifact(calib_dir / "calibration.json", CalibrationReport)
     if calib.text_sha256 == sha256_file(spec.text):
@@ -80,7 +82,8 @@ def validate(model_spec: ModelSpec, spec: ValidateSpec, calib_dir: Path, quant_d
     # the quantized model first: streamed, it keeps only the quantized bytes of its blocks, so the
     # host never holds two float models at once
     quant_model = load_quantized_model(model_spec.path, quant_dir, model_spec.device, model_spec.stream)
-    float_model = load_model(model_spec.path, model_spec.device, model_spec.stream)
+    reference = reference or model_spec
+    float_model = load_model(reference.path, reference.device, reference.stream)
     torch_scores = score(quant_model, chunks, ref_model=float_model, batch_size=spec.batch_size)
     del float_model
     manifest, _ = read_quantized(quant_dir)

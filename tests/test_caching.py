@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import copy_project, small_params, write_params
 
-STAGES = ["calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf", "export_onnx", "validate"]
+STAGES = ["rotate", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf", "export_onnx", "validate"]
 
 
 def sh(cmd, cwd):
@@ -62,7 +62,7 @@ def test_dvc_repro_caching(tmp_path):
     params["allocation"]["budget"]["bits_per_weight"] = 4.75
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = sh("dvc repro", proj)
-    assert ran(third) == STAGES[2:]  # the sweep has its own budgets: untouched
+    assert ran(third) == STAGES[3:]  # the sweep has its own budgets: untouched
     assert "Stage 'calibrate' didn't change" in third and "Stage 'sensitivity' didn't change" in third
 
     metrics = sh("dvc metrics show --json", proj)
@@ -70,6 +70,11 @@ def test_dvc_repro_caching(tmp_path):
     plots = sh("dvc plots show --json", proj)
     assert "bits_per_layer.json" in plots and "size_ppl.json" in plots and "pareto.json" in plots
     assert "learning_curve.json" in plots
+
+    # a rotation seed while rotation is off: rotate re-runs, writes the same record, and nothing after it runs
+    params["rotate"]["seed"] = 1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(sh("dvc repro", proj)) == ["rotate"]
 
     params["sweep"]["bits_per_weight"] = [4.0, 5.0]  # one more point: only it and the plot run
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -113,7 +118,7 @@ def test_prefect_flow_caching(tmp_path, monkeypatch):
 
     write_params(tmp_path, small_params(**{"allocation.budget": {"bits_per_weight": 4.75}}))
     after_edit = states()
-    assert [s for s in STAGES if after_edit[s] == "Cached"] == ["calibrate", "sensitivity"]
+    assert [s for s in STAGES if after_edit[s] == "Cached"] == ["rotate", "calibrate", "sensitivity"]
 
     # outputs deleted behind the flow's back are recomputed, not served stale from the cache
     (tmp_path / "artifacts" / "export_gguf" / "model.gguf").unlink()
@@ -129,7 +134,7 @@ def test_prefect_sweep_flow_maps_points(tmp_path):
     params_file = write_params(tmp_path, small_params(sweep={"bits_per_weight": [4.75, 5.5], "presets": ["Q4_K_M"],
                                                              "max_chunks": 1}))
     first = {k: v["state"] for k, v in haloquant_sweep(str(params_file)).items()}
-    assert set(first) == {"calibrate", "sensitivity", "sweep@4.75", "sweep@5.5", "preset@Q4_K_M", "pareto"}
+    assert set(first) == {"rotate", "calibrate", "sensitivity", "sweep@4.75", "sweep@5.5", "preset@Q4_K_M", "pareto"}
     assert set(first.values()) == {"Completed"}
     second = {k: v["state"] for k, v in haloquant_sweep(str(params_file)).items()}
     assert set(second.values()) == {"Cached"}

@@ -94,7 +94,7 @@ def test_a_fleet_of_two_models_as_one_flow(tmp_path):
     set_budget(fleet, "qwen", 4.75)
     edited = haloquant_fleet(str(fleet))
     redid = last_run()["redid"]
-    assert sorted(redid) == sorted(f"qwen/{s}" for s in STAGES[2:])
+    assert sorted(redid) == sorted(f"qwen/{s}" for s in STAGES[3:])
     assert redid["qwen/allocate"] == "changed: spec allocation"
     assert redid["qwen/scale_fold"] == "changed: input allocate/allocation.json"
     assert all(edited[k]["state"] == "Cached" for k in edited if k not in redid)
@@ -152,7 +152,7 @@ def test_a_fleet_as_one_dvc_repro(tmp_path):
 
     set_budget(fleet, "tiny", 4.75)
     third = ran(sh("dvc repro fleet/dvc.yaml", proj))
-    assert third == [f"fleet/tiny/dvc.yaml:{x}" for x in STAGES[2:]] + ["fleet/dvc.yaml:fleet_report"]
+    assert third == [f"fleet/tiny/dvc.yaml:{x}" for x in STAGES[3:]] + ["fleet/dvc.yaml:fleet_report"]
     plots = sh("dvc plots show --json fleet/dvc.yaml", proj)
     assert "cross-model" in plots
 

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from gguf import GGUFReader
+from safetensors.torch import load_file
 
 from haloquant import HaloquantError
 from haloquant.artifacts import write_json
@@ -177,3 +178,47 @@ def test_stream_only_rotation_is_exact_too(zoo):
     assert torch.allclose(after[:q_rows], with_heads[:q_rows])  # q (and k) rows: the stream's rotation only
     assert not torch.allclose(after[-(q_rows // case.heads * case.kv_heads):], with_heads[-(q_rows // case.heads * case.kv_heads):])
     assert not torch.allclose(after, v_before)
+
+
+def test_the_pipeline_quantizes_a_rotated_copy_when_asked(pipeline_run, tmp_path):
+    """rotate.enabled: the stages after `rotate` read the rotated copy (its calibration statistics are
+    the rotated model's, its GGUF has an untied head and the checkpoint's name, llama.cpp agrees with
+    torch within 1 %), and validate scores against the checkpoint itself: its float perplexity is the
+    unrotated run's. Off (the shared pipeline run): an empty folder, the checkpoint quantized as it is."""
+    from gguf import GGUFReader
+
+    from haloquant.tasks.runner import run_all
+    from tests.conftest import TINY, small_params, write_params
+
+    plain_folder, _, plain = pipeline_run
+    assert not plain["rotate"].enabled and not any((plain_folder / "artifacts" / "rotate" / "model").iterdir())
+    results = run_all(write_params(tmp_path, small_params(**{"rotate.enabled": True, "rotate.seed": 1})))
+    art = tmp_path / "artifacts"
+    record = results["rotate"]
+    assert record.enabled and record.untied_head and record.model == TINY.name
+    assert set(record.files) >= {"config.json", "rotation.json"} and any(f.endswith(".safetensors") for f in record.files)
+    assert json.loads((art / "rotate" / "model" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert results["calibrate"].model == results["quantize"].model == TINY.name
+    plain_stats = load_file(plain_folder / "artifacts" / "calibrate" / "stats.safetensors")
+    stats = load_file(art / "calibrate" / "stats.safetensors")
+    key = next(k for k in stats if stats[k].is_floating_point() and stats[k].dim() == 2)
+    assert not torch.allclose(stats[key], plain_stats[key], rtol=1e-3)  # the rotated model's activations
+    reader = GGUFReader(art / "export_gguf" / "model.gguf")
+    assert "output.weight" in {t.name for t in reader.tensors}
+    name = reader.fields["general.name"]
+    assert bytes(name.parts[name.data[0]]).decode() == TINY.name
+    v, v0 = results["validate"], plain["validate"]
+    assert v.ppl_float == pytest.approx(v0.ppl_float, rel=1e-6)  # the reference is the checkpoint, not the copy
+    assert v.runtimes["llama_cpp"]["ppl_gap_vs_torch"] < 0.01 and v.passed
+
+
+def test_rotation_of_a_post_norm_family_is_refused_before_anything_is_written(zoo, tmp_path, capsys):
+    from haloquant.flows.cli import main
+    from tests.conftest import small_params, write_params
+
+    gemma = make_model(next(c for c in CASES if c.family.startswith("gemma")), zoo)
+    params = write_params(tmp_path, small_params(**{"model.path": str(gemma), "rotate.enabled": True}))
+    assert main(["run", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "rotate.enabled: rotation:" in err and "post-norms" in err and "Traceback" not in err
+    assert not (tmp_path / "artifacts").exists()

@@ -81,7 +81,7 @@ def test_quantize_with_row_scale_correction(tmp_path):
                       QuantizeSpec(), tmp_path / "cal", tmp_path / "sens")
     allocate(AllocationSpec(budget={"bits_per_weight": 3.5}), tmp_path / "sens", tmp_path / "alloc")
     scale_fold(spec, FoldSpec(method="identity"), tmp_path / "cal", tmp_path / "alloc", tmp_path / "fold")
-    runs = {on: quantize(spec, QuantizeSpec(correct_row_scales=on), tmp_path / "cal", tmp_path / "alloc",
+    runs = {on: quantize(spec, QuantizeSpec(correct_row_scales=on, correct_input_scales=False), tmp_path / "cal", tmp_path / "alloc",
                          tmp_path / "fold", tmp_path / f"q{on}") for on in (False, True)}
     assert [(q.name, q.format, q.bytes) for q in runs[False].quantized] == \
         [(q.name, q.format, q.bytes) for q in runs[True].quantized]

@@ -84,13 +84,17 @@ def test_dvc_yaml_is_generated_from_registry():
                        cwd=REPO, check=True)
     assert r.stdout == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `haloquant dvc-yaml > dvc.yaml`"
     stages = yaml.safe_load(r.stdout)["stages"]
-    assert list(stages) == ["environment", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize",
+    assert list(stages) == ["environment", "rotate", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize",
                             "export_gguf", "export_onnx", "validate", "train_policy", "sweep", "preset", "pareto"]
     assert stages["sweep"]["foreach"] == "${sweep.bits_per_weight}"
     assert stages["environment"]["always_changed"] is True
     # the budget is read by allocate alone: editing it can never re-run calibrate or sensitivity
     params_of = {n: s.get("params") or s.get("do", {}).get("params", []) for n, s in stages.items()}
     assert [n for n, p in params_of.items() if "allocation" in p] == ["allocate"]
+    # the rotated copy is model-sized: DVC records it without caching it, and the stages after it read its record
+    assert stages["rotate"]["outs"] == ["artifacts/rotate/rotation.json", {"artifacts/rotate/model": {"cache": False}}]
+    assert all("artifacts/rotate/rotation.json" in s["deps"] for n, s in stages.items()
+               if n in ("calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf", "validate"))
     assert not any(p.startswith("allocation.budget") for p in params_of["sweep"])
 
 
