@@ -159,7 +159,8 @@ def test_train_policy_flow_then_sac_allocation(tmp_path):
 
     params_file = write_params(tmp_path, small_params(**{"train_policy": {"timesteps": 1100, "eval_every": 550}}))
     first = {k: v["state"] for k, v in train_policy_flow(str(params_file)).items()}
-    assert first == {"calibrate": "Completed", "sensitivity": "Completed", "train_policy": "Completed"}
+    assert first == {"rotate": "Completed", "calibrate": "Completed", "sensitivity": "Completed",
+                     "train_policy": "Completed"}
     assert (tmp_path / "artifacts" / "train_policy" / "policy.zip").is_file()
     second = {k: v["state"] for k, v in train_policy_flow(str(params_file)).items()}
     assert set(second.values()) == {"Cached"}

@@ -72,7 +72,9 @@ def folded(pipeline_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("folded")
     shutil.copytree(folder / "artifacts", out / "artifacts")
     params = write_params(out, small_params(**{"fold": {"method": "scale", "alpha_grid": [0.0, 0.25, 0.5]},
-                                               "allocation.budget": {"bits_per_weight": 4.75}}))
+                                               "allocation.budget": {"bits_per_weight": 4.75},
+                                               # the norms as folded: no input-scale correction on top
+                                               "quantize.correct_input_scales": False}))
     results = {s: run_stage(s, params) for s in ("allocate", "scale_fold", "quantize", "export_gguf", "export_onnx",
                                                  "validate")}
     return out, results
