@@ -13,6 +13,8 @@ without an imatrix) and fixed bits per weight. Rows at each size:
   (correct_row_scales, correct_input_scales);
 - + block tuning (--tuning-iters N > 0): that allocation with block-output tuning (and the
   corrections, with --corrections: each row adds one part to the one above);
+- k-quants + statistics correction + block tuning (--kquant-stack): both on the k-quant row's
+  allocation, where block tuning can move every decoder tensor's codes;
 - AutoRound (--autoround): AutoRound 0.16.1's GGUF of the same llama.cpp preset (default 200
   iterations, same calibration text; bench/autoround_gguf.py), for the presets it writes.
 One sensitivity run (kl_calibrated, GPTQ quantizer) measures every candidate; the k-quant row's
@@ -96,6 +98,9 @@ def main() -> None:
     ap.add_argument("--tuning-iters", type=int, default=0, help="> 0: also a row with block tuning")
     ap.add_argument("--corrections", action="store_true",
                     help="also a row with correct_row_scales + correct_input_scales (and block tuning on top)")
+    ap.add_argument("--kquant-stack", action="store_true",
+                    help="with --corrections and --tuning-iters: also both on the k-quant row's allocation (block "
+                         "tuning moves k-quant codes, not the lattice i-quants')")
     ap.add_argument("--metric", default="kl_calibrated")
     ap.add_argument("--autoround", action="store_true", help="also AutoRound's GGUF of each preset it writes")
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-lowbit"))
@@ -134,6 +139,9 @@ def main() -> None:
                          d / (f"tuned-{args.tuning_iters}" + ("-corrected" if corrections else "")),
                          plain(method="gptq", block_tuning=BlockTuningSpec(iters=args.tuning_iters),
                                       **corrections)))
+        if args.kquant_stack and corrections and args.tuning_iters > 0:  # the same parts on the k-quant allocation
+            runs.append((f"k-quants + statistics correction + block tuning ({args.tuning_iters} steps)", sens_k,
+                         d / f"kquants-tuned-{args.tuning_iters}-corrected", runs[-1][3]))
         for name, table, out, qspec in runs:
             if (out / "gguf" / "model.gguf").is_file():  # built by an earlier, interrupted run
                 files[name] = out / "gguf" / "model.gguf"
