@@ -40,6 +40,26 @@ EVAL_TEXT = REPO / "data/wikitext-2-raw/wiki.test.raw"
 CALIB_TEXT = REPO / "data/wikitext-2-raw/wiki.valid.raw"
 
 
+def repo_params(model: Path, values: dict | None = None, sets=()) -> dict:
+    """The repository's params.yaml for another model: model.path set, its relative paths made
+    absolute, then `values` (dotted key → value) and `sets` ("KEY=VALUE", VALUE read as YAML) in that order."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["path"] = str(model)
+    for section in ("calibration", "validate"):
+        params[section]["text"] = str(REPO / params[section]["text"])
+    params["allocation"]["policy"] = str(REPO / params["allocation"]["policy"])
+    items = list((values or {}).items()) + [(k, yaml.safe_load(v)) for k, _, v in (s.partition("=") for s in sets)]
+    for key, value in items:
+        *path, last = key.split(".")
+        section = params
+        for k in path:
+            section = section[k]
+        section[last] = value
+    return params
+
+
 def model_add_bos(model: Path) -> bool | None:
     """model.add_bos for a bench model: the reference models (ref-llama-*, and the ones
     make_models.py trains like them) start sequences with <|endoftext|>, which their tokenizer does

@@ -28,7 +28,7 @@ from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.schemas.params import load_params
 from haloquant.textdata import read_text
 
-from common import EVAL_TEXT, REPO, model_add_bos  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import EVAL_TEXT, REPO, model_add_bos, repo_params  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import build  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
 
@@ -43,19 +43,7 @@ SHARED = ("calibrate", "sensitivity", "allocate", "scale_fold")
 
 def params_for(model: Path, sets: list[str], out: Path):
     """The repository's params.yaml with model.path, model.add_bos and `sets` changed, written to out."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["path"] = str(model.resolve())
-    params["model"]["add_bos"] = model_add_bos(model)
-    for section in ("calibration", "validate"):
-        params[section]["text"] = str(REPO / params[section]["text"])
-    params["allocation"]["policy"] = str(REPO / params["allocation"]["policy"])
-    for item in sets:
-        key, _, value = item.partition("=")
-        *path, last = key.split(".")
-        section = params
-        for k in path:
-            section = section[k]
-        section[last] = yaml.safe_load(value)
+    params = repo_params(model.resolve(), {"model.add_bos": model_add_bos(model)}, sets)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return load_params(out / "params.yaml")

@@ -150,26 +150,15 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--make-only", *sys.argv[1:]], check=True)
     made = time.perf_counter() - t0
     done = {r["stage"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["path"] = str(model)
-    params["model"]["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    params["model"]["stream"] = {"auto": "auto", "true": True, "false": False}[args.stream]
-    for section in ("calibration", "validate"):
-        params[section]["text"] = str(REPO / params[section]["text"])
-    params["allocation"]["policy"] = str(REPO / params["allocation"]["policy"])
-    params["validate"]["runtimes"] = args.runtimes
-    params["model"]["add_bos"] = {"null": None, "true": True, "false": False}[args.add_bos]
-    if args.metric:
-        params["sensitivity"]["metric"] = args.metric
-    if args.sensitivity_own_fit:
-        params["sensitivity"]["llama_cpp_candidate"] = False
-    for item in args.set:
-        key, _, value = item.partition("=")
-        *path, last = key.split(".")
-        section = params
-        for k in path:
-            section = section[k]
-        section[last] = yaml.safe_load(value)
+    from common import repo_params  # bench/ is on sys.path when run as a script
+
+    params = repo_params(model, {
+        "model.device": "cuda" if torch.cuda.is_available() else "cpu",
+        "model.stream": {"auto": "auto", "true": True, "false": False}[args.stream],
+        "model.add_bos": {"null": None, "true": True, "false": False}[args.add_bos],
+        "validate.runtimes": args.runtimes,
+        **({"sensitivity.metric": args.metric} if args.metric else {}),
+        **({"sensitivity.llama_cpp_candidate": False} if args.sensitivity_own_fit else {})}, args.set)
     (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p = load_params(args.out / "params.yaml")
     root = artifacts_root(args.out / "params.yaml")
