@@ -177,7 +177,7 @@ def main() -> None:
                          **versus(s, scores[base])})
             if name != "haloquant k-quants" and "haloquant k-quants" in scores:  # what each part adds
                 rows[-1]["vs_kquants"] = versus(s, scores["haloquant k-quants"])
-            if name.startswith(("haloquant", "+")) and "AutoRound" in scores:
+            if name not in ("llama.cpp+imatrix", "AutoRound") and "AutoRound" in scores:  # every haloquant row
                 rows[-1]["vs_autoround"] = versus(s, scores["AutoRound"])
             print(json.dumps(rows[-1]), flush=True)
     write_json(args.out / "low_bit.json", {"model": str(args.model), "chunks": args.chunks, "f16_ppl": ref["ppl"],
