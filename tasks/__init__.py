@@ -157,8 +157,9 @@ STAGES: tuple[Stage, ...] = (
           runtimes=("torch", "converter")),
     Stage("export_onnx", ("model", "export.onnx"), ("${model.path}",) + ROTATION + ("quantize/tensors.safetensors",
           "quantize/quantized.json"), ("export_onnx",), _export_onnx, runtimes=("torch", "onnx")),
-    Stage("validate", ("model", "validate"), ("${model.path}", "${validate.text}") + ROTATION + ("calibrate/calibration.json",
-          "quantize/tensors.safetensors", "quantize/quantized.json", "export_gguf/model.gguf", "export_onnx"),
+    Stage("validate", ("model", "validate"), ("${model.path}", "${validate.text}") + ROTATION + (
+          "calibrate/calibration.json", "quantize/tensors.safetensors", "quantize/quantized.json",
+          "export_gguf/model.gguf", "export_onnx"),
           ("validate/report.json",), _validate, metrics=("validate/metrics.json",),
           plots=("validate/size_ppl.json",), runtimes=("torch", "llama.cpp", "onnx")),
 )
@@ -209,7 +210,8 @@ def _pareto(p: Params, root: Path):
     return pareto(p, root, root / "pareto")
 
 
-SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}") + ROTATION + CALIB_OUTS + SENS_OUTS + ("${allocation.policy}",)
+SWEEP_POINT_INPUTS = ("${model.path}", "${validate.text}") + ROTATION + CALIB_OUTS + SENS_OUTS + (
+    "${allocation.policy}",)
 SWEEP = Stage("sweep", ("model", "allocation.solver", "allocation.rules", "allocation.time_limit_s", "allocation.policy",
                         "allocation.refine", "fold", "quantize", "validate", "export.gguf", "sweep.max_chunks"),  # not the budget: each
               SWEEP_POINT_INPUTS, (BUDGET_POINT_DIR.format(ITEM),), _sweep_point,              # point has its own

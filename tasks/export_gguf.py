@@ -20,7 +20,8 @@ def export_gguf(model_spec: ModelSpec, spec: GGUFSpec, quant_dir: Path, out_dir:
     model_dir = check_model_dir(model_spec.path)
     manifest, tensors = read_quantized(quant_dir)
     path = out_dir / GGUF_FILE
-    counts = write_gguf(path, model_dir, manifest, tensors, spec.name or model_name(model_dir), gguf_add_bos(model_spec))
+    counts = write_gguf(path, model_dir, manifest, tensors, spec.name or model_name(model_dir),
+                        gguf_add_bos(model_spec))
     report = ExportReport(format="gguf", file=GGUF_FILE, bytes=path.stat().st_size, sha256=sha256_file(path),
                           tensor_types=counts, writer=converter_version())
     write_json(out_dir / "export.json", report.model_dump())

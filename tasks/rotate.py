@@ -21,8 +21,7 @@ from haloquant.schemas.params import ModelSpec, RotateSpec
 
 
 def rotate(model_spec: ModelSpec, spec: RotateSpec, record_file: Path, model_dir: Path) -> RotationRecord:
-    src = check_model_dir(model_spec.path)
-    check_rotation(model_spec, spec)
+    src = check_model_dir(model_spec.path)  # a family without rotation is refused in preflight (check_rotation)
     if not spec.enabled:
         shutil.rmtree(model_dir, ignore_errors=True)
         model_dir.mkdir(parents=True)
