@@ -132,7 +132,7 @@ class FixedWeight:
         return self.data
 
 
-def _tunable(fmt: QuantFormat, data: np.ndarray, shape: tuple[int, int], device, rounded_from: np.ndarray):
+def tunable(fmt: QuantFormat, data: np.ndarray, shape: tuple[int, int], device, rounded_from: np.ndarray):
     if fmt.lattice is not None:
         return FixedWeight(fmt, data, shape, device)
     return GridWeight(fmt, data, shape, device, rounded_from)
@@ -160,7 +160,7 @@ def tune_blocks(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], format
     for i, layer in track(enumerate(layers), "block tuning", "blocks", total=len(layers)):
         with on_device(layer, device):  # a streamed block: its float32 weights on the device for its tuning
             prefix = f"{module_name(model, layer)}."
-            grids = {n: _tunable(formats[prefix + n], encoded[prefix + n], tuple(p.shape), device,
+            grids = {n: tunable(formats[prefix + n], encoded[prefix + n], tuple(p.shape), device,
                                  rounded[prefix + n] if prefix + n in rounded else p.detach().float().cpu().numpy())
                      for n, p in layer.named_parameters() if prefix + n in encoded and not formats[prefix + n].is_float}
             x_float, x_quant, entry = _tune_block(layer, grids, x_float, x_quant, layer_kwargs[i], settings, gen,

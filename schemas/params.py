@@ -215,6 +215,23 @@ class BlockTuningSpec(Strict):
     amp: bool = Field(True, description="on CUDA, tuning steps in bfloat16 autocast (the keep decision in float32)")
 
 
+class EndToEndSpec(Strict):
+    """End-to-end tuning, the quantizer's last step (haloquant/end_to_end.py): the decoder linears' codes
+    and the float norm weights and biases tuned together against the float model's next-token
+    distributions (KL) on calibration windows; kept only if it lowers the KL of held-out windows."""
+
+    iters: int = Field(0, ge=0, description="steps over the whole model; 0 = off. Needs the whole model on one "
+                       "device and about 25 bytes per decoder weight beside it")
+    lr: float | None = Field(None, gt=0, le=1, description="code offset step per iteration, decayed linearly; "
+                             "null = 1 / iters")
+    float_lr: float = Field(1e-4, ge=0, description="Adam's step for the norm weights and biases; 0 = codes only")
+    batch: PositiveInt = Field(4, description="calibration windows per step")
+    holdout: PositiveInt = Field(8, description="calibration windows kept out of the steps for the keep decision")
+    seed: int = 0
+    amp: bool = Field(True, description="on CUDA, steps in bfloat16 autocast (targets and the keep decision in "
+                      "float32)")
+
+
 class QuantizeSpec(Strict):
     """The quantizer. The sensitivity stage reads this section too: costs are measured for it."""
 
@@ -233,6 +250,7 @@ class QuantizeSpec(Strict):
         "squares so the quantized outputs match the float model's on calibration data, block by block on the "
         "quantized model's own inputs (haloquant/input_scales.py): the factors go into the norm weights (q/k/v, "
         "gate/up) and the v and up rows' block scales (o, down); a group changes only where its output error drops")
+    end_to_end: EndToEndSpec = EndToEndSpec()
 
 
 class GateSpec(Strict):

@@ -7,7 +7,9 @@ with `gptq.sequential` the Hessians of the quantized model's own inputs (haloqua
 With `block_tuning.iters` > 0 the codes of every decoder block are then tuned against the float
 block's output (haloquant/reconstruct.py); scales stay, bytes stay llama.cpp's. With
 `correct_input_scales` every linear group's input channels are then rescaled to the float model's
-outputs through the norms and the v/up rows (haloquant/input_scales.py).
+outputs through the norms and the v/up rows (haloquant/input_scales.py). With `end_to_end.iters` > 0
+the whole quantized model's codes, norm weights and biases are last tuned against the float model's
+next-token distributions (haloquant/end_to_end.py).
 The artifact holds the exact block bytes that export_gguf writes and validate decodes.
 """
 
@@ -23,6 +25,7 @@ from safetensors.numpy import save_file
 from haloquant import HaloquantError
 from haloquant.artifacts import atomic_path, read_artifact, write_json
 from haloquant.calibstats import CalibrationStats
+from haloquant.end_to_end import EndToEndSettings, tune_end_to_end
 from haloquant.folding import load_folds
 from haloquant.formats import get_format
 from haloquant.input_scales import correct_input_scales
@@ -32,7 +35,7 @@ from haloquant.quantizer import quantize_tensor, uses_gptq
 from haloquant.quantized import MANIFEST_FILE, TENSORS_FILE
 from haloquant.reconstruct import TuneSettings, tune_blocks
 from haloquant.sequential import quantize_sequentially
-from haloquant.streaming import compute_device
+from haloquant.streaming import compute_device, streamed
 from haloquant.schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
 from haloquant.schemas.params import ModelSpec, QuantizeSpec
 
@@ -43,6 +46,9 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
              out_dir: Path) -> QuantizedManifest:
     allocation = read_artifact(allocation_dir / "allocation.json", AllocationResult)
     model = load_model(model_spec.path, model_spec.device, model_spec.stream)
+    if spec.end_to_end.iters and streamed(model):  # before hours of encoding, not after
+        raise HaloquantError("quantize.end_to_end.iters: end-to-end tuning needs the whole model on one device, and "
+                             f"model.stream: {model_spec.stream} streams this one; set end_to_end.iters to 0")
     input_scales = load_folds(model, fold_dir)
     device = compute_device(model)
     stats = CalibrationStats(calib_dir, input_scales=input_scales, model=model, device=device)
@@ -81,6 +87,10 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     if spec.correct_input_scales:
         arrays, corrected, _ = correct_input_scales(model, stats.tensor("calibration_ids"), arrays, formats, device,
                                                     log=log.debug)
+    if spec.end_to_end.iters:
+        arrays, corrected, _ = tune_end_to_end(model, stats.tensor("calibration_ids"), arrays, formats, corrected,
+                                               EndToEndSettings(**spec.end_to_end.model_dump()), device,
+                                               log=log.info)
     floats = {**float_tensors(model), **corrected}
     arrays.update({n: v.float().numpy() for n, v in floats.items()})
     with atomic_path(out_dir / TENSORS_FILE) as tmp:

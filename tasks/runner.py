@@ -35,6 +35,9 @@ def preflight(params: Params) -> None:
     """Input checks every stage runs before it writes anything."""
     check_model_files(params.model.path)
     check_rotation(params.model, params.rotate)
+    if params.quantize.end_to_end.iters and params.model.stream is True:
+        raise HaloquantError("quantize.end_to_end.iters: end-to-end tuning needs the whole model on one device, "
+                             "and model.stream is true; set end_to_end.iters to 0 or model.stream to false")
     read_text(params.calibration.text, "calibration.text")
     read_text(params.validate_.text, "validate.text")
     check_disjoint(params.calibration.text, params.validate_.text)
