@@ -95,7 +95,7 @@ def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, 
     bos = ["--add_bos_token"] if model_add_bos(model) else []  # as haloquant calibrates the model
     pre = pretokenizer_by_rules(model) or ""
     t0 = time.perf_counter()
-    subprocess.run([str(py), "-c", _RUN_AUTOROUND, pre, "--model", str(model), "--format", f"gguf:{fmt}",
+    subprocess.run([str(py), "-c", _RUN_AUTOROUND, pre, "--model", str(readable_view(model, py, out / "view")), "--format", f"gguf:{fmt}",
                     "--iters", str(iters), "--nsamples", str(len(texts)), "--seqlen", str(seq_len),
                     "--dataset", str(out / "calibration.json"), "--device_map", "cpu", *bos,
                     "--output_dir", str(out / "model")], check=True)
@@ -108,6 +108,24 @@ def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, 
         gguf_file = with_add_bos(found[0], out / "model-bos.gguf")
     done.write_text(json.dumps({"gguf": str(gguf_file), "seconds": seconds, "format": fmt, "iters": iters}))
     return gguf_file, seconds
+
+
+def readable_view(model: Path, py: Path, view: Path) -> Path:
+    """`model`, or where its tokenizer.model is not a SentencePiece model that AutoRound's converter can
+    read while a tokenizer.json is there (SmolLM2 as ../shared/models/fetch_real.py writes it), a folder
+    of links to every other file: the converter then reads the tokenizer.json, as llama.cpp's does."""
+    sp = model / "tokenizer.model"
+    if not (sp.is_file() and (model / "tokenizer.json").is_file()):
+        return model
+    check = subprocess.run([str(py), "-c", "import sentencepiece, sys; sentencepiece.SentencePieceProcessor("
+                            "model_file=sys.argv[1])", str(sp)], capture_output=True)
+    if check.returncode == 0:
+        return model
+    view.mkdir(parents=True, exist_ok=True)
+    for f in model.iterdir():
+        if f.name != "tokenizer.model" and not (view / f.name).exists():
+            (view / f.name).symlink_to(f.resolve())
+    return view
 
 
 def with_add_bos(src: Path, dst: Path) -> Path:

@@ -96,7 +96,7 @@ def score(model_path: Path, row: Path, out: Path, f16: Path, versus_files: dict[
     others = {name: cached_score(p, text, chunks, f16_logprobs) for name, p in versus_files.items()}
     lines = [f"{row} + end-to-end tuning: llama.cpp, WikiText-2 test, ctx {CTX}, first {chunks} chunks; F16 "
              f"{ref['ppl']:.3f}; 95 % paired", "",
-             f"| settings | held-out KL before → after | kept | codes changed | tuning s | ppl | KL | vs the row | "
+             "| settings | held-out KL before → after | kept | codes changed | tuning s | ppl | KL | vs the row | "
              + " | ".join(f"vs {n}" for n in others) + " |", "|---" * (8 + len(others)) + "|",
              f"| (the row) | | | | | {start['ppl']:.3f} | {start['kl']:.5f} | | "
              + " | ".join(_change(start, o, versus) for o in others.values()) + " |"]

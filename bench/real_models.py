@@ -14,6 +14,10 @@ candidates). Every file is scored by llama.cpp: WikiText-2 test, ctx 512, the fi
 chunks; perplexity, the 95 % paired interval of haloquant vs llama.cpp+imatrix, and KL from the
 F16 file. Then a chat completion through llama-cpp-python with the file's own chat template, and
 (--default-pipeline) `haloquant run` with the default params.yaml, only model.path changed.
+With --autoround, AutoRound's GGUF of each preset (bench/autoround_gguf.py: its default 200
+iterations, the same calibration text; at these widths it falls back to Q5_0/Q8_0 where a k-quant
+does not fit, so its file is not the preset's size) and haloquant at exactly that file's tensor
+bytes, paired against each other and against llama.cpp+imatrix.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from haloquant.presets import preset_type_map, tensor_data_bytes
 from haloquant.schemas.params import SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 
+from autoround_gguf import autoround_gguf  # noqa: E402
 from common import REPO, journaled, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import KQUANTS, build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--default-pipeline", action="store_true")
     ap.add_argument("--metric", default="auto", help="sensitivity.metric (auto: as the default params.yaml)")
+    ap.add_argument("--autoround", action="store_true", help="also AutoRound's GGUF of each preset, and haloquant "
+                    "at its bytes")
     args = ap.parse_args()
     out = args.out or Path(f"/tmp/haloquant-real-{args.model.name}")
     spec, calib, text = setup(args.model, out)
@@ -153,6 +160,16 @@ def main() -> None:
         h, i = row["haloquant"], row["llama.cpp+imatrix"]
         row["ppl_vs_imatrix"] = paired(np.array(h["chunk_nll"]), np.array(i["chunk_nll"]), TOKENS_PER_CHUNK)
         row["kl_vs_imatrix"] = paired_ratio(np.array(h["chunk_kl"]), np.array(i["chunk_kl"]))
+        if args.autoround:
+            ar_file, ar_seconds = autoround_gguf(spec.path, preset.lower(), d / "autoround")
+            same = d / "mixed-autoround" / "gguf" / "model.gguf"
+            if not same.is_file():
+                build_mixed(spec, sens, tensor_data_bytes(ar_file), calib, d / "mixed-autoround")
+            a, s = scored(ar_file), scored(same)
+            row["autoround"], row["haloquant at AutoRound's bytes"] = a | {"seconds": ar_seconds}, s
+            for key, x, y in (("autoround_vs_imatrix", a, i), ("haloquant_vs_autoround", s, a)):
+                row[key] = (paired(np.array(x["chunk_nll"]), np.array(y["chunk_nll"]), TOKENS_PER_CHUNK),
+                            paired_ratio(np.array(x["chunk_kl"]), np.array(y["chunk_kl"])))
         result["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("llama.cpp+imatrix", "haloquant")}
                          | {"imatrix": (i["bytes"], i["ppl"], i["kl"]), "haloquant": (h["bytes"], h["ppl"], h["kl"])}),
@@ -176,6 +193,19 @@ def main() -> None:
               f"{i['ppl']:.3f} | {i['kl']:.4f} | {h['bytes']:,} | {h['ppl']:.3f} | {h['kl']:.4f} | "
               f"{100 * p:+.2f} % ({100 * plo:+.2f} … {100 * phi:+.2f}) | {100 * k:+.1f} % ({100 * klo:+.1f} … "
               f"{100 * khi:+.1f}) |")
+    if args.autoround:
+        print("\nAutoRound (its GGUF of the preset, default iterations, same calibration text) and haloquant at its "
+              "bytes; changes 95 % paired")
+        print("| preset | AutoRound bytes | ppl | KL | vs llama.cpp+imatrix | haloquant bytes | ppl | KL | "
+              "haloquant vs AutoRound | AutoRound s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in result["rows"]:
+            a, h = r["autoround"], r["haloquant at AutoRound's bytes"]
+            change = [f"{100 * p:+.2f} % ({100 * plo:+.2f} … {100 * phi:+.2f}), KL {100 * k:+.1f} % "
+                      f"({100 * klo:+.1f} … {100 * khi:+.1f})"
+                      for (p, plo, phi), (k, klo, khi) in (r["autoround_vs_imatrix"], r["haloquant_vs_autoround"])]
+            print(f"| {r['preset']} | {a['bytes']:,} | {a['ppl']:.3f} | {a['kl']:.4f} | {change[0]} | {h['bytes']:,} | "
+                  f"{h['ppl']:.3f} | {h['kl']:.4f} | {change[1]} | {a['seconds']:.0f} |")
     print(f"\nChat ({PROMPT!r}, greedy, the file's own template):")
     for k, v in result["chat"].items():
         if k != "prompt":
