@@ -152,6 +152,10 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-autoround"))
     ap.add_argument("--against", type=Path, default=None, help="a bench/kquant_presets.py --out folder to score beside")
+    ap.add_argument("--versus", nargs="*", default=[], metavar="NAME=GGUF",
+                    help="GGUF files to score AutoRound's beside (95 %% paired; KL from --f16)")
+    ap.add_argument("--f16", type=Path, help="with --versus: the F16 GGUF")
+    ap.add_argument("--chunks", type=int, default=100)
     args = ap.parse_args()
     files = {}
     for fmt in args.formats:
@@ -160,6 +164,32 @@ def main() -> None:
         print(f"{fmt}: {path} {path.stat().st_size:,} bytes, {secs:.0f} s", flush=True)
     if args.against:
         score_against(args.against, files, args.out)
+    if args.versus:
+        score_beside(files, {k: Path(v) for k, v in (x.split("=", 1) for x in args.versus)}, args.f16, args.chunks)
+
+
+def score_beside(files: dict[str, tuple[Path, float]], others: dict[str, Path], f16: Path, chunks: int) -> None:
+    """Each AutoRound file and each other file, llama.cpp perplexity and KL from the F16 file, every other
+    file against each AutoRound file chunk by chunk (95 % paired)."""
+    from low_bit import versus  # noqa: E402
+    from paired_ppl import cached_score  # noqa: E402
+    from real_models import f16_reference  # noqa: E402
+
+    text = read_text(EVAL_TEXT, "evaluation")
+    ref, logprobs = f16_reference(f16, text, chunks, f16.parent / f"logprobs-{chunks}.npy")
+    print(f"\nllama.cpp, WikiText-2 test, ctx {CTX}, first {chunks} chunks; F16 {ref['ppl']:.3f}; change against "
+          "AutoRound's file, 95 % paired")
+    print("| file | bytes | ppl | KL | ppl change (95 %) | KL change (95 %) |")
+    print("|---|---|---|---|---|---|")
+    for fmt, (path, secs) in files.items():
+        mine = cached_score(path, text, chunks, logprobs)
+        print(f"| AutoRound {fmt} ({secs:.0f} s) | {mine['bytes']:,} | {mine['ppl']:.3f} | {mine['kl']:.5f} | | |")
+        for name, other in others.items():
+            s = cached_score(other, text, chunks, logprobs)
+            v = versus(s, mine)
+            print(f"| {name} | {s['bytes']:,} | {s['ppl']:.3f} | {s['kl']:.5f} | {100 * v['ppl_rel']:+.2f} % "
+                  f"({100 * v['ppl_lo']:+.2f} … {100 * v['ppl_hi']:+.2f}) | {100 * v['kl_rel']:+.1f} % "
+                  f"({100 * v['kl_lo']:+.1f} … {100 * v['kl_hi']:+.1f}) |")
 
 
 def score_against(run: Path, files: dict[str, tuple[Path, float]], out: Path) -> None:

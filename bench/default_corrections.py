@@ -20,7 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 from haloquant.artifacts import read_json, write_json
 from haloquant.llamacpp import llama_cpp_perplexity
@@ -30,7 +29,8 @@ from haloquant.textdata import read_text
 
 from common import EVAL_TEXT, REPO, model_add_bos, repo_params  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kquant_presets import build  # noqa: E402
-from paired_ppl import TOKENS_PER_CHUNK, paired, paired_ratio  # noqa: E402
+from low_bit import versus  # noqa: E402
+from paired_ppl import cached_score  # noqa: E402
 
 VARIANTS = {  # name → (correct_row_scales, correct_input_scales)
     "neither": (False, False),
@@ -79,8 +79,8 @@ def main() -> None:
     scores = {}
     for name in args.variants:
         d = args.out / name
-        cache = d / "score.json"
-        if not cache.is_file() or read_json(cache)["chunks"] != args.chunks:
+        gguf, timing = d / "export_gguf" / "model.gguf", d / "quantize_s.json"
+        if not timing.is_file():  # written once the variant's GGUF is
             row, inp = VARIANTS[name]
             q = p.model_copy(update={"quantize": p.quantize.model_copy(
                 update={"correct_row_scales": row, "correct_input_scales": inp})})
@@ -92,11 +92,8 @@ def main() -> None:
             stages["quantize"].run(q, d)
             quantize_s = time.perf_counter() - t
             stages["export_gguf"].run(q, d)
-            gguf = d / "export_gguf" / "model.gguf"
-            r = llama_cpp_perplexity(gguf, text, 512, args.chunks, reference=f16_logprobs)
-            write_json(cache, {"chunks": args.chunks, "bytes": gguf.stat().st_size, "ppl": r["ppl"], "kl": r["kl"],
-                               "quantize_s": quantize_s, "chunk_nll": r["chunk_nll"], "chunk_kl": r["chunk_kl"]})
-        scores[name] = read_json(cache)
+            write_json(timing, {"quantize_s": quantize_s})
+        scores[name] = cached_score(gguf, text, args.chunks, f16_logprobs) | read_json(timing)
         print(json.dumps({k: v for k, v in scores[name].items() if not k.startswith("chunk_")}), flush=True)
 
     base = scores.get("neither")
@@ -108,10 +105,9 @@ def main() -> None:
     for name, s in scores.items():
         dp = dk = ""
         if base is not None and name != "neither":
-            rel, lo, hi = paired(np.array(s["chunk_nll"]), np.array(base["chunk_nll"]), TOKENS_PER_CHUNK)
-            krel, klo, khi = paired_ratio(np.array(s["chunk_kl"]), np.array(base["chunk_kl"]))
-            dp = f"{100 * rel:+.2f} % ({100 * lo:+.2f} … {100 * hi:+.2f})"
-            dk = f"{100 * krel:+.1f} % ({100 * klo:+.1f} … {100 * khi:+.1f})"
+            v = versus(s, base)
+            dp = f"{100 * v['ppl_rel']:+.2f} % ({100 * v['ppl_lo']:+.2f} … {100 * v['ppl_hi']:+.2f})"
+            dk = f"{100 * v['kl_rel']:+.1f} % ({100 * v['kl_lo']:+.1f} … {100 * v['kl_hi']:+.1f})"
         lines.append(f"| {name} | {s['bytes']:,} | {s['ppl']:.3f} | {dp} | {s['kl']:.5f} | {dk} | {s['quantize_s']:.0f} |")
     (args.out / "default_corrections.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))

@@ -10,7 +10,7 @@ GPTQ, block tuning and statistics correction: exactly what `quantize` hands end-
 `quantize.end_to_end.iters` is set) once per setting, and stores each result as a delta from the row's
 bytes (XOR of the block bytes, zlib-compressed, plus the float tensors: a few MB where the tensors are
 tens), so a GPU machine's results come back whole. `score` rebuilds each variant's artifact, exports
-the GGUF and scores it with llama.cpp (WikiText-2 test, ctx 512, first N chunks, KL from the F16 file),
+the GGUF and scores it (where kept: a variant that did not lower the held-out KL is the row) with llama.cpp (WikiText-2 test, ctx 512, first N chunks, KL from the F16 file),
 against the row and the --versus files, 95 % paired.
 """
 
@@ -81,17 +81,16 @@ def rebuild(row: Path, variant: Path) -> Path:
 
 
 def score(model_path: Path, row: Path, out: Path, f16: Path, versus_files: dict[str, Path], chunks: int) -> None:
-    from haloquant.llamacpp import llama_cpp_perplexity
     from haloquant.schemas.params import GGUFSpec, ModelSpec
     from haloquant.tasks.export_gguf import export_gguf
     from haloquant.textdata import read_text
 
     from low_bit import versus  # noqa: E402
     from paired_ppl import CTX, cached_score  # noqa: E402
+    from real_models import f16_reference  # noqa: E402
 
     text = read_text(EVAL_TEXT, "evaluation")
-    ref = llama_cpp_perplexity(f16, text, CTX, chunks, keep_logprobs=True)
-    f16_logprobs = ref.pop("logprobs")
+    ref, f16_logprobs = f16_reference(f16, text, chunks, f16.parent / f"logprobs-{chunks}.npy")
     start = cached_score(row / "gguf" / "model.gguf", text, chunks, f16_logprobs)
     others = {name: cached_score(p, text, chunks, f16_logprobs) for name, p in versus_files.items()}
     lines = [f"{row} + end-to-end tuning: llama.cpp, WikiText-2 test, ctx {CTX}, first {chunks} chunks; F16 "
@@ -102,6 +101,11 @@ def score(model_path: Path, row: Path, out: Path, f16: Path, versus_files: dict[
              + " | ".join(_change(start, o, versus) for o in others.values()) + " |"]
     for variant in sorted(p.parent for p in out.glob("*/report.json")):
         report = json.loads((variant / "report.json").read_text())
+        if not report["kept"]:  # the row's own bytes: nothing to score
+            lines.append(f"| {json.dumps(report['settings'])} | {report['kl_before']:.5f} → {report['kl_after']:.5f} | "
+                         f"False | 0 | {report['wall_s']:.0f} ({report['device']}) | = the row | | | "
+                         + " | ".join("" for _ in others) + " |")
+            continue
         gguf_file = variant / "gguf" / "model.gguf"
         if not gguf_file.is_file():
             export_gguf(ModelSpec(path=model_path, add_bos=model_add_bos(model_path)), GGUFSpec(), rebuild(row, variant), variant / "gguf")

@@ -12,8 +12,10 @@ against
 the float model (the quantize stage's own, folds applied) giving the targets on the fly. Codes of
 the decoder linears move as in block tuning (`GridWeight`: an offset within ±½ step per weight,
 signed-gradient steps, a straight-through estimator, the fitted scales kept and the codes written
-back into the same block bytes); the float tensors the GGUF stores as float32 (norm weights,
-biases) move by Adam. The lattice i-quants and the tensors outside the decoder blocks (embedding,
+back into the same block bytes), but the offsets start at the codes themselves: a code moves only
+once its steps have mostly agreed. (Starting them at the float weights' positions, as block tuning
+does from what GPTQ rounded, undid GPTQ's error compensation: every variant measured raised the
+held-out KL.) The float tensors the GGUF stores as float32 (norm weights, biases) move by Adam. The lattice i-quants and the tensors outside the decoder blocks (embedding,
 head) take part with their decoded values. A few calibration windows are held out of the steps:
 the tuned state is kept only if it lowers their KL, else everything stays as it came.
 
@@ -46,7 +48,7 @@ class EndToEndSettings:
     iters: int = 0  # steps over the whole model; 0 = off
     lr: float | None = None  # code offset step per iteration, decayed linearly to 0; None = 1 / iters
     float_lr: float = 1e-4  # Adam's step for norm weights and biases
-    batch: int = 4  # calibration windows per step
+    batch: int = 8  # calibration windows per step
     holdout: int = 8  # windows kept out of the steps, on which the keep decision is made
     seed: int = 0
     amp: bool = True  # on CUDA, the steps in bfloat16 autocast (targets and the keep decision in float32)
@@ -78,7 +80,7 @@ def tune_end_to_end(model, ids: torch.Tensor, encoded: dict[str, np.ndarray], fo
     for n, data in encoded.items():
         shape = tuple(params[n].shape)
         if n.startswith(in_blocks) and not formats[n].is_float:
-            weights[n] = tunable(formats[n], data, shape, device, params[n].detach().float().cpu().numpy())
+            weights[n] = tunable(formats[n], data, shape, device, None)  # offsets start at the codes themselves
         else:
             weights[n] = FixedWeight(formats[n], data, shape, device)
     start = {n: floats[n].float() if n in floats else p.detach().float().cpu()

@@ -225,7 +225,7 @@ class EndToEndSpec(Strict):
     lr: float | None = Field(None, gt=0, le=1, description="code offset step per iteration, decayed linearly; "
                              "null = 1 / iters")
     float_lr: float = Field(1e-4, ge=0, description="Adam's step for the norm weights and biases; 0 = codes only")
-    batch: PositiveInt = Field(4, description="calibration windows per step")
+    batch: PositiveInt = Field(8, description="calibration windows per step")
     holdout: PositiveInt = Field(8, description="calibration windows kept out of the steps for the keep decision")
     seed: int = 0
     amp: bool = Field(True, description="on CUDA, steps in bfloat16 autocast (targets and the keep decision in "
