@@ -22,7 +22,6 @@ from pathlib import Path
 
 import yaml
 from haloquant.artifacts import read_json, write_json
-from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.schemas.params import load_params
 from haloquant.textdata import read_text
@@ -31,6 +30,7 @@ from common import EVAL_TEXT, REPO, model_add_bos, repo_params  # noqa: E402  (b
 from kquant_presets import build  # noqa: E402
 from low_bit import versus  # noqa: E402
 from paired_ppl import cached_score  # noqa: E402
+from real_models import f16_reference  # noqa: E402
 
 VARIANTS = {  # name → (correct_row_scales, correct_input_scales)
     "neither": (False, False),
@@ -71,9 +71,11 @@ def main() -> None:
         seconds[name] = float(done.read_text())
     text = read_text(EVAL_TEXT, "eval")
     infos = quantizable_tensors(load_model(p.model.path, "cpu"))
-    f16, _ = build(p.model, infos, {t.gguf_name: "F16" for t in infos}, "rtn", args.out / "calibrate", args.out / "F16")
-    ref = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=True)
-    f16_logprobs = ref.pop("logprobs")
+    f16 = args.out / "F16" / "gguf" / "model.gguf"
+    if not f16.is_file():
+        f16, _ = build(p.model, infos, {t.gguf_name: "F16" for t in infos}, "rtn", args.out / "calibrate",
+                       args.out / "F16")
+    ref, f16_logprobs = f16_reference(f16, text, args.chunks, f16.parent / f"logprobs-{args.chunks}.npy")
     print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.3f}; shared stages (s): {seconds}", flush=True)
 
     scores = {}

@@ -223,7 +223,8 @@ class EndToEndSpec(Strict):
     iters: int = Field(0, ge=0, description="steps over the whole model; 0 = off. Needs the whole model on one "
                        "device and about 25 bytes per decoder weight beside it")
     lr: float | None = Field(None, gt=0, le=1, description="code offset step per iteration, decayed linearly; "
-                             "null = 1 / iters")
+                             "null = 1 / iters, where a code moves only if nearly all its steps agree (2 / iters "
+                             "moves more; docs/stages.md)")
     float_lr: float = Field(1e-4, ge=0, description="Adam's step for the norm weights and biases; 0 = codes only")
     batch: PositiveInt = Field(8, description="calibration windows per step")
     holdout: PositiveInt = Field(8, description="calibration windows kept out of the steps for the keep decision")
