@@ -15,8 +15,9 @@ signed-gradient steps, a straight-through estimator, the fitted scales kept and 
 back into the same block bytes), but the offsets start at the codes themselves: a code moves only
 once its steps have mostly agreed. (Starting them at the float weights' positions, as block tuning
 does from what GPTQ rounded, undid GPTQ's error compensation: every variant measured raised the
-held-out KL.) The float tensors the GGUF stores as float32 (norm weights, biases) move by Adam. The lattice i-quants and the tensors outside the decoder blocks (embedding,
-head) take part with their decoded values. A few calibration windows are held out of the steps:
+held-out KL.) The float tensors the GGUF stores as float32 (norm weights, biases) move by Adam.
+The lattice i-quants and the tensors outside the decoder blocks (embedding, head) take part with
+their decoded values. A few calibration windows are held out of the steps:
 the tuned state is kept only if it lowers their KL, else everything stays as it came.
 
 Memory: the whole model on one device, plus about 25 bytes per tunable weight (its offset and

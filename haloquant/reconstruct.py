@@ -132,7 +132,7 @@ class FixedWeight:
         return self.data
 
 
-def tunable(fmt: QuantFormat, data: np.ndarray, shape: tuple[int, int], device, rounded_from: np.ndarray):
+def tunable(fmt: QuantFormat, data: np.ndarray, shape: tuple[int, int], device, rounded_from: np.ndarray | None):
     if fmt.lattice is not None:
         return FixedWeight(fmt, data, shape, device)
     return GridWeight(fmt, data, shape, device, rounded_from)
