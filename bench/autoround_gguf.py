@@ -95,7 +95,8 @@ def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, 
     bos = ["--add_bos_token"] if model_add_bos(model) else []  # as haloquant calibrates the model
     pre = pretokenizer_by_rules(model) or ""
     t0 = time.perf_counter()
-    subprocess.run([str(py), "-c", _RUN_AUTOROUND, pre, "--model", str(readable_view(model, py, out / "view")), "--format", f"gguf:{fmt}",
+    subprocess.run([str(py), "-c", _RUN_AUTOROUND, pre, "--model", str(readable_view(model, py, out / "view")),
+                    "--format", f"gguf:{fmt}",
                     "--iters", str(iters), "--nsamples", str(len(texts)), "--seqlen", str(seq_len),
                     "--dataset", str(out / "calibration.json"), "--device_map", "cpu", *bos,
                     "--output_dir", str(out / "model")], check=True)

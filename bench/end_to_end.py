@@ -10,7 +10,8 @@ GPTQ, block tuning and statistics correction: exactly what `quantize` hands end-
 `quantize.end_to_end.iters` is set) once per setting, and stores each result as a delta from the row's
 bytes (XOR of the block bytes, zlib-compressed, plus the float tensors: a few MB where the tensors are
 tens), so a GPU machine's results come back whole. `score` rebuilds each variant's artifact, exports
-the GGUF and scores it (where kept: a variant that did not lower the held-out KL is the row) with llama.cpp (WikiText-2 test, ctx 512, first N chunks, KL from the F16 file),
+the GGUF and scores it (where kept: a variant that did not lower the held-out KL is the row) with
+llama.cpp (WikiText-2 test, ctx 512, first N chunks, KL from the F16 file),
 against the row and the --versus files, 95 % paired.
 """
 
@@ -102,13 +103,14 @@ def score(model_path: Path, row: Path, out: Path, f16: Path, versus_files: dict[
     for variant in sorted(p.parent for p in out.glob("*/report.json")):
         report = json.loads((variant / "report.json").read_text())
         if not report["kept"]:  # the row's own bytes: nothing to score
-            lines.append(f"| {json.dumps(report['settings'])} | {report['kl_before']:.5f} → {report['kl_after']:.5f} | "
-                         f"False | 0 | {report['wall_s']:.0f} ({report['device']}) | = the row | | | "
+            lines.append(f"| {json.dumps(report['settings'])} | {report['kl_before']:.5f} → "
+                         f"{report['kl_after']:.5f} | False | 0 | {report['wall_s']:.0f} ({report['device']}) | = the row | | | "
                          + " | ".join("" for _ in others) + " |")
             continue
         gguf_file = variant / "gguf" / "model.gguf"
         if not gguf_file.is_file():
-            export_gguf(ModelSpec(path=model_path, add_bos=model_add_bos(model_path)), GGUFSpec(), rebuild(row, variant), variant / "gguf")
+            spec = ModelSpec(path=model_path, add_bos=model_add_bos(model_path))
+            export_gguf(spec, GGUFSpec(), rebuild(row, variant), variant / "gguf")
         s = cached_score(gguf_file, text, chunks, f16_logprobs)
         lines.append(f"| {json.dumps(report['settings'])} | {report['kl_before']:.5f} → {report['kl_after']:.5f} | "
                      f"{report['kept']} | {report['codes_changed']:,} of {report['weights']:,} | "

@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
 
 def test_codes_move_on_the_grid_and_only_norms_and_biases_change_among_floats(runs):
     _, out, infos = runs
-    plain, tuned = load_file(str(out / "plain" / "tensors.safetensors")), load_file(str(out / "tuned" / "tensors.safetensors"))
+    plain, tuned = (load_file(str(out / name / "tensors.safetensors")) for name in ("plain", "tuned"))
     changed = 0
     for t in infos:
         if t.layer < 0 or "ffn_down" in t.gguf_name:  # outside the decoder blocks, or IQ3_S: as they came
