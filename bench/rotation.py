@@ -28,7 +28,8 @@ from haloquant.artifacts import write_json
 from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
-from haloquant.rotation import copy_side_files, write_rotated
+from haloquant.rewrite import copy_side_files
+from haloquant.rotation import write_rotated
 from haloquant.schemas.params import SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     ro.add_argument("--seed", type=int, default=0)
     ro.add_argument("--no-heads", action="store_true", help="rotate the residual stream only, not each v → o head")
     ro.add_argument("--float32", action="store_true", help="rotated tensors in float32 (default: the source's dtype)")
+    wi = sub.add_parser("widen", help="write a copy of a model folder with the residual stream padded to whole "
+                        "256-blocks (haloquant/widening.py): the same function, k-quants and i-quants on every "
+                        "stream-reading linear")
+    wi.add_argument("source", type=Path, help="Hugging Face model folder (safetensors)")
+    wi.add_argument("out", type=Path, help="folder to write (replaced if present)")
+    wi.add_argument("--multiple", type=int, default=256, help="pad the hidden width to a multiple of this")
+    wi.add_argument("--float32", action="store_true", help="widened tensors in float32 (default: the source's dtype)")
     fl = sub.add_parser("fleet", help="several models as one (fleet.yaml): check, generate DVC files, run, serve")
     fl.add_argument("action", choices=["check", "dvc-yaml", "flow", "report", "serve"],
                     help="check: every member's spec; dvc-yaml: write each member's dvc.yaml and the fleet's "
@@ -80,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                                    torch.float32 if args.float32 else None)
             print(f"rotated {args.source} → {args.out}: hidden {report['hidden']}, seed {report['seed']}"
                   + (", head untied" if report["untied_head"] else ""))
+        elif args.cmd == "widen":
+            import torch
+
+            from haloquant.widening import write_widened
+
+            report = write_widened(args.source, args.out, args.multiple, torch.float32 if args.float32 else None)
+            print(f"widened {args.source} → {args.out}: hidden {report['hidden'][0]} → {report['hidden'][1]}")
         elif args.cmd == "fleet":
             _fleet(args)
         elif args.cmd == "serve":

@@ -83,10 +83,18 @@ def version() -> str:
 
 
 def architecture(model_dir: Path) -> str:
+    """The HF architecture whose conversion writes this folder: its own, or for a widened copy
+    (haloquant/widening.py) the one its family names where llama.cpp's own graph cannot take the width."""
+    from haloquant.families import FAMILIES
+    from haloquant.widening import REPORT
+
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     archs = cfg.get("architectures") or []
     if not archs:
         raise HaloquantError(f"model.path: {model_dir}/config.json names no architecture (\"architectures\")")
+    fam = FAMILIES.get(archs[0])
+    if fam is not None and fam.widened_gguf_architecture and (Path(model_dir) / REPORT).is_file():
+        return fam.widened_gguf_architecture
     return archs[0]
 
 

@@ -28,8 +28,6 @@ takes its weight) — `Family.post_norms`.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +36,7 @@ import torch
 from haloquant import HaloquantError
 from haloquant.families import Family, family_of_architecture
 from haloquant.families.base import head_dim
-
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+from haloquant.rewrite import rewrite_folder, safetensors_shards, tensor_locations
 
 
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -157,30 +154,11 @@ def rotate_model(model, seed: int = 0, heads: bool = True) -> dict:
     return {"hidden": model.config.hidden_size, "seed": seed, "untied_head": untied, "heads": heads}
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Every file of the model folder `src` but its weights, their index and config.json (tokenizer, chat
-    template, generation config …): what a rewritten copy of the model keeps as it is."""
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "config.json" \
-                and not f.name.endswith(".index.json"):
-            shutil.copy(f, dst / f.name)
-
-
-def _shards(src: Path) -> list[Path]:
-    shards = sorted(src.glob("*.safetensors"))
-    if not shards:
-        raise HaloquantError(f"rotation: {src} holds no *.safetensors weights (rotation reads safetensors shards)")
-    return shards
-
-
 def write_rotated(src: str | Path, out: str | Path, seed: int = 0, heads: bool = True,
                   dtype: torch.dtype | None = None) -> dict:
     """A rotated copy of the HF folder `src` in `out`, shard by shard (`dtype`: of the rotated
-    tensors; None: each source tensor's own). Tokenizer and other files are copied as they are. Written
-    to a temporary folder first, so `out` is whole or absent."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    tensors; None: each source tensor's own). Tokenizer and other files are copied as they are; `out`
+    is whole or absent (haloquant/rewrite.py)."""
     from haloquant.modelio import check_model_dir, load_config, read_config
 
     try:
@@ -192,49 +170,25 @@ def write_rotated(src: str | Path, out: str | Path, seed: int = 0, heads: bool =
     fam = family_of_architecture(arch)
     check_rotatable(fam, arch)
     plan = plan_for(fam, cfg, seed, heads)
-    shards = _shards(src)
-    where = {}
-    for s in shards:
-        with safe_open(str(s), "pt") as f:
-            where.update({k: s for k in f.keys()})
+    where = tensor_locations(safetensors_shards(src, "rotation"))
     embed_name, head_name = f"{fam.embedding}.weight", f"{fam.head}.weight"
     if embed_name not in where:
         raise HaloquantError(f"rotation: {src} has no tensor {embed_name!r} (the {fam.name} family's embedding)")
     untie = head_name not in where
 
-    def read(name: str) -> torch.Tensor:
-        with safe_open(str(where[name]), "pt") as f:
-            return f.get_tensor(name)
+    def transform(name: str, t: torch.Tensor, read) -> dict[str, torch.Tensor]:
+        if not t.is_floating_point():
+            return {name: t}
+        out = {name: plan.rotate(name, t, read).to(dtype or t.dtype)}
+        if untie and name == embed_name:
+            out[head_name] = plan.rotate(head_name, t, read).to(dtype or t.dtype)
+        return out
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weight_map, total = {}, 0
-    for s in shards:
-        tensors = {}
-        with safe_open(str(s), "pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                tensors[name] = plan.rotate(name, t, read).to(dtype or t.dtype).contiguous() \
-                    if t.is_floating_point() else t
-            if untie and embed_name in tensors:
-                e = f.get_tensor(embed_name)
-                tensors[head_name] = plan.rotate(head_name, e, read).to(dtype or e.dtype).contiguous()
-        save_file(tensors, str(tmp / s.name), metadata={"format": "pt"})
-        weight_map.update({k: s.name for k in tensors})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
     config = read_config(src)
     config["tie_word_embeddings"] = False
     if "tie_word_embeddings" in config.get("text_config", {}):
         config["text_config"]["tie_word_embeddings"] = False
-    copy_side_files(src, tmp)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if len(shards) > 1:
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     report = {"source": src.name, "hidden": cfg.hidden_size, "seed": seed, "heads": heads, "untied_head": untie,
               "dtype": str(dtype).removeprefix("torch.") if dtype else "source"}
-    (tmp / "rotation.json").write_text(json.dumps(report, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    rewrite_folder(src, out, transform, config, report, "rotation.json", "rotation")
     return report

@@ -7,7 +7,7 @@ bytes."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Artifact(BaseModel):
@@ -49,7 +49,15 @@ class SensitivityTable(Artifact):
     formats: list[str]
     fixed_bytes: int  # tensors kept float32 (norms, biases), counted in every budget
     gguf_overhead_bytes: int = 0  # GGUF bytes beyond tensor data, upper bound (for file-size budgets)
+    # checkpoint weights per weight of these tensors: < 1 for a widened copy, whose zero columns a
+    # bits-per-weight budget does not count (haloquant/widening.py)
+    source_weight_ratio: float = Field(1.0, gt=0, le=1)
     tensors: list[TensorSensitivity]
+
+    @property
+    def checkpoint_weights(self) -> float:
+        """The weights a bits-per-weight budget and report count: the checkpoint's, not its widened copy's."""
+        return sum(t.n_weights for t in self.tensors) * self.source_weight_ratio
 
 
 class TensorEmbedding(Artifact):
@@ -117,6 +125,7 @@ class RotationRecord(Artifact):
     seed: int | None = None
     heads: bool | None = None
     untied_head: bool | None = None
+    widened: list[int] | None = None  # [checkpoint's hidden width, widened width] (rotate.widen)
     files: dict[str, str] = {}  # the rotated folder's files → sha256: what the stages after it read
 
 

@@ -194,13 +194,19 @@ class RotateSpec(Strict):
     """Rotation preconditioning (haloquant/rotation.py): the stages quantize a rotated copy of the model —
     norms folded into the linears after them, the residual stream in a randomized-Hadamard basis, each kv head's
     v → o pair rotated — which computes the same logits and runs in unmodified llama.cpp. A tied head is untied
-    (its bytes count). Not Gemma 2/3 (their post-norms cannot take the rotation back)."""
+    (its bytes count). Not Gemma 2/3 (their post-norms cannot take the rotation back). `widen` pads the stream
+    to whole 256-blocks first (any family but Phi-3)."""
 
     enabled: bool = Field(False, description="quantize a rotated copy (artifacts/rotate/model, as large as the "
                           "model in its own dtype); off: on ref-llama-a it lowered perplexity at Q2_K's size "
                           "and raised KL at every size (bench/results/rotation_ref-llama-a.md)")
     seed: int = Field(0, description="the random signs and orthogonal factor of the randomized Hadamard matrices")
     heads: bool = Field(True, description="also rotate each kv head's v rows and o columns")
+    widen: bool = Field(False, description="pad the residual stream with zero channels to a multiple of 256 "
+                         "(haloquant/widening.py; the same function, rotated after if enabled) where it is not one "
+                         "(hidden 576, 896, 960, 1152 …), so that the stream-reading linears, embedding and head can "
+                         "take k-quants and i-quants instead of ≥ 4.5-bit block-32 formats; costs their bytes × "
+                         "new/old width, so it pays below ~4 bits per weight; no-op at a multiple of 256")
 
 
 class BlockTuningSpec(Strict):

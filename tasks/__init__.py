@@ -82,8 +82,9 @@ def _rotate(p: Params, root: Path):
 
 
 def _model(p: Params, root: Path):
-    """The model every stage after `rotate` quantizes: the checkpoint, or its rotated copy."""
-    return p.model.model_copy(update={"path": root / ROTATED_MODEL}) if p.rotate.enabled else p.model
+    """The model every stage after `rotate` quantizes: the checkpoint, or its widened and/or rotated copy."""
+    from haloquant.tasks.rotate import copies_model
+    return p.model.model_copy(update={"path": root / ROTATED_MODEL}) if copies_model(p.model, p.rotate) else p.model
 
 
 def _calibrate(p: Params, root: Path):

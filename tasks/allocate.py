@@ -42,10 +42,9 @@ Candidates = list[dict[str, FormatCost]]
 def budget_bytes(spec: AllocationSpec, table: SensitivityTable) -> int:
     """Budget for the quantizable tensors, in bytes (total_bytes includes the float tensors; the
     file budgets also the GGUF's metadata and alignment, as measured by the sensitivity stage)."""
-    n_weights = sum(t.n_weights for t in table.tensors)
     b = spec.budget
     if b.bits_per_weight is not None:
-        return int(np.floor(b.bits_per_weight * n_weights / 8))
+        return int(np.floor(b.bits_per_weight * table.checkpoint_weights / 8))
     if b.total_bytes is not None:
         return b.total_bytes - table.fixed_bytes
     if table.gguf_overhead_bytes == 0:
@@ -165,8 +164,7 @@ def _solve_sac(spec: AllocationSpec, table: SensitivityTable, embeddings: LayerE
         raise HaloquantError("allocation.solver: sac needs the sensitivity stage's embeddings.json "
                              "(re-run the sensitivity stage)")
     problem = AllocationProblem.build(table, embeddings, cands)
-    n_weights = sum(t.n_weights for t in table.tensors)
-    picks = SACAllocator(spec.policy).allocate(problem, 8 * budget / n_weights, budget)
+    picks = SACAllocator(spec.policy).allocate(problem, 8 * budget / table.checkpoint_weights, budget)
     return [problem.formats[f] for f in picks]
 
 
@@ -174,11 +172,10 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
                   embeddings: LayerEmbeddings | None = None) -> AllocationResult:
     require_costs(spec.solver, table.metric)
     cands = apply_rules(spec, table)
-    n_weights = sum(t.n_weights for t in table.tensors)
     min_bytes = sum(min(c.bytes for c in cs.values()) for cs in cands)
     max_bytes = sum(max(c.bytes for c in cs.values()) for cs in cands)
     budget = budget_bytes(spec, table)
-    min_bpw = 8 * min_bytes / n_weights
+    min_bpw = 8 * min_bytes / table.checkpoint_weights
     if budget < min_bytes:
         field = spec.budget.field
         raise HaloquantError(
@@ -217,10 +214,9 @@ def _result(spec: AllocationSpec, table: SensitivityTable, cands: Candidates, on
                                     bits_per_weight=8 * c.bytes / t.n_weights, error=c.error, onnx_bytes=o[f]))
     used = sum(c.bytes for c in choices)
     assert used <= budget
-    n_weights = sum(t.n_weights for t in table.tensors)
     return AllocationResult(
         solver=spec.solver, budget_bytes=budget, budget_spec=spec.budget.model_dump(exclude_none=True),
-        used_bytes=used, total_bytes=used + table.fixed_bytes, bits_per_weight=8 * used / n_weights,
+        used_bytes=used, total_bytes=used + table.fixed_bytes, bits_per_weight=8 * used / table.checkpoint_weights,
         objective=sum(c.error for c in choices), min_feasible_bits_per_weight=min_bpw, tensors=choices,
         onnx_bytes=sum(c.onnx_bytes for c in choices), onnx_budget_bytes=onnx_cap, **extra,
     )

@@ -38,6 +38,7 @@ from haloquant.sequential import quantize_sequentially
 from haloquant.streaming import compute_device, streamed
 from haloquant.schemas.artifacts import AllocationResult, QuantizedManifest, QuantizedTensor
 from haloquant.schemas.params import ModelSpec, QuantizeSpec
+from haloquant.widening import source_weight_ratio
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def quantize(model_spec: ModelSpec, spec: QuantizeSpec, calib_dir: Path, allocat
     manifest = QuantizedManifest(
         method=spec.method, model=model_name(model_spec.path), tensors_file=TENSORS_FILE, quantized=quantized,
         float_tensors=sorted(floats), total_bytes=qbytes + sum(v.numel() * 4 for v in floats.values()),
-        n_weights=n_weights, bits_per_weight=8 * qbytes / n_weights,
+        n_weights=n_weights, bits_per_weight=8 * qbytes / (n_weights * source_weight_ratio(model_spec.path)),
     )
     write_json(out_dir / MANIFEST_FILE, manifest.model_dump())
     return manifest

@@ -48,6 +48,7 @@ from haloquant.modelio import (TensorInfo, decoder_layers, float_tensors, load_m
 from haloquant.progress import track
 from haloquant.resume import Journal
 from haloquant.streaming import compute_device
+from haloquant.widening import source_weight_ratio
 from haloquant.quantizer import encode_tensor
 from haloquant.schemas.artifacts import (FormatCost, LayerEmbeddings, SensitivityTable, TensorEmbedding,
                                TensorSensitivity)
@@ -230,6 +231,6 @@ def score_sensitivity(model_spec: ModelSpec, spec: SensitivitySpec, quant_spec: 
     fixed = sum(p.numel() * 4 for p in floats.values())
     table = SensitivityTable(metric=metric, formats=spec.formats, fixed_bytes=fixed, tensors=rows,
                              gguf_overhead_bytes=_gguf_overhead(model_spec, infos, floats),
-                             )
+                             source_weight_ratio=source_weight_ratio(model_spec.path))
     write_json(out_dir / TABLE_FILE, table.model_dump())
     return table

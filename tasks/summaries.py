@@ -15,10 +15,13 @@ def _counts(values) -> str:
 
 def summary(obj) -> str:
     if isinstance(obj, RotationRecord):
+        widened = f"widened {obj.widened[0]} → {obj.widened[1]}" if obj.widened else ""
         if not obj.enabled:
-            return f"{obj.model} as it is (rotate.enabled: false)"
-        return (f"{obj.model} rotated (seed {obj.seed}{', v → o per head' if obj.heads else ''}"
-                f"{', head untied' if obj.untied_head else ''}): {len(obj.files)} files")
+            return f"{obj.model} {widened}: {len(obj.files)} files" if widened else \
+                f"{obj.model} as it is (rotate.enabled: false)"
+        return (f"{obj.model} {widened + ', ' if widened else ''}rotated (seed {obj.seed}"
+                f"{', v → o per head' if obj.heads else ''}{', head untied' if obj.untied_head else ''}): "
+                f"{len(obj.files)} files")
     if isinstance(obj, CalibrationReport):
         return (f"{obj.n_tokens:,} tokens ({obj.n_sequences} × {obj.seq_len}) through {obj.model}; statistics of "
                 f"{len(set(obj.input_of.values()))} linear inputs")

@@ -10,7 +10,9 @@ converter (haloquant/converter.py). A family adds the torch-side knowledge:
   looked-up row's error is counted in residual-stream units;
 - for the residual-stream rotation (haloquant/rotation.py): the linears whose outputs are added to
   the stream (`residual_writers`), and the final norm before the head; a family that normalises
-  sublayer outputs before adding them (Gemma 2/3's post-norms) cannot be rotated (`post_norms`).
+  sublayer outputs before adding them (Gemma 2/3's post-norms) cannot be rotated (`post_norms`);
+- for widening the stream to whole 256-blocks (haloquant/widening.py): every norm over the stream
+  (`norm_feeds`, `post_norms`, the final norm), and whether the GGUF side allows it (`widenable`).
 """
 
 from __future__ import annotations
@@ -62,7 +64,13 @@ class Family:
     final_norm: str = "model.norm"  # the norm before the output head
     embedding: str = "model.embed_tokens"
     head: str = "lm_head"
-    post_norms: bool = False  # sublayer outputs normalised before the residual add (no rotation then)
+    post_norms: tuple[str, ...] = ()  # norms of sublayer outputs before the residual add (no rotation then)
+    # llama.cpp's converter reads head geometry from num_attention_heads and head_dim, not from hidden_size
+    # (Phi-3's derives its RoPE width from hidden_size), so the stream can be widened (haloquant/widening.py)
+    widenable: bool = True
+    # the HF architecture whose llama.cpp conversion a widened copy is written as, where llama.cpp's own graph
+    # for the family sizes q and o by hidden_size rather than heads × head_dim (Qwen2: llama's graph, q/k/v biases)
+    widened_gguf_architecture: str | None = None
 
     def layer(self, i: int) -> str:
         return f"{self.layers}.{i}"

@@ -10,7 +10,9 @@ GEMMA_NORM_FEEDS = (
     NormFeeds("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp_in"),
 )
 
+GEMMA_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
 GEMMA2 = Family("gemma2", ("Gemma2ForCausalLM",), GEMMA_NORM_FEEDS, LLAMA_ROWS_FEEDS, norm_offset=1.0,
-                embedding_scale=sqrt_hidden, post_norms=True)
+                embedding_scale=sqrt_hidden, post_norms=GEMMA_POST_NORMS)
 GEMMA3 = Family("gemma3", ("Gemma3ForCausalLM",), GEMMA_NORM_FEEDS, LLAMA_ROWS_FEEDS, norm_offset=1.0,
-                embedding_scale=sqrt_hidden, post_norms=True)
+                embedding_scale=sqrt_hidden, post_norms=GEMMA_POST_NORMS)

@@ -20,4 +20,5 @@ FAMILY = Family(
      NormFeeds("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp_in")),
     (RowsFeed("self_attn.qkv_proj", "self_attn.o_proj", "v_o", rows=v_rows, per_kv_head=True),
      RowsFeed("mlp.gate_up_proj", "mlp.down_proj", "up_down", rows=up_rows)),
+    widenable=False,  # the converter writes RoPE's width as hidden_size / heads; Phi-3's widths are 256-multiples
 )

@@ -1,0 +1,162 @@
+"""Widening: the residual stream padded with zero channels to a whole number of 256-wide blocks, so
+that the linears reading it can take k-quants and i-quants.
+
+A k-quant or i-quant block holds 256 consecutive weights of a row, so llama.cpp can only store a
+tensor in those formats when its rows are a multiple of 256 wide. Small models often are not: hidden
+576 (SmolLM2-135M), 960 (SmolLM2-360M), 896 (Qwen2.5-0.5B), 640 and 1152 (Gemma 3 270M, 1B). There
+every linear that reads the stream (q, k, v, gate, up), the embedding and the head are held to the
+block-32 formats, ≥ 4.5 bits per weight: no file of these models gets below ~4.5 bpw, whatever the
+quantizer. Widened from d to D channels (the next multiple of 256) they take every format.
+
+Exact: the stream x becomes [x, 0]. The embedding and every linear that writes the stream (o, down)
+get zero rows/columns for the new channels; every linear that reads it gets zero columns (they read
+zeros, so any value would do). An RMSNorm over D channels of [x, 0] sees mean(x²)·d/D, so with
+ε' = ε·d/D (one ε for the model: config.rms_norm_eps) and weight √(d/D)·w it computes the same
+output, zero in the new channels. Gemma's (1 + w) norms take the same rule on 1 + w; its embedding
+is multiplied by √hidden, so its rows are scaled by √(d/D) (and a tied head's logits made whole
+again through the final norm). Head geometry is kept by writing head_dim into the config (llama.cpp's
+converter writes it as the key/value length). The KV cache and attention are unchanged.
+
+What it costs: D/d times the bytes and multiply-adds of the embedding, head and stream-reading
+linears (576 → 768: ×1.33; 896 → 1024: ×1.14), so it pays only where the formats it opens are
+that much smaller: below ~4 bits per weight. The bits-per-weight budget counts the checkpoint's
+weights (widening.json holds both counts), so a widened model gets the same file size as an unwidened
+one at the same budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from haloquant import HaloquantError
+from haloquant.families import Family, family_of_architecture
+from haloquant.families.base import head_dim
+from haloquant.rewrite import rewrite_folder
+
+REPORT = "widening.json"
+EPS_KEYS = ("rms_norm_eps",)
+
+
+def widened_width(hidden: int, multiple: int) -> int:
+    return -(-hidden // multiple) * multiple
+
+
+def check_widenable(fam: Family, arch: str) -> None:
+    if not fam.widenable:
+        raise HaloquantError(f"widening: llama.cpp's converter derives {arch}'s head geometry from hidden_size, so a "
+                             "widened stream would not load; its widths are multiples of 256 already")
+
+
+@dataclass
+class WideningPlan:
+    """What happens to each named tensor (HF parameter names) when the stream goes from d to D channels."""
+
+    fam: Family
+    d: int
+    D: int
+    tied: bool
+    readers: set[str] = field(default_factory=set)  # weights whose columns read the stream
+    writers: set[str] = field(default_factory=set)  # weights (rows) and biases whose outputs join the stream
+    norms: set[str] = field(default_factory=set)  # norms over the stream
+
+    @property
+    def ratio(self) -> float:
+        return self.d / self.D
+
+    def embedding_factor(self) -> float:
+        """Gemma multiplies looked-up rows by √hidden, which grows with the width: the rows shrink to match."""
+        return self.fam.embedding_scale(SimpleNamespace(hidden_size=self.d)) / \
+            self.fam.embedding_scale(SimpleNamespace(hidden_size=self.D))
+
+    def widen(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The widened tensor `name` (float64), or `t` itself where the stream's width does not enter."""
+        pad = self.D - self.d
+        if name == f"{self.fam.embedding}.weight":
+            return torch.nn.functional.pad(t.double() * self.embedding_factor(), (0, pad))
+        if name in self.readers:
+            return torch.nn.functional.pad(t.double(), (0, pad))
+        if name in self.writers:
+            return torch.nn.functional.pad(t.double(), (0, 0, 0, pad) if t.ndim == 2 else (0, pad))
+        if name in self.norms:
+            gain = math.sqrt(self.ratio)
+            if self.tied and name == f"{self.fam.final_norm}.weight":
+                gain /= self.embedding_factor()  # the tied head is the scaled embedding
+            off = self.fam.norm_offset
+            return torch.nn.functional.pad((off + t.double()) * gain, (0, pad)) - off  # new channels: gain 0
+        return t
+
+
+def plan_for(fam: Family, cfg, multiple: int) -> WideningPlan:
+    d = cfg.hidden_size
+    plan = WideningPlan(fam, d, widened_width(d, multiple), bool(getattr(cfg, "tie_word_embeddings", False)))
+    for i in range(cfg.num_hidden_layers):
+        p = fam.layer(i)
+        for f in fam.norm_feeds:
+            plan.norms.add(f"{p}.{f.norm}.weight")
+            plan.readers.update(f"{p}.{t}.weight" for t in f.linears)
+        plan.norms.update(f"{p}.{n}.weight" for n in fam.post_norms)
+        plan.writers.update(f"{p}.{w}.{x}" for w in fam.residual_writers for x in ("weight", "bias"))
+    plan.norms.add(f"{fam.final_norm}.weight")
+    plan.readers.add(f"{fam.head}.weight")
+    return plan
+
+
+def widened_config(config: dict, cfg, plan: WideningPlan) -> dict:
+    """config.json of the widened model: hidden_size D, head_dim explicit, ε scaled by d/D."""
+    if "text_config" in config:
+        raise HaloquantError("widening: a config with a nested text_config is not supported")
+    eps = next((k for k in EPS_KEYS if k in config), None)
+    if eps is None:
+        raise HaloquantError(f"widening: config.json has no {' or '.join(EPS_KEYS)} (the RMSNorm ε it rescales)")
+    return config | {"hidden_size": plan.D, "head_dim": head_dim(cfg), eps: config[eps] * plan.ratio}
+
+
+def write_widened(src: str | Path, out: str | Path, multiple: int = 256, dtype: torch.dtype | None = None) -> dict:
+    """A copy of the HF folder `src` in `out` with the stream widened to a multiple of `multiple`
+    (`dtype`: of the widened tensors; None: each source tensor's own). Returns the report, also written
+    to `out`/widening.json. A width that is a multiple already is refused (nothing to do)."""
+    from haloquant.modelio import check_model_dir, load_config, read_config
+
+    try:
+        src, out = check_model_dir(src), Path(out)
+    except HaloquantError as e:
+        raise HaloquantError(str(e).replace("model.path:", "widening source:", 1)) from None
+    cfg = load_config(src)
+    arch = (read_config(src).get("architectures") or [None])[0]
+    fam = family_of_architecture(arch)
+    check_widenable(fam, arch)
+    plan = plan_for(fam, cfg, multiple)
+    if plan.D == plan.d:
+        raise HaloquantError(f"widening: hidden width {plan.d} is a multiple of {multiple} already")
+    config = widened_config(read_config(src), cfg, plan)
+    weights = {"source": 0, "widened": 0}  # elements of the matrices, before and after
+
+    def transform(name: str, t: torch.Tensor, read) -> dict[str, torch.Tensor]:
+        if not t.is_floating_point():
+            return {name: t}
+        w = plan.widen(name, t)
+        if t.ndim == 2:
+            weights["source"] += t.numel()
+            weights["widened"] += w.numel()
+        return {name: t if w is t else w.to(dtype or t.dtype)}
+
+    report = {"source": src.name, "hidden": [plan.d, plan.D], "multiple": multiple, "weights": weights}
+    rewrite_folder(src, out, transform, config, report, REPORT, "widening")
+    return report
+
+
+def source_weight_ratio(model_dir: str | Path) -> float:
+    """Weights of the checkpoint per weight of this folder's matrices: 1 unless the folder was widened
+    (its widening.json, kept by a rotation after it)."""
+    import json
+
+    f = Path(model_dir) / REPORT
+    if not f.is_file():
+        return 1.0
+    w = json.loads(f.read_text())["weights"]
+    return w["source"] / w["widened"]

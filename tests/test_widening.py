@@ -1,0 +1,160 @@
+"""Widening the residual stream to whole 256-blocks (haloquant/widening.py) on a small model of every
+family that allows it: the widened folder computes the float model's logits (1e-4, float32), also
+when rotated afterwards; Phi-3 and an already whole width are refused; and a quantized widened
+model — k-quants on rows that were too narrow for them — computes in llama.cpp what torch computes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from gguf import GGUFReader
+
+from haloquant import HaloquantError
+from haloquant.artifacts import write_json
+from haloquant.evaluation import score
+from haloquant.formats import get_format
+from haloquant.llamacpp import llama_cpp_perplexity
+from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
+from haloquant.presets import allocation_from_type_map
+from haloquant.quantized import load_quantized_model
+from haloquant.rotation import write_rotated
+from haloquant.schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec
+from haloquant.tasks.calibrate import calibrate
+from haloquant.tasks.export_gguf import export_gguf
+from haloquant.tasks.quantize import quantize
+from haloquant.tasks.scale_fold import scale_fold
+from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
+from haloquant.widening import source_weight_ratio, write_widened
+from tests.conftest import CALIB_TEXT, EVAL_TEXT
+from tests.modelzoo import CASES, make_model
+
+WIDENABLE = [c for c in CASES if c.family != "phi3"]
+
+
+def multiple_for(case) -> int:
+    """256 where the width is not whole 256-blocks; otherwise 384, so that every case widens."""
+    return 256 if case.hidden % 256 else 384
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo-widening")
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits.float()
+
+
+@pytest.mark.parametrize("case", WIDENABLE, ids=lambda c: c.id)
+def test_widened_folder_computes_the_float_models_logits(case, zoo):
+    src = make_model(case, zoo)
+    ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref = _logits(load_model(src, "cpu").float(), ids)
+    out = zoo / f"{case.id}-widened"
+    report = write_widened(src, out, multiple_for(case), dtype=torch.float32)
+    wide = load_model(out, "cpu")
+    D = -(-case.hidden // multiple_for(case)) * multiple_for(case)
+    assert report["hidden"] == [case.hidden, D] and wide.config.hidden_size == D
+    assert wide.get_input_embeddings().weight.shape[1] == D
+    assert (_logits(wide, ids) - ref).abs().max() < 1e-4
+    assert wide.config.tie_word_embeddings == case.tied
+    ratio = source_weight_ratio(out)
+    assert 0.5 < ratio < 1 and report["weights"]["source"] == round(ratio * report["weights"]["widened"])
+
+
+@pytest.mark.parametrize("case", [c for c in WIDENABLE if not c.family.startswith("gemma")][:4], ids=lambda c: c.id)
+def test_widened_then_rotated_is_exact_and_keeps_the_weight_count(case, zoo):
+    src = make_model(case, zoo)
+    ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(2))
+    ref = _logits(load_model(src, "cpu").float(), ids)
+    write_widened(src, zoo / f"{case.id}-w", multiple_for(case), dtype=torch.float32)
+    write_rotated(zoo / f"{case.id}-w", zoo / f"{case.id}-wr", seed=4, dtype=torch.float32)
+    rotated = load_model(zoo / f"{case.id}-wr", "cpu")
+    assert (_logits(rotated, ids) - ref).abs().max() < 1e-4
+    emb = rotated.get_input_embeddings().weight
+    assert (emb[:, case.hidden:].abs().sum(1) > 0).all()  # the new channels carry the rotated stream
+    assert source_weight_ratio(zoo / f"{case.id}-wr") == source_weight_ratio(zoo / f"{case.id}-w")
+
+
+def test_refusals_are_clear_and_write_nothing(zoo, tmp_path, capsys):
+    from haloquant.flows.cli import main
+
+    phi3 = make_model(next(c for c in CASES if c.family == "phi3" and c.hidden % 256), zoo)
+    with pytest.raises(HaloquantError, match="head geometry from hidden_size"):
+        write_widened(phi3, tmp_path / "p")
+    whole = make_model(next(c for c in WIDENABLE if c.hidden % 256 == 0), zoo)
+    assert main(["widen", str(whole), str(tmp_path / "w")]) == 2
+    assert "is a multiple of 256 already" in capsys.readouterr().err
+    assert main(["widen", str(tmp_path / "missing"), str(tmp_path / "m")]) == 2
+    assert "widening source: folder" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    case = next(c for c in WIDENABLE if c.hidden % 256)
+    assert main(["widen", str(make_model(case, zoo)), str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / "widening.json").read_text())["hidden"][0] == case.hidden
+
+
+@pytest.mark.parametrize("case", [c for c in WIDENABLE if c.id in ("llama-w384-tied", "qwen2-w448-tied")],
+                         ids=lambda c: c.id)
+def test_quantized_widened_gguf_computes_what_torch_computes(case, zoo):
+    """Widened (384 → 512, 448 → 512), GPTQ-quantized with Q3_K/Q4_K on every stream-reading linear, the
+    embedding and o/down where their rows allow: llama.cpp's perplexity within 1 % of torch's on the same
+    decoded weights; the file says the widened width and the checkpoint's head width."""
+    folder = zoo / f"{case.id}-widened-q"
+    write_widened(make_model(case, zoo), folder)
+    out = zoo / f"{case.id}-widened-out"
+    spec = ModelSpec(path=folder, device="cpu")
+    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), out / "calibrate")
+    infos = quantizable_tensors(load_model(folder, "cpu"))
+    type_map = {t.gguf_name: next(f for f in ("Q3_K" if i % 2 else "Q4_K", "Q5_0", "Q8_0")
+                                  if get_format(f).supports(t.shape)) for i, t in enumerate(infos)}
+    readers = [n for n in type_map if n.endswith(("attn_q.weight", "attn_k.weight", "ffn_up.weight", "ffn_gate.weight"))]
+    assert readers and all(type_map[n] in ("Q3_K", "Q4_K") for n in readers)  # 256-blocks: new for this width
+    write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, "test").model_dump())
+    scale_fold(spec, FoldSpec(), out / "calibrate", out / "allocate", out / "scale_fold")
+    quantize(spec, QuantizeSpec(method="gptq", correct_row_scales=True, correct_input_scales=True), out / "calibrate",
+             out / "allocate", out / "scale_fold", out / "quantize")
+    export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
+    reader = GGUFReader(out / "gguf" / "model.gguf")
+    arch = reader.fields["general.architecture"].contents()
+    assert reader.fields[f"{arch}.embedding_length"].contents() == 512
+    assert reader.fields[f"{arch}.attention.key_length"].contents() == case.hidden // case.heads
+    tok = load_tokenizer(folder)
+    text = read_text(EVAL_TEXT, "eval")
+    chunks = eval_chunks(tokenize(tok, text), 128, 3, sequence_bos(tok, None))
+    torch_ppl = score(load_quantized_model(folder, out / "quantize", "cpu"), chunks)["ppl"]
+    lc = llama_cpp_perplexity(out / "gguf" / "model.gguf", text, 128, 3)
+    assert math.isfinite(lc["ppl"]) and abs(lc["ppl"] / torch_ppl - 1) < 0.01, (lc["ppl"], torch_ppl)
+
+
+def test_the_pipeline_widens_when_asked_and_budgets_the_checkpoints_weights(zoo, tmp_path):
+    """rotate.widen on a 448-wide Qwen2: 4.0 bits per weight, infeasible at that width (its stream-reading
+    rows only take ≥ 4.5-bit block-32 formats), is met on the widened copy with k-quants on those rows;
+    the budget counts the checkpoint's weights (the file is no larger than 4.0 bpw of them), and validate's
+    gate passes (llama.cpp's perplexity within 1 % of torch's). On a 256-wide model
+    the same spec copies nothing."""
+    from haloquant.tasks.runner import run_all
+    from tests.conftest import small_params, write_params
+
+    case = next(c for c in WIDENABLE if c.id == "qwen2-w448-tied")
+    src = make_model(case, zoo)
+    kquants = ["Q2_K", "Q3_K", "Q4_K", "Q5_0", "Q8_0"]
+    spec = {"model.path": str(src), "allocation.budget": {"bits_per_weight": 4.0}, "sensitivity.formats": kquants,
+            "validate.ctx": 128, "model.add_bos": None}
+    with pytest.raises(HaloquantError, match="allocation.budget.bits_per_weight: infeasible"):
+        run_all(write_params(tmp_path / "plain", small_params(**spec)))
+    results = run_all(write_params(tmp_path / "wide", small_params(**spec, **{"rotate.widen": True})))
+    record, allocation = results["rotate"], results["allocate"]
+    assert record.widened == [448, 512] and not record.enabled and "widening.json" in record.files
+    q_types = {c.format for c in allocation.tensors if c.gguf_name.endswith(("attn_q.weight", "ffn_up.weight"))}
+    assert q_types <= {"Q2_K", "Q3_K", "Q4_K"}
+    checkpoint = load_model(src, "cpu")
+    weights = sum(p.numel() for n, p in checkpoint.named_parameters() if p.ndim == 2)
+    assert allocation.used_bytes <= 4.0 * weights / 8 and allocation.bits_per_weight <= 4.0
+    report = results["validate"]
+    assert report.passed and report.bits_per_weight <= 4.0, report  # the gate: llama.cpp within 1 % of torch
+    tiny = run_all(write_params(tmp_path / "tiny", small_params(**{"rotate.widen": True})))
+    assert tiny["rotate"].widened is None and not any((tmp_path / "tiny" / "artifacts" / "rotate" / "model").iterdir())
