@@ -41,6 +41,7 @@ from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
 from haloquant.schemas.params import BlockTuningSpec, SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
+from haloquant.widening import source_weight_ratio
 
 from autoround_gguf import autoround_gguf  # noqa: E402  (bench/ is on sys.path when run as a script)
 from common import REPO, plain, setup  # noqa: E402
@@ -104,10 +105,13 @@ def main() -> None:
     ap.add_argument("--metric", default="kl_calibrated")
     ap.add_argument("--autoround", action="store_true", help="also AutoRound's GGUF of each preset it writes")
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-lowbit"))
+    ap.add_argument("--only", nargs="*", default=None, help="build only these haloquant rows (e.g. '+ statistics "
+                    "correction'): each row costs a GPTQ build and a scoring")
     args = ap.parse_args()
     spec, calib, text = setup(args.model, args.out)
     infos = quantizable_tensors(load_model(spec.path, "cpu"))
     n_weights = sum(t.n_weights for t in infos)
+    checkpoint_weights = n_weights * source_weight_ratio(spec.path)  # < n_weights for a widened copy
 
     sens = args.out / "sensitivity"
     t0 = time.perf_counter()
@@ -143,6 +147,8 @@ def main() -> None:
             runs.append((f"k-quants + statistics correction + block tuning ({args.tuning_iters} steps)", sens_k,
                          d / f"kquants-tuned-{args.tuning_iters}-corrected", runs[-1][3]))
         for name, table, out, qspec in runs:
+            if args.only is not None and name not in args.only:
+                continue
             if (out / "gguf" / "model.gguf").is_file():  # built by an earlier, interrupted run
                 files[name] = out / "gguf" / "model.gguf"
                 continue
@@ -168,7 +174,7 @@ def main() -> None:
             if args.autoround and label in AUTOROUND_FORMATS:
                 files["AutoRound"], _ = autoround_gguf(spec.path, AUTOROUND_FORMATS[label], d / "autoround")
         else:
-            total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * n_weights / 8)
+            total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * checkpoint_weights / 8)
         files.update(variants(label, d, total))
         scores = {name: scored(p) for name, p in files.items()}
         base = next(iter(scores))
