@@ -32,6 +32,20 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy(f, dst / f.name)
 
 
+def read_source(src: str | Path, what: str) -> tuple[Path, object, str, object]:
+    """(folder, transformers config, HF architecture, registered family) of a folder to rewrite; a bad
+    folder's error names it as `what` source."""
+    from haloquant.families import family_of_architecture
+    from haloquant.modelio import check_model_dir, load_config, read_config
+
+    try:
+        src = check_model_dir(src)
+    except HaloquantError as e:
+        raise HaloquantError(str(e).replace("model.path:", f"{what} source:", 1)) from None
+    arch = (read_config(src).get("architectures") or [None])[0]
+    return src, load_config(src), arch, family_of_architecture(arch)
+
+
 def safetensors_shards(src: Path, what: str) -> list[Path]:
     shards = sorted(src.glob("*.safetensors"))
     if not shards:

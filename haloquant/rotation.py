@@ -36,7 +36,7 @@ import torch
 from haloquant import HaloquantError
 from haloquant.families import Family, family_of_architecture
 from haloquant.families.base import head_dim
-from haloquant.rewrite import rewrite_folder, safetensors_shards, tensor_locations
+from haloquant.rewrite import read_source, rewrite_folder, safetensors_shards, tensor_locations
 
 
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -159,15 +159,10 @@ def write_rotated(src: str | Path, out: str | Path, seed: int = 0, heads: bool =
     """A rotated copy of the HF folder `src` in `out`, shard by shard (`dtype`: of the rotated
     tensors; None: each source tensor's own). Tokenizer and other files are copied as they are; `out`
     is whole or absent (haloquant/rewrite.py)."""
-    from haloquant.modelio import check_model_dir, load_config, read_config
+    from haloquant.modelio import read_config
 
-    try:
-        src, out = check_model_dir(src), Path(out)
-    except HaloquantError as e:
-        raise HaloquantError(str(e).replace("model.path:", "rotation source:", 1)) from None
-    cfg = load_config(src)
-    arch = (read_config(src).get("architectures") or [None])[0]
-    fam = family_of_architecture(arch)
+    src, cfg, arch, fam = read_source(src, "rotation")
+    out = Path(out)
     check_rotatable(fam, arch)
     plan = plan_for(fam, cfg, seed, heads)
     where = tensor_locations(safetensors_shards(src, "rotation"))

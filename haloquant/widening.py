@@ -34,9 +34,9 @@ from types import SimpleNamespace
 import torch
 
 from haloquant import HaloquantError
-from haloquant.families import Family, family_of_architecture
+from haloquant.families import Family
 from haloquant.families.base import head_dim
-from haloquant.rewrite import rewrite_folder
+from haloquant.rewrite import read_source, rewrite_folder
 
 REPORT = "widening.json"
 EPS_KEYS = ("rms_norm_eps",)
@@ -120,15 +120,10 @@ def write_widened(src: str | Path, out: str | Path, multiple: int = 256, dtype: 
     """A copy of the HF folder `src` in `out` with the stream widened to a multiple of `multiple`
     (`dtype`: of the widened tensors; None: each source tensor's own). Returns the report, also written
     to `out`/widening.json. A width that is a multiple already is refused (nothing to do)."""
-    from haloquant.modelio import check_model_dir, load_config, read_config
+    from haloquant.modelio import read_config
 
-    try:
-        src, out = check_model_dir(src), Path(out)
-    except HaloquantError as e:
-        raise HaloquantError(str(e).replace("model.path:", "widening source:", 1)) from None
-    cfg = load_config(src)
-    arch = (read_config(src).get("architectures") or [None])[0]
-    fam = family_of_architecture(arch)
+    src, cfg, arch, fam = read_source(src, "widening")
+    out = Path(out)
     check_widenable(fam, arch)
     plan = plan_for(fam, cfg, multiple)
     if plan.D == plan.d:
