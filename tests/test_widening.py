@@ -158,3 +158,19 @@ def test_the_pipeline_widens_when_asked_and_budgets_the_checkpoints_weights(zoo,
     assert report.passed and report.bits_per_weight <= 4.0, report  # the gate: llama.cpp within 1 % of torch
     tiny = run_all(write_params(tmp_path / "tiny", small_params(**{"rotate.widen": True})))
     assert tiny["rotate"].widened is None and not any((tmp_path / "tiny" / "artifacts" / "rotate" / "model").iterdir())
+
+
+def test_widening_a_phi3_model_is_refused_before_anything_is_written(zoo, tmp_path):
+    """`haloquant run` with rotate.widen on a 384-wide Phi-3: exit 2 naming the field, no traceback, no artifacts."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, small_params, write_params
+
+    phi3 = make_model(next(c for c in CASES if c.family == "phi3" and c.hidden % 256), zoo)
+    params = write_params(tmp_path, small_params(**{"model.path": str(phi3), "rotate.widen": True,
+                                                    "model.add_bos": None}))
+    r = subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "run", "--params", str(params)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "rotate.widen: widening: llama.cpp's converter derives" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "artifacts").exists()
