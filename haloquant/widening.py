@@ -8,6 +8,13 @@ every linear that reads the stream (q, k, v, gate, up), the embedding and the he
 block-32 formats, ≥ 4.5 bits per weight: no file of these models gets below ~4.5 bpw, whatever the
 quantizer. Widened from d to D channels (the next multiple of 256) they take every format.
 
+The attention's width (query heads × head_dim, the rows of q and the columns of o) is whole blocks
+too only if the heads fill them: SmolLM2-135M's 9 × 64 = 576 and Qwen2.5-0.5B's 14 × 64 = 896 do not.
+Zero query heads are added, within each kv head's group (GQA: query head j reads kv head j // n_rep),
+up to the fewest that make it whole: 9 → 12 (3 kv heads, 4 per group), 14 → 16 (2 kv heads, 8 per
+group). A zero head's query is zero, so it attends uniformly and returns the mean of its group's values
+— which o's zero columns for it discard. The KV cache is unchanged.
+
 Exact: the stream x becomes [x, 0]. The embedding and every linear that writes the stream (o, down)
 get zero rows/columns for the new channels; every linear that reads it gets zero columns (they read
 zeros, so any value would do). An RMSNorm over D channels of [x, 0] sees mean(x²)·d/D, so with
@@ -17,9 +24,9 @@ is multiplied by √hidden, so its rows are scaled by √(d/D) (and a tied head'
 again through the final norm). Head geometry is kept by writing head_dim into the config (llama.cpp's
 converter writes it as the key/value length). The KV cache and attention are unchanged.
 
-What it costs: D/d times the bytes and multiply-adds of the embedding, head and stream-reading
-linears (576 → 768: ×1.33; 896 → 1024: ×1.14), so it pays only where the formats it opens are
-that much smaller: below ~4 bits per weight. The bits-per-weight budget counts the checkpoint's
+What it costs: D/d times the bytes and multiply-adds of every matrix (576 → 768: ×1.33; 896 → 1024:
+×1.14; q and o once more by the added heads), so it pays only where the formats it opens are that much
+smaller: below ~4 bits per weight. The bits-per-weight budget counts the checkpoint's
 weights (widening.json holds both counts), so a widened model gets the same file size as an unwidened
 one at the same budget.
 """
@@ -60,6 +67,11 @@ class WideningPlan:
     d: int
     D: int
     tied: bool
+    heads: tuple[int, int] = (0, 0)  # query heads before and after (equal: none added)
+    n_kv: int = 1
+    hd: int = 0
+    queries: set[str] = field(default_factory=set)  # q weights and biases: rows are query heads
+    attention_outs: set[str] = field(default_factory=set)  # o weights: columns are query heads
     readers: set[str] = field(default_factory=set)  # weights whose columns read the stream
     writers: set[str] = field(default_factory=set)  # weights (rows) and biases whose outputs join the stream
     norms: set[str] = field(default_factory=set)  # norms over the stream
@@ -73,8 +85,31 @@ class WideningPlan:
         return self.fam.embedding_scale(SimpleNamespace(hidden_size=self.d)) / \
             self.fam.embedding_scale(SimpleNamespace(hidden_size=self.D))
 
+    def head_slots(self) -> torch.Tensor:
+        """For each new query head, the old head it is (−1: an added zero head); each kv group's old heads
+        first, then its added ones."""
+        (h, h2), n_kv = self.heads, self.n_kv
+        rep, rep2 = h // n_kv, h2 // n_kv
+        return torch.tensor([g * rep + i if i < rep else -1 for g in range(n_kv) for i in range(rep2)])
+
+    def _spread_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """`t` with its query-head axis `dim` (heads × head_dim) laid out as head_slots(), zeros in added heads."""
+        slots = self.head_slots()
+        shape = list(t.shape)
+        shape[dim] = len(slots) * self.hd
+        out = torch.zeros(shape, dtype=torch.float64)
+        for new, old in enumerate(slots.tolist()):
+            if old >= 0:
+                out.narrow(dim, new * self.hd, self.hd).copy_(t.double().narrow(dim, old * self.hd, self.hd))
+        return out
+
     def widen(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """The widened tensor `name` (float64), or `t` itself where the stream's width does not enter."""
+        """The widened tensor `name` (float64), or `t` itself where neither width enters."""
+        if self.heads[1] != self.heads[0]:
+            if name in self.queries:
+                t = self._spread_heads(t, 0)
+            elif name in self.attention_outs:
+                t = self._spread_heads(t, 1)
         pad = self.D - self.d
         if name == f"{self.fam.embedding}.weight":
             return torch.nn.functional.pad(t.double() * self.embedding_factor(), (0, pad))
@@ -91,11 +126,21 @@ class WideningPlan:
         return t
 
 
+def padded_heads(heads: int, n_kv: int, hd: int, multiple: int) -> int:
+    """The fewest query heads ≥ `heads`, a multiple of the kv heads, whose width is whole blocks (`heads`
+    itself if none up to twice as many)."""
+    return next((h for h in range(heads, 2 * heads + 1) if h % n_kv == 0 and h * hd % multiple == 0), heads)
+
+
 def plan_for(fam: Family, cfg, multiple: int) -> WideningPlan:
-    d = cfg.hidden_size
-    plan = WideningPlan(fam, d, widened_width(d, multiple), bool(getattr(cfg, "tie_word_embeddings", False)))
+    d, hd = cfg.hidden_size, head_dim(cfg)
+    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    plan = WideningPlan(fam, d, widened_width(d, multiple), bool(getattr(cfg, "tie_word_embeddings", False)),
+                        (cfg.num_attention_heads, padded_heads(cfg.num_attention_heads, n_kv, hd, multiple)), n_kv, hd)
     for i in range(cfg.num_hidden_layers):
         p = fam.layer(i)
+        plan.queries.update(f"{p}.{fam.query}.{x}" for x in ("weight", "bias"))
+        plan.attention_outs.add(f"{p}.{fam.attention_out}.weight")
         for f in fam.norm_feeds:
             plan.norms.add(f"{p}.{f.norm}.weight")
             plan.readers.update(f"{p}.{t}.weight" for t in f.linears)
@@ -107,13 +152,14 @@ def plan_for(fam: Family, cfg, multiple: int) -> WideningPlan:
 
 
 def widened_config(config: dict, cfg, plan: WideningPlan) -> dict:
-    """config.json of the widened model: hidden_size D, head_dim explicit, ε scaled by d/D."""
+    """config.json of the widened model: hidden_size D, head_dim explicit, the query heads, ε scaled by d/D."""
     if "text_config" in config:
         raise HaloquantError("widening: a config with a nested text_config is not supported")
     eps = next((k for k in EPS_KEYS if k in config), None)
     if eps is None:
         raise HaloquantError(f"widening: config.json has no {' or '.join(EPS_KEYS)} (the RMSNorm ε it rescales)")
-    return config | {"hidden_size": plan.D, "head_dim": head_dim(cfg), eps: config[eps] * plan.ratio}
+    return config | {"hidden_size": plan.D, "head_dim": head_dim(cfg), "num_attention_heads": plan.heads[1],
+                     eps: config[eps] * plan.ratio}
 
 
 def write_widened(src: str | Path, out: str | Path, multiple: int = 256, dtype: torch.dtype | None = None) -> dict:
@@ -140,7 +186,8 @@ def write_widened(src: str | Path, out: str | Path, multiple: int = 256, dtype: 
             weights["widened"] += w.numel()
         return {name: t if w is t else w.to(dtype or t.dtype)}
 
-    report = {"source": src.name, "hidden": [plan.d, plan.D], "multiple": multiple, "weights": weights}
+    report = {"source": src.name, "hidden": [plan.d, plan.D], "heads": list(plan.heads), "multiple": multiple,
+              "weights": weights}
     rewrite_folder(src, out, transform, config, report, REPORT, "widening")
     return report
 

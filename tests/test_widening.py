@@ -62,6 +62,10 @@ def test_widened_folder_computes_the_float_models_logits(case, zoo):
     assert wide.get_input_embeddings().weight.shape[1] == D
     assert (_logits(wide, ids) - ref).abs().max() < 1e-4
     assert wide.config.tie_word_embeddings == case.tied
+    heads = report["heads"][1]
+    assert wide.config.num_attention_heads == heads and heads % case.kv_heads == 0
+    hd = case.extra.get("head_dim", case.hidden // case.heads)
+    assert heads * hd % multiple_for(case) == 0 or heads == case.heads
     ratio = source_weight_ratio(out)
     assert 0.5 < ratio < 1 and report["weights"]["source"] == round(ratio * report["weights"]["widened"])
 
@@ -100,8 +104,8 @@ def test_refusals_are_clear_and_write_nothing(zoo, tmp_path, capsys):
 @pytest.mark.parametrize("case", [c for c in WIDENABLE if c.id in ("llama-w384-tied", "qwen2-w448-tied")],
                          ids=lambda c: c.id)
 def test_quantized_widened_gguf_computes_what_torch_computes(case, zoo):
-    """Widened (384 → 512, 448 → 512), GPTQ-quantized with Q3_K/Q4_K on every stream-reading linear, the
-    embedding and o/down where their rows allow: llama.cpp's perplexity within 1 % of torch's on the same
+    """Widened (384 → 512 with 6 → 8 heads, 448 → 512 with 7 → 8), GPTQ-quantized with Q3_K/Q4_K on every
+    linear reading the stream or the heads, the embedding and down where its rows allow: llama.cpp's perplexity within 1 % of torch's on the same
     decoded weights; the file says the widened width and the checkpoint's head width."""
     folder = zoo / f"{case.id}-widened-q"
     write_widened(make_model(case, zoo), folder)
@@ -111,8 +115,9 @@ def test_quantized_widened_gguf_computes_what_torch_computes(case, zoo):
     infos = quantizable_tensors(load_model(folder, "cpu"))
     type_map = {t.gguf_name: next(f for f in ("Q3_K" if i % 2 else "Q4_K", "Q5_0", "Q8_0")
                                   if get_format(f).supports(t.shape)) for i, t in enumerate(infos)}
-    readers = [n for n in type_map if n.endswith(("attn_q.weight", "attn_k.weight", "ffn_up.weight", "ffn_gate.weight"))]
-    assert readers and all(type_map[n] in ("Q3_K", "Q4_K") for n in readers)  # 256-blocks: new for this width
+    widths = [n for n in type_map if n.endswith(("attn_q.weight", "attn_k.weight", "attn_output.weight",
+                                                  "ffn_up.weight", "ffn_gate.weight"))]
+    assert widths and all(type_map[n] in ("Q3_K", "Q4_K") for n in widths)  # 256-blocks: new for these widths
     write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, "test").model_dump())
     scale_fold(spec, FoldSpec(), out / "calibrate", out / "allocate", out / "scale_fold")
     quantize(spec, QuantizeSpec(method="gptq", correct_row_scales=True, correct_input_scales=True), out / "calibrate",
@@ -122,6 +127,7 @@ def test_quantized_widened_gguf_computes_what_torch_computes(case, zoo):
     arch = reader.fields["general.architecture"].contents()
     assert reader.fields[f"{arch}.embedding_length"].contents() == 512
     assert reader.fields[f"{arch}.attention.key_length"].contents() == case.hidden // case.heads
+    assert reader.fields[f"{arch}.attention.head_count"].contents() == 8  # 6 or 7 heads of 64: zero heads added
     tok = load_tokenizer(folder)
     text = read_text(EVAL_TEXT, "eval")
     chunks = eval_chunks(tokenize(tok, text), 128, 3, sequence_bos(tok, None))

@@ -71,6 +71,8 @@ class Family:
     # the HF architecture whose llama.cpp conversion a widened copy is written as, where llama.cpp's own graph
     # for the family sizes q and o by hidden_size rather than heads × head_dim (Qwen2: llama's graph, q/k/v biases)
     widened_gguf_architecture: str | None = None
+    query: str = "self_attn.q_proj"  # the linear whose rows are the query heads (widening adds zero heads)
+    attention_out: str = "self_attn.o_proj"  # the linear whose columns read the heads
 
     def layer(self, i: int) -> str:
         return f"{self.layers}.{i}"
