@@ -101,14 +101,15 @@ def test_refusals_are_clear_and_write_nothing(zoo, tmp_path, capsys):
     assert json.loads((tmp_path / "ok" / "widening.json").read_text())["hidden"][0] == case.hidden
 
 
-@pytest.mark.parametrize("case", [c for c in WIDENABLE if c.id in ("llama-w384-tied", "qwen2-w448-tied")],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in WIDENABLE if c.id in ("llama-w384-tied", "qwen2-w448-tied",
+                                                                    "gemma3-w640-tied")], ids=lambda c: c.id)
 def test_quantized_widened_gguf_computes_what_torch_computes(case, zoo):
-    """Widened (384 → 512 with 6 → 8 heads, 448 → 512 with 7 → 8), GPTQ-quantized with Q3_K/Q4_K on every
-    linear reading the stream or the heads, the embedding and down where its rows allow: llama.cpp's perplexity within 1 % of torch's on the same
-    decoded weights; the file says the widened width and the checkpoint's head width."""
+    """Widened (384 → 512 with 6 → 8 heads, 448 → 512 with 7 → 8, Gemma 3's 640 → 768), GPTQ-quantized
+    with Q3_K/Q4_K on every linear reading the stream or the heads, the embedding and down where its rows
+    allow: llama.cpp's perplexity within 1 % of torch's on the same decoded weights; the file says the
+    widened width, the heads and the checkpoint's head width."""
     folder = zoo / f"{case.id}-widened-q"
-    write_widened(make_model(case, zoo), folder)
+    report = write_widened(make_model(case, zoo), folder)
     out = zoo / f"{case.id}-widened-out"
     spec = ModelSpec(path=folder, device="cpu")
     calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), out / "calibrate")
@@ -125,9 +126,10 @@ def test_quantized_widened_gguf_computes_what_torch_computes(case, zoo):
     export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
     reader = GGUFReader(out / "gguf" / "model.gguf")
     arch = reader.fields["general.architecture"].contents()
-    assert reader.fields[f"{arch}.embedding_length"].contents() == 512
-    assert reader.fields[f"{arch}.attention.key_length"].contents() == case.hidden // case.heads
-    assert reader.fields[f"{arch}.attention.head_count"].contents() == 8  # 6 or 7 heads of 64: zero heads added
+    assert reader.fields[f"{arch}.embedding_length"].contents() == report["hidden"][1]
+    assert reader.fields[f"{arch}.attention.key_length"].contents() == case.extra.get("head_dim",
+                                                                                      case.hidden // case.heads)
+    assert reader.fields[f"{arch}.attention.head_count"].contents() == report["heads"][1]
     tok = load_tokenizer(folder)
     text = read_text(EVAL_TEXT, "eval")
     chunks = eval_chunks(tokenize(tok, text), 128, 3, sequence_bos(tok, None))
