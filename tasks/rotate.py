@@ -19,9 +19,8 @@ from haloquant.modelio import check_model_dir, read_config
 from haloquant.rotation import check_rotatable, write_rotated
 from haloquant.schemas.artifacts import RotationRecord
 from haloquant.schemas.params import ModelSpec, RotateSpec
+from haloquant.kquants import QK_K  # the k-quant and i-quant block: rows of whole blocks take every format
 from haloquant.widening import check_widenable, widened_width, write_widened
-
-BLOCK = 256  # the k-quant and i-quant block: rows of whole blocks take every format
 
 
 def widens(model_spec: ModelSpec, spec: RotateSpec) -> bool:
@@ -29,7 +28,7 @@ def widens(model_spec: ModelSpec, spec: RotateSpec) -> bool:
     if not spec.widen:
         return False
     hidden = read_config(model_spec.path).get("hidden_size")
-    return isinstance(hidden, int) and widened_width(hidden, BLOCK) != hidden
+    return isinstance(hidden, int) and widened_width(hidden, QK_K) != hidden
 
 
 def copies_model(model_spec: ModelSpec, spec: RotateSpec) -> bool:
@@ -40,14 +39,15 @@ def copies_model(model_spec: ModelSpec, spec: RotateSpec) -> bool:
 def rotate(model_spec: ModelSpec, spec: RotateSpec, record_file: Path, model_dir: Path) -> RotationRecord:
     src = check_model_dir(model_spec.path)  # what cannot be widened or rotated is refused in preflight
     shutil.rmtree(model_dir, ignore_errors=True)
-    if not copies_model(model_spec, spec):
+    widen = widens(model_spec, spec)
+    if not (spec.enabled or widen):
         model_dir.mkdir(parents=True)
         record = RotationRecord(enabled=False, model=src.name)
     else:
         widened, source = None, src
-        if widens(model_spec, spec):
+        if widen:
             source = model_dir.with_name(model_dir.name + ".widened") if spec.enabled else model_dir
-            widened = write_widened(src, source, BLOCK)["hidden"]
+            widened = write_widened(src, source, QK_K)["hidden"]
         untied = None
         if spec.enabled:
             untied = write_rotated(source, model_dir, spec.seed, spec.heads)["untied_head"]
