@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 from haloquant import HaloquantError
 from haloquant.artifacts import read_json, write_json
-from haloquant.llamacpp import llama_cpp_perplexity
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
 from haloquant.schemas.params import BlockTuningSpec, SensitivitySpec
@@ -47,6 +46,7 @@ from autoround_gguf import autoround_gguf  # noqa: E402  (bench/ is on sys.path 
 from common import REPO, plain, setup  # noqa: E402
 from kquant_presets import build, build_mixed  # noqa: E402
 from paired_ppl import TOKENS_PER_CHUNK, cached_score, paired, paired_ratio  # noqa: E402
+from real_models import f16_reference  # noqa: E402
 
 PRESETS = ["IQ2_M", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 BPW = [2.5, 3.0, 3.5]
@@ -122,9 +122,10 @@ def main() -> None:
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     sens_k = restricted(sens, KQUANT_CANDIDATES, args.out / "sensitivity-kquants")
 
-    f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib, args.out / "F16")
-    ref = llama_cpp_perplexity(f16, text, 512, args.chunks, keep_logprobs=True)
-    f16_logprobs = ref.pop("logprobs")
+    f16 = args.out / "F16" / "gguf" / "model.gguf"
+    if not f16.is_file():
+        f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib, args.out / "F16")
+    ref, f16_logprobs = f16_reference(f16, text, args.chunks, args.out / "f16_logprobs.npy")  # kept for a rerun
     print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.3f}", flush=True)
 
     def scored(path: Path) -> dict:
@@ -177,6 +178,8 @@ def main() -> None:
             total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * checkpoint_weights / 8)
         files.update(variants(label, d, total))
         scores = {name: scored(p) for name, p in files.items()}
+        if not scores:  # every row infeasible at this size (listed below the table)
+            continue
         base = next(iter(scores))
         for name, s in scores.items():
             rows.append({"size": label, "row": name, "bytes": s["bytes"], "ppl": s["ppl"], "kl": s["kl"], "vs": base,
