@@ -77,8 +77,9 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
     lattice = fmt.lattice
     unit = GROUP if lattice is not None else 1  # columns rounded together
     perm = torch.arange(cols, device=device)
-    if act_order:
-        order = torch.argsort(torch.diagonal(H).reshape(-1, unit).sum(-1), descending=True)
+    if act_order:  # dead columns (no input ever: a widened model's pad channels) last, whatever the others' scale
+        key = torch.where(dead, -1.0, torch.diagonal(H)).reshape(-1, unit).sum(-1)
+        order = torch.argsort(key, descending=True)
         perm = (order[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
     Hp = H[perm][:, perm]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()

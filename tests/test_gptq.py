@@ -113,3 +113,28 @@ def test_only_a_shared_head_marks_the_embedding_tied():
         infos = quantizable_tensors(LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=tie)))
         assert [t.tied for t in infos if t.kind == "token_embd"] == [tie]
         assert [t.kind for t in infos].count("output") == (0 if tie else 1)
+
+
+@pytest.mark.parametrize("fmt_name", ["Q3_K", "Q6_K", "Q4_K"])
+def test_dead_columns_do_not_derail_act_order(fmt_name):
+    """Input channels that are never active (a widened model's pad channels: zero Gram rows) with the live
+    channels' activations small (Gram diagonal < 1, as in Qwen2.5-0.5B): GPTQ with act_order stays as close to
+    the weights, in output error, as round-to-nearest. Before the fix the dead columns (diagonal set to 1) were
+    ordered first and Q3_K/Q6_K came out 2–3× the weights' norm off."""
+    g = torch.Generator().manual_seed(0)
+    rows, live, dead = 16, 384, 128
+    w = torch.randn(rows, live + dead, generator=g) * 0.05
+    w[:, live:] = 0
+    x = torch.randn(2048, live, generator=g) * torch.linspace(0.02, 0.5, live)  # diagonal well below 1
+    gram = torch.zeros(live + dead, live + dead)
+    gram[:live, :live] = x.T @ x / len(x)
+    fmt = get_format(fmt_name)
+    W = w.numpy()
+
+    def output_error(q):
+        e = torch.from_numpy(q - W).double()
+        return float(torch.trace(e @ gram.double() @ e.T))
+
+    rtn = output_error(fmt.decode(fmt.encode(W), W.shape))
+    gptq = output_error(fmt.decode(gptq_quantize(W, fmt, gram, act_order=True), W.shape))
+    assert gptq < rtn, (gptq, rtn)
