@@ -22,7 +22,7 @@ zeros, so any value would do). An RMSNorm over D channels of [x, 0] sees mean(x�
 output, zero in the new channels. Gemma's (1 + w) norms take the same rule on 1 + w; its embedding
 is multiplied by √hidden, so its rows are scaled by √(d/D) (and a tied head's logits made whole
 again through the final norm). Head geometry is kept by writing head_dim into the config (llama.cpp's
-converter writes it as the key/value length). The KV cache and attention are unchanged.
+converter writes it as the key/value length).
 
 What it costs: D/d times the bytes and multiply-adds of every matrix (576 → 768: ×1.33; 896 → 1024:
 ×1.14; q and o once more by the added heads), so it pays only where the formats it opens are that much
@@ -33,6 +33,7 @@ one at the same budget.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,12 @@ class WideningPlan:
         return self.fam.embedding_scale(SimpleNamespace(hidden_size=self.d)) / \
             self.fam.embedding_scale(SimpleNamespace(hidden_size=self.D))
 
-    def head_slots(self) -> torch.Tensor:
+    def head_slots(self) -> list[int]:
         """For each new query head, the old head it is (−1: an added zero head); each kv group's old heads
         first, then its added ones."""
         (h, h2), n_kv = self.heads, self.n_kv
         rep, rep2 = h // n_kv, h2 // n_kv
-        return torch.tensor([g * rep + i if i < rep else -1 for g in range(n_kv) for i in range(rep2)])
+        return [g * rep + i if i < rep else -1 for g in range(n_kv) for i in range(rep2)]
 
     def _spread_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """`t` with its query-head axis `dim` (heads × head_dim) laid out as head_slots(), zeros in added heads."""
@@ -98,7 +99,7 @@ class WideningPlan:
         shape = list(t.shape)
         shape[dim] = len(slots) * self.hd
         out = torch.zeros(shape, dtype=torch.float64)
-        for new, old in enumerate(slots.tolist()):
+        for new, old in enumerate(slots):
             if old >= 0:
                 out.narrow(dim, new * self.hd, self.hd).copy_(t.double().narrow(dim, old * self.hd, self.hd))
         return out
@@ -195,8 +196,6 @@ def write_widened(src: str | Path, out: str | Path, multiple: int = 256, dtype: 
 def source_weight_ratio(model_dir: str | Path) -> float:
     """Weights of the checkpoint per weight of this folder's matrices: 1 unless the folder was widened
     (its widening.json, kept by a rotation after it)."""
-    import json
-
     f = Path(model_dir) / REPORT
     if not f.is_file():
         return 1.0
