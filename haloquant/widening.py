@@ -163,6 +163,18 @@ def widened_config(config: dict, cfg, plan: WideningPlan) -> dict:
                      eps: config[eps] * plan.ratio}
 
 
+def widened_skeleton(src: str | Path, multiple: int = 256):
+    """The widened model's modules and parameter shapes, without weights (on the meta device): what
+    `write_widened` would write, for sizing it before deciding to."""
+    from transformers import AutoModelForCausalLM
+
+    src, cfg, arch, fam = read_source(src, "widening")
+    check_widenable(fam, arch)
+    wide = type(cfg).from_dict(widened_config(cfg.to_dict(), cfg, plan_for(fam, cfg, multiple)))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(wide)
+
+
 def write_widened(src: str | Path, out: str | Path, multiple: int = 256, dtype: torch.dtype | None = None) -> dict:
     """A copy of the HF folder `src` in `out` with the stream widened to a multiple of `multiple`
     (`dtype`: of the widened tensors; None: each source tensor's own). Returns the report, also written

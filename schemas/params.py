@@ -202,11 +202,12 @@ class RotateSpec(Strict):
                           "and raised KL at every size (bench/results/rotation_ref-llama-a.md)")
     seed: int = Field(0, description="the random signs and orthogonal factor of the randomized Hadamard matrices")
     heads: bool = Field(True, description="also rotate each kv head's v rows and o columns")
-    widen: bool = Field(False, description="pad the residual stream with zero channels to a multiple of 256 "
-                         "(haloquant/widening.py; the same function, rotated after if enabled) where it is not one "
-                         "(hidden 576, 896, 960, 1152 …), so that the stream-reading linears, embedding and head can "
-                         "take k-quants and i-quants instead of ≥ 4.5-bit block-32 formats; costs their bytes × "
-                         "new/old width, so it pays below ~4 bits per weight; no-op at a multiple of 256")
+    widen: bool | Literal["auto"] = Field(
+        "auto", description="pad the residual stream with zero channels to a multiple of 256 (haloquant/widening.py; "
+        "the same function, rotated after if enabled) where it is not one (hidden 576, 896, 960, 1152 …), so that the "
+        "stream-reading linears, embedding and head can take k-quants and i-quants instead of ≥ 4.5-bit block-32 "
+        "formats; costs their bytes × new/old width. auto: exactly when allocation.budget is infeasible at the "
+        "checkpoint's widths and feasible widened (below ~4.1–4.5 bits per weight); no-op at a multiple of 256")
 
 
 class BlockTuningSpec(Strict):

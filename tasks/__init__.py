@@ -78,13 +78,13 @@ ROTATED_MODEL = "rotate/model"  # the rotated copy (an empty folder when rotatio
 
 def _rotate(p: Params, root: Path):
     from haloquant.tasks.rotate import rotate
-    return rotate(p.model, p.rotate, root / ROTATION[0], root / ROTATED_MODEL)
+    return rotate(p.model, p.rotate, p.sensitivity, p.allocation, root / ROTATION[0], root / ROTATED_MODEL)
 
 
 def _model(p: Params, root: Path):
     """The model every stage after `rotate` quantizes: the checkpoint, or its widened and/or rotated copy."""
     from haloquant.tasks.rotate import copies_model
-    return p.model.model_copy(update={"path": root / ROTATED_MODEL}) if copies_model(p.model, p.rotate) else p.model
+    return p.model.model_copy(update={"path": root / ROTATED_MODEL}) if copies_model(root / ROTATION[0]) else p.model
 
 
 def _calibrate(p: Params, root: Path):
@@ -135,7 +135,8 @@ ROTATION = ("rotate/rotation.json",)  # what the stages after `rotate` read of i
 CALIB_OUTS = ("calibrate/stats.safetensors", "calibrate/calibration.json")
 SENS_OUTS = ("sensitivity/sensitivity.json", "sensitivity/embeddings.json")
 STAGES: tuple[Stage, ...] = (
-    Stage("rotate", ("model", "rotate"), ("${model.path}",), ROTATION, _rotate, uncached=(ROTATED_MODEL,)),
+    # rotate.widen auto reads the budget and the candidate formats (is the budget feasible unwidened?)
+    Stage("rotate", ("model", "rotate", "sensitivity", "allocation.budget", "allocation.rules"), ("${model.path}",), ROTATION, _rotate, uncached=(ROTATED_MODEL,)),
     Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}") + ROTATION, CALIB_OUTS,
           _calibrate),
     Stage("sensitivity", ("model", "sensitivity", "quantize.method", "quantize.gptq", "quantize.importance"),
@@ -165,7 +166,8 @@ STAGES: tuple[Stage, ...] = (
           plots=("validate/size_ppl.json",), runtimes=("torch", "llama.cpp", "onnx")),
 )
 
-# what the budget sweep and the policy training share with the main flow: the budget plays no part in them
+# what the budget sweep and the policy training share with the main flow (rotate.widen auto decides on the
+# main budget; a sweep point below the checkpoint's smallest file is infeasible unless it widened)
 SHARED_STAGES = tuple(s for s in STAGES if s.name in ("rotate", "calibrate", "sensitivity"))
 
 

@@ -19,7 +19,6 @@ Every allocation reports both files' weight bytes.
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -28,47 +27,14 @@ from scipy.sparse import lil_matrix
 
 from haloquant import HaloquantError
 from haloquant.artifacts import read_artifact, write_json
-from haloquant.formats import get_format
+from haloquant.budget import Candidates, apply_rules, budget_bytes, smallest_bytes
 from haloquant.onnx_layout import onnx_weight_bytes
-from haloquant.schemas.artifacts import AllocationResult, FormatCost, LayerEmbeddings, SensitivityTable, TensorChoice
+from haloquant.schemas.artifacts import AllocationResult, LayerEmbeddings, SensitivityTable, TensorChoice
 from haloquant.schemas.params import AllocationSpec, ModelSpec, QuantizeSpec
 
 ALLOCATION_FILE = "allocation.json"
 EMBEDDINGS_FILE = "embeddings.json"
 PLOT_FILE = "bits_per_layer.json"
-Candidates = list[dict[str, FormatCost]]
-
-
-def budget_bytes(spec: AllocationSpec, table: SensitivityTable) -> int:
-    """Budget for the quantizable tensors, in bytes (total_bytes includes the float tensors; the
-    file budgets also the GGUF's metadata and alignment, as measured by the sensitivity stage)."""
-    b = spec.budget
-    if b.bits_per_weight is not None:
-        return int(np.floor(b.bits_per_weight * table.checkpoint_weights / 8))
-    if b.total_bytes is not None:
-        return b.total_bytes - table.fixed_bytes
-    if table.gguf_overhead_bytes == 0:
-        raise HaloquantError(f"allocation.budget.{b.field}: the sensitivity table has no GGUF overhead measured "
-                             "(re-run the sensitivity stage)")
-    file_bytes = b.file_bytes if b.file_bytes is not None else int(b.file_mb * 1_000_000)
-    return file_bytes - table.gguf_overhead_bytes - table.fixed_bytes
-
-
-def apply_rules(spec: AllocationSpec, table: SensitivityTable) -> Candidates:
-    cands = [dict(t.candidates) for t in table.tensors]
-    for i, rule in enumerate(spec.rules):
-        for t, c in zip(table.tensors, cands):
-            if not fnmatch.fnmatch(t.gguf_name, rule.match):
-                continue
-            keep = {f: v for f, v in c.items()
-                    if (rule.format is None or f == rule.format)
-                    and (rule.min_bits is None or get_format(f).bits_per_weight >= rule.min_bits)}
-            if not keep:
-                raise HaloquantError(f"allocation.rules.{i}: leaves tensor {t.gguf_name} no candidate format "
-                                     f"(candidates: {sorted(c)})")
-            c.clear()
-            c.update(keep)
-    return cands
 
 
 def onnx_sizes(table: SensitivityTable, cands: Candidates) -> list[dict[str, int]]:
@@ -172,7 +138,7 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
                   embeddings: LayerEmbeddings | None = None) -> AllocationResult:
     require_costs(spec.solver, table.metric)
     cands = apply_rules(spec, table)
-    min_bytes = sum(min(c.bytes for c in cs.values()) for cs in cands)
+    min_bytes = smallest_bytes(cands)
     max_bytes = sum(max(c.bytes for c in cs.values()) for cs in cands)
     budget = budget_bytes(spec, table)
     min_bpw = 8 * min_bytes / table.checkpoint_weights

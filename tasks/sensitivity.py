@@ -35,13 +35,13 @@ import torch
 
 from haloquant.arrays import row_chunks
 from haloquant.artifacts import write_json
+from haloquant.budget import candidate_formats
 from haloquant.calibstats import CalibrationStats
 from haloquant.embedding import FEATURES, relative_sizes, tensor_features
 from haloquant import HaloquantError
 from haloquant.families import family
 from haloquant.fisher import fisher_lookup_error, fisher_output_error, output_fisher
 from haloquant.klprobe import KLProbe, first_block  # noqa: F401  (KLProbe: also the tests')
-from haloquant.formats import QuantFormat, get_format
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
 from haloquant.modelio import (TensorInfo, decoder_layers, float_tensors, load_model, model_name, output_head_module,
                                quantizable_tensors)
@@ -116,17 +116,6 @@ def _gguf_overhead(model_spec: ModelSpec, infos, floats) -> int:
     return gguf_overhead_bytes(Path(model_spec.path), {t.name: t.shape for t in infos},
                                {n: v.cpu().numpy() for n, v in floats.items()}, model_name(model_spec.path),
                                gguf_add_bos(model_spec))
-
-
-def candidate_formats(spec: SensitivitySpec, shape: tuple[int, int]) -> list[QuantFormat]:
-    """The listed formats that fit the tensor's rows, and where one of them does not (rows that
-    are not a multiple of 256 for the k-quants), the fallback formats that do — llama.cpp's own
-    fallbacks for such widths."""
-    listed = [get_format(f) for f in spec.formats]
-    out = [f for f in listed if f.supports(shape)]
-    if len(out) < len(listed):
-        out += [g for g in map(get_format, spec.fallback_formats) if g.supports(shape) and g not in out]
-    return out
 
 
 @torch.no_grad()

@@ -138,12 +138,12 @@ def test_quantized_widened_gguf_computes_what_torch_computes(case, zoo):
     assert math.isfinite(lc["ppl"]) and abs(lc["ppl"] / torch_ppl - 1) < 0.01, (lc["ppl"], torch_ppl)
 
 
-def test_the_pipeline_widens_when_asked_and_budgets_the_checkpoints_weights(zoo, tmp_path):
-    """rotate.widen on a 448-wide Qwen2: 4.0 bits per weight, infeasible at that width (its stream-reading
-    rows only take ≥ 4.5-bit block-32 formats), is met on the widened copy with k-quants on those rows;
-    the budget counts the checkpoint's weights (the file is no larger than 4.0 bpw of them), and validate's
-    gate passes (llama.cpp's perplexity within 1 % of torch's). On a 256-wide model
-    the same spec copies nothing."""
+def test_the_pipeline_widens_when_the_budget_needs_it_and_budgets_the_checkpoints_weights(zoo, tmp_path):
+    """A 448-wide Qwen2 at 4.0 bits per weight: infeasible at that width (its stream-reading rows only take
+    ≥ 4.5-bit block-32 formats) with rotate.widen false; with the default, auto, the stage widens it and
+    the budget is met with k-quants on those rows. The budget counts the checkpoint's weights (the file is
+    no larger than 4.0 bpw of them), and validate's gate passes (llama.cpp's perplexity within 1 % of
+    torch's). On a 256-wide model rotate.widen true copies nothing."""
     from haloquant.tasks.runner import run_all
     from tests.conftest import small_params, write_params
 
@@ -153,8 +153,8 @@ def test_the_pipeline_widens_when_asked_and_budgets_the_checkpoints_weights(zoo,
     spec = {"model.path": str(src), "allocation.budget": {"bits_per_weight": 4.0}, "sensitivity.formats": kquants,
             "validate.ctx": 128, "model.add_bos": None}
     with pytest.raises(HaloquantError, match="allocation.budget.bits_per_weight: infeasible"):
-        run_all(write_params(tmp_path / "plain", small_params(**spec)))
-    results = run_all(write_params(tmp_path / "wide", small_params(**spec, **{"rotate.widen": True})))
+        run_all(write_params(tmp_path / "plain", small_params(**spec, **{"rotate.widen": False})))
+    results = run_all(write_params(tmp_path / "wide", small_params(**spec)))
     record, allocation = results["rotate"], results["allocate"]
     assert record.widened == [448, 512] and not record.enabled and "widening.json" in record.files
     q_types = {c.format for c in allocation.tensors if c.gguf_name.endswith(("attn_q.weight", "ffn_up.weight"))}
@@ -166,6 +166,40 @@ def test_the_pipeline_widens_when_asked_and_budgets_the_checkpoints_weights(zoo,
     assert report.passed and report.bits_per_weight <= 4.0, report  # the gate: llama.cpp within 1 % of torch
     tiny = run_all(write_params(tmp_path / "tiny", small_params(**{"rotate.widen": True})))
     assert tiny["rotate"].widened is None and not any((tmp_path / "tiny" / "artifacts" / "rotate" / "model").iterdir())
+
+
+@pytest.mark.parametrize("budget, widened", [
+    ({"bits_per_weight": 4.0}, True),  # below the checkpoint's smallest allocation, above the widened one's
+    ({"bits_per_weight": 4.8}, False),  # feasible as it is: widening would only cost
+    ({"bits_per_weight": 2.0}, False),  # infeasible either way: allocate says so about the checkpoint
+    ({"file_mb": 2.4}, True), ({"file_mb": 3.0}, False),  # smallest files: 2.67 MB as it is, 2.13 MB widened
+])
+def test_widen_auto_widens_exactly_where_the_budget_needs_it(budget, widened, zoo):
+    """rotate.widen auto on the 448-wide Qwen2 (k-quants, block-32 fallbacks) against sizes computed from the
+    shapes alone; explicit true/false and a whole width decide without the budget."""
+    from haloquant.budget import apply_rules, budget_bytes, smallest_bytes
+    from haloquant.schemas.params import AllocationSpec, RotateSpec, SensitivitySpec
+    from haloquant.tasks.rotate import sizes_table, widens
+    from haloquant.modelio import model_skeleton
+    from haloquant.widening import widened_skeleton
+
+    src = make_model(next(c for c in WIDENABLE if c.id == "qwen2-w448-tied"), zoo)
+    sens = SensitivitySpec(formats=["Q2_K", "Q3_K", "Q4_K", "Q5_0", "Q8_0"])
+    alloc = AllocationSpec(budget=budget)
+    model = ModelSpec(path=str(src))
+    assert widens(model, RotateSpec(widen="auto"), sens, alloc) is widened
+    assert widens(model, RotateSpec(widen=True), sens, alloc) and not widens(model, RotateSpec(widen=False), sens, alloc)
+    # the decision's arithmetic, against the sizes a widened copy really has
+    weights = sum(p.numel() for p in load_model(src, "cpu").parameters() if p.ndim == 2)
+    wide = sizes_table(widened_skeleton(src), sens, weights, 0)
+    plain = sizes_table(model_skeleton(src), sens, weights, 0)
+    assert plain.checkpoint_weights == weights and abs(wide.checkpoint_weights - weights) <= 1
+    if "bits_per_weight" in budget:
+        room = budget_bytes(alloc, plain)
+        assert (smallest_bytes(apply_rules(alloc, plain)) > room and smallest_bytes(apply_rules(alloc, wide)) <= room) \
+            is widened
+    phi3 = make_model(next(c for c in CASES if c.family == "phi3" and c.hidden % 256), zoo)
+    assert not widens(ModelSpec(path=str(phi3)), RotateSpec(widen="auto"), sens, alloc)  # auto never refuses
 
 
 def test_widening_a_phi3_model_is_refused_before_anything_is_written(zoo, tmp_path):
