@@ -9,19 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from haloquant.artifacts import write_json
 from haloquant.evaluation import score
 from haloquant.formats import get_format
 from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
-from haloquant.presets import allocation_from_type_map
 from haloquant.quantized import load_quantized_model
 from haloquant.reconstruct import GridWeight
-from haloquant.schemas.params import BlockTuningSpec, CalibrationSpec, FoldSpec, ModelSpec, QuantizeSpec
-from haloquant.tasks.calibrate import calibrate
-from haloquant.tasks.quantize import quantize
-from haloquant.tasks.scale_fold import scale_fold
+from haloquant.schemas.params import BlockTuningSpec, ModelSpec, QuantizeSpec
 from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
-from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY
+from tests.conftest import EVAL_TEXT, TINY
+from tests.typemap import q3k_with_iq3s_down, quantize_at_type_map
 
 TUNABLE = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"]
 
@@ -52,18 +48,12 @@ def tiny_runs(tmp_path_factory):
     leaves as they are), GPTQ with and without block tuning."""
     out = tmp_path_factory.mktemp("blocktune")
     spec = ModelSpec(path=TINY, device="cpu", add_bos=True)
-    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=64, seq_len=128), out / "calibrate")
-    infos = quantizable_tensors(load_model(TINY, "cpu"))
-    type_map = {t.gguf_name: "Q6_K" if t.kind == "token_embd" else "IQ3_S" if "ffn_down" in t.gguf_name else "Q3_K"
-                for t in infos}
-    write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, "test").model_dump())
-    scale_fold(spec, FoldSpec(), out / "calibrate", out / "allocate", out / "scale_fold")
-    runs = {}
     alone = {"correct_row_scales": False, "correct_input_scales": False}  # block tuning alone changes the codes
-    for name, q in {"gptq": QuantizeSpec(method="gptq", **alone),
-                    "tuned": QuantizeSpec(method="gptq", block_tuning=BlockTuningSpec(iters=40), **alone)}.items():
-        quantize(spec, q, out / "calibrate", out / "allocate", out / "scale_fold", out / name)
-        runs[name] = out / name
+    quantize_at_type_map(spec, out, q3k_with_iq3s_down,
+                         {"gptq": QuantizeSpec(method="gptq", **alone),
+                          "tuned": QuantizeSpec(method="gptq", block_tuning=BlockTuningSpec(iters=40), **alone)},
+                         n_sequences=64, seq_len=128)
+    runs = {name: out / name for name in ("gptq", "tuned")}
     return spec, runs
 
 

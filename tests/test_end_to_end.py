@@ -12,21 +12,18 @@ import torch
 from safetensors.numpy import load_file
 
 from haloquant import HaloquantError
-from haloquant.artifacts import write_json
 from haloquant.calibstats import CalibrationStats
 from haloquant.end_to_end import EndToEndSettings, tune_end_to_end
 from haloquant.evaluation import score
 from haloquant.folding import load_folds
 from haloquant.formats import get_format
-from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
-from haloquant.presets import allocation_from_type_map
+from haloquant.modelio import load_model, load_tokenizer
 from haloquant.quantized import load_quantized_model, read_quantized
-from haloquant.schemas.params import CalibrationSpec, EndToEndSpec, FoldSpec, ModelSpec, QuantizeSpec
-from haloquant.tasks.calibrate import calibrate
+from haloquant.schemas.params import EndToEndSpec, ModelSpec, QuantizeSpec
 from haloquant.tasks.quantize import quantize
-from haloquant.tasks.scale_fold import scale_fold
 from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
-from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY
+from tests.conftest import EVAL_TEXT, TINY
+from tests.typemap import q3k_with_iq3s_down, quantize_at_type_map
 
 E2E = EndToEndSpec(iters=60, float_lr=1e-3)
 
@@ -37,14 +34,9 @@ def runs(tmp_path_factory):
     decoded values), RTN with the default corrections, without and with end-to-end tuning."""
     out = tmp_path_factory.mktemp("e2e")
     spec = ModelSpec(path=TINY, device="cpu", add_bos=True)
-    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=48, seq_len=128), out / "calibrate")
-    infos = quantizable_tensors(load_model(TINY, "cpu"))
-    type_map = {t.gguf_name: "Q6_K" if t.kind == "token_embd" else "IQ3_S" if "ffn_down" in t.gguf_name else "Q3_K"
-                for t in infos}
-    write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, "test").model_dump())
-    scale_fold(spec, FoldSpec(), out / "calibrate", out / "allocate", out / "scale_fold")
-    for name, q in {"plain": QuantizeSpec(), "tuned": QuantizeSpec(end_to_end=E2E)}.items():
-        quantize(spec, q, out / "calibrate", out / "allocate", out / "scale_fold", out / name)
+    infos, _ = quantize_at_type_map(spec, out, q3k_with_iq3s_down,
+                                    {"plain": QuantizeSpec(), "tuned": QuantizeSpec(end_to_end=E2E)},
+                                    n_sequences=48, seq_len=128)
     return spec, out, infos
 
 

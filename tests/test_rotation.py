@@ -14,23 +14,13 @@ from gguf import GGUFReader
 from safetensors.torch import load_file
 
 from haloquant import HaloquantError
-from haloquant.artifacts import write_json
-from haloquant.evaluation import score
 from haloquant.families import family
 from haloquant.formats import get_format
-from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
-from haloquant.presets import allocation_from_type_map
-from haloquant.quantized import load_quantized_model
+from haloquant.modelio import load_model
 from haloquant.rotation import randomized_hadamard, rotate_model, write_rotated
-from haloquant.schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec
-from haloquant.tasks.calibrate import calibrate
-from haloquant.tasks.export_gguf import export_gguf
-from haloquant.tasks.quantize import quantize
-from haloquant.tasks.scale_fold import scale_fold
-from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
-from tests.conftest import CALIB_TEXT, EVAL_TEXT
+from haloquant.schemas.params import ModelSpec, QuantizeSpec
 from tests.modelzoo import CASES, make_model
+from tests.typemap import gguf_and_torch_perplexity, logits, quantize_at_type_map
 
 ROTATABLE = [c for c in CASES if not c.family.startswith("gemma")]
 
@@ -38,11 +28,6 @@ ROTATABLE = [c for c in CASES if not c.family.startswith("gemma")]
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     return tmp_path_factory.mktemp("zoo-rotation")
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits.float()
 
 
 @pytest.mark.parametrize("n", [1, 3, 64, 96, 384, 576, 896, 3072])
@@ -54,13 +39,13 @@ def test_randomized_hadamard_is_orthogonal(n):
 
 
 @pytest.mark.parametrize("case", ROTATABLE, ids=lambda c: c.id)
-def test_rotated_folder_computes_the_float_models_logits(case, zoo):
+def test_rotated_folder_computes_the_float_modelslogits(case, zoo):
     src = make_model(case, zoo)
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
-    ref = _logits(load_model(src, "cpu").float(), ids)
+    ref = logits(load_model(src, "cpu").float(), ids)
     report = write_rotated(src, zoo / f"{case.id}-rotated", dtype=torch.float32)
     rotated = load_model(zoo / f"{case.id}-rotated", "cpu")
-    assert (_logits(rotated, ids) - ref).abs().max() < 1e-4
+    assert (logits(rotated, ids) - ref).abs().max() < 1e-4
     assert report["untied_head"] == case.tied and not rotated.config.tie_word_embeddings
     assert rotated.get_output_embeddings().weight.data_ptr() != rotated.get_input_embeddings().weight.data_ptr()
     assert json.loads((zoo / f"{case.id}-rotated" / "rotation.json").read_text())["hidden"] == case.hidden
@@ -106,7 +91,7 @@ def test_a_bf16_checkpoint_stays_bf16(zoo):
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
-    ref, got = _logits(load_model(src, "cpu"), ids), _logits(load_model(out, "cpu"), ids)
+    ref, got = logits(load_model(src, "cpu"), ids), logits(load_model(out, "cpu"), ids)
     assert (got - ref).abs().max() < 0.05 * ref.abs().max(), float((got - ref).abs().max())
 
 
@@ -142,24 +127,13 @@ def test_quantized_rotated_gguf_computes_what_torch_computes(case, zoo):
     write_rotated(make_model(case, zoo), folder, seed=3)
     out = zoo / f"{case.id}-rotated-out"
     spec = ModelSpec(path=folder, device="cpu")
-    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), out / "calibrate")
-    infos = quantizable_tensors(load_model(folder, "cpu"))
-    type_map = {t.gguf_name: next(f for f in ("Q4_K", "Q5_0", "Q6_K", "Q8_0") if get_format(f).supports(t.shape))
-                for t in infos}
-    write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, "test").model_dump())
-    scale_fold(spec, FoldSpec(), out / "calibrate", out / "allocate", out / "scale_fold")
-    quantize(spec, QuantizeSpec(method="gptq", correct_row_scales=True, correct_input_scales=True), out / "calibrate",
-             out / "allocate", out / "scale_fold", out / "quantize")
-    export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
+    quantize_at_type_map(spec, out, lambda i, t: next(f for f in ("Q4_K", "Q5_0", "Q6_K", "Q8_0")
+                                                      if get_format(f).supports(t.shape)),
+                         {"quantize": QuantizeSpec(method="gptq", correct_row_scales=True, correct_input_scales=True)})
+    lc, torch_ppl = gguf_and_torch_perplexity(spec, out / "quantize", out / "gguf")
+    assert math.isfinite(lc) and abs(lc / torch_ppl - 1) < 0.01, (lc, torch_ppl)
     names = {t.name for t in GGUFReader(out / "gguf" / "model.gguf").tensors}
     assert {"output.weight", "token_embd.weight"} <= names
-    tok = load_tokenizer(folder)
-    text = read_text(EVAL_TEXT, "eval")
-    bos = sequence_bos(tok, None)
-    chunks = eval_chunks(tokenize(tok, text), 128, 3, bos)
-    torch_ppl = score(load_quantized_model(folder, out / "quantize", "cpu"), chunks)["ppl"]
-    lc = llama_cpp_perplexity(out / "gguf" / "model.gguf", text, 128, 3)
-    assert math.isfinite(lc["ppl"]) and abs(lc["ppl"] / torch_ppl - 1) < 0.01, (lc["ppl"], torch_ppl)
 
 
 def test_stream_only_rotation_is_exact_too(zoo):
@@ -167,10 +141,10 @@ def test_stream_only_rotation_is_exact_too(zoo):
     case = next(c for c in ROTATABLE if c.family == "phi3" and c.kv_heads < c.heads)  # fused qkv, GQA
     model = load_model(make_model(case, zoo), "cpu").float()
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(1))
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     v_before = model.model.layers[0].self_attn.qkv_proj.weight.detach().clone()
     rotate_model(model, seed=5, heads=False)
-    assert (_logits(model, ids) - ref).abs().max() < 1e-4
+    assert (logits(model, ids) - ref).abs().max() < 1e-4
     full = load_model(make_model(case, zoo), "cpu").float()
     rotate_model(full, seed=5, heads=True)
     after, with_heads = model.model.layers[0].self_attn.qkv_proj.weight, full.model.layers[0].self_attn.qkv_proj.weight

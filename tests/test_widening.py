@@ -13,23 +13,13 @@ import torch
 from gguf import GGUFReader
 
 from haloquant import HaloquantError
-from haloquant.artifacts import write_json
-from haloquant.evaluation import score
 from haloquant.formats import get_format
-from haloquant.llamacpp import llama_cpp_perplexity
-from haloquant.modelio import load_model, load_tokenizer, quantizable_tensors
-from haloquant.presets import allocation_from_type_map
-from haloquant.quantized import load_quantized_model
+from haloquant.modelio import load_model
 from haloquant.rotation import write_rotated
-from haloquant.schemas.params import CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, QuantizeSpec
-from haloquant.tasks.calibrate import calibrate
-from haloquant.tasks.export_gguf import export_gguf
-from haloquant.tasks.quantize import quantize
-from haloquant.tasks.scale_fold import scale_fold
-from haloquant.textdata import eval_chunks, read_text, sequence_bos, tokenize
+from haloquant.schemas.params import ModelSpec, QuantizeSpec
 from haloquant.widening import source_weight_ratio, write_widened
-from tests.conftest import CALIB_TEXT, EVAL_TEXT
 from tests.modelzoo import CASES, make_model
+from tests.typemap import gguf_and_torch_perplexity, logits, quantize_at_type_map
 
 WIDENABLE = [c for c in CASES if c.family != "phi3"]
 
@@ -44,23 +34,18 @@ def zoo(tmp_path_factory):
     return tmp_path_factory.mktemp("zoo-widening")
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits.float()
-
-
 @pytest.mark.parametrize("case", WIDENABLE, ids=lambda c: c.id)
-def test_widened_folder_computes_the_float_models_logits(case, zoo):
+def test_widened_folder_computes_the_float_modelslogits(case, zoo):
     src = make_model(case, zoo)
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
-    ref = _logits(load_model(src, "cpu").float(), ids)
+    ref = logits(load_model(src, "cpu").float(), ids)
     out = zoo / f"{case.id}-widened"
     report = write_widened(src, out, multiple_for(case), dtype=torch.float32)
     wide = load_model(out, "cpu")
     D = -(-case.hidden // multiple_for(case)) * multiple_for(case)
     assert report["hidden"] == [case.hidden, D] and wide.config.hidden_size == D
     assert wide.get_input_embeddings().weight.shape[1] == D
-    assert (_logits(wide, ids) - ref).abs().max() < 1e-4
+    assert (logits(wide, ids) - ref).abs().max() < 1e-4
     assert wide.config.tie_word_embeddings == case.tied
     heads = report["heads"][1]
     assert wide.config.num_attention_heads == heads and heads % case.kv_heads == 0
@@ -74,11 +59,11 @@ def test_widened_folder_computes_the_float_models_logits(case, zoo):
 def test_widened_then_rotated_is_exact_and_keeps_the_weight_count(case, zoo):
     src = make_model(case, zoo)
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(2))
-    ref = _logits(load_model(src, "cpu").float(), ids)
+    ref = logits(load_model(src, "cpu").float(), ids)
     write_widened(src, zoo / f"{case.id}-w", multiple_for(case), dtype=torch.float32)
     write_rotated(zoo / f"{case.id}-w", zoo / f"{case.id}-wr", seed=4, dtype=torch.float32)
     rotated = load_model(zoo / f"{case.id}-wr", "cpu")
-    assert (_logits(rotated, ids) - ref).abs().max() < 1e-4
+    assert (logits(rotated, ids) - ref).abs().max() < 1e-4
     emb = rotated.get_input_embeddings().weight
     assert (emb[:, case.hidden:].abs().sum(1) > 0).all()  # the new channels carry the rotated stream
     assert source_weight_ratio(zoo / f"{case.id}-wr") == source_weight_ratio(zoo / f"{case.id}-w")
@@ -112,30 +97,21 @@ def test_quantized_widened_gguf_computes_what_torch_computes(case, zoo):
     report = write_widened(make_model(case, zoo), folder)
     out = zoo / f"{case.id}-widened-out"
     spec = ModelSpec(path=folder, device="cpu")
-    calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), out / "calibrate")
-    infos = quantizable_tensors(load_model(folder, "cpu"))
-    type_map = {t.gguf_name: next(f for f in ("Q3_K" if i % 2 else "Q4_K", "Q5_0", "Q8_0")
-                                  if get_format(f).supports(t.shape)) for i, t in enumerate(infos)}
+    _, type_map = quantize_at_type_map(
+        spec, out, lambda i, t: next(f for f in ("Q3_K" if i % 2 else "Q4_K", "Q5_0", "Q8_0")
+                                     if get_format(f).supports(t.shape)),
+        {"quantize": QuantizeSpec(method="gptq", correct_row_scales=True, correct_input_scales=True)})
     widths = [n for n in type_map if n.endswith(("attn_q.weight", "attn_k.weight", "attn_output.weight",
                                                   "ffn_up.weight", "ffn_gate.weight"))]
     assert widths and all(type_map[n] in ("Q3_K", "Q4_K") for n in widths)  # 256-blocks: new for these widths
-    write_json(out / "allocate" / "allocation.json", allocation_from_type_map(infos, type_map, "test").model_dump())
-    scale_fold(spec, FoldSpec(), out / "calibrate", out / "allocate", out / "scale_fold")
-    quantize(spec, QuantizeSpec(method="gptq", correct_row_scales=True, correct_input_scales=True), out / "calibrate",
-             out / "allocate", out / "scale_fold", out / "quantize")
-    export_gguf(spec, GGUFSpec(), out / "quantize", out / "gguf")
+    lc, torch_ppl = gguf_and_torch_perplexity(spec, out / "quantize", out / "gguf")
+    assert math.isfinite(lc) and abs(lc / torch_ppl - 1) < 0.01, (lc, torch_ppl)
     reader = GGUFReader(out / "gguf" / "model.gguf")
     arch = reader.fields["general.architecture"].contents()
     assert reader.fields[f"{arch}.embedding_length"].contents() == report["hidden"][1]
     assert reader.fields[f"{arch}.attention.key_length"].contents() == case.extra.get("head_dim",
                                                                                       case.hidden // case.heads)
     assert reader.fields[f"{arch}.attention.head_count"].contents() == report["heads"][1]
-    tok = load_tokenizer(folder)
-    text = read_text(EVAL_TEXT, "eval")
-    chunks = eval_chunks(tokenize(tok, text), 128, 3, sequence_bos(tok, None))
-    torch_ppl = score(load_quantized_model(folder, out / "quantize", "cpu"), chunks)["ppl"]
-    lc = llama_cpp_perplexity(out / "gguf" / "model.gguf", text, 128, 3)
-    assert math.isfinite(lc["ppl"]) and abs(lc["ppl"] / torch_ppl - 1) < 0.01, (lc["ppl"], torch_ppl)
 
 
 def test_the_pipeline_widens_when_the_budget_needs_it_and_budgets_the_checkpoints_weights(zoo, tmp_path):
