@@ -1,7 +1,7 @@
 """What one llama.cpp tensor type is to haloquant, and the table of them.
 
 A codec module — `haloquant.kquants` (Q2_K … Q6_K), `haloquant.iquants` (IQ4_NL, IQ4_XS),
-`haloquant.latticequants` (IQ2_XXS … IQ3_S), `haloquant.legacyquants` (Q4_0 … Q8_0) — holds a
+`haloquant.latticequants` (IQ1_S … IQ3_S), `haloquant.legacyquants` (Q4_0 … Q8_0) — holds a
 type's byte layout and encoder and registers one `Codec` per type; `haloquant.formats` makes its
 formats from this table. A new type is one module and a `register` call: its encoder, and for a
 type whose weights are integer codes on a grid, the view of its bytes as those codes (what GPTQ
@@ -56,6 +56,11 @@ class Codec:
     # byte offsets, within a block, of the fp16 fields that scale the whole decoded block together (d, and
     # the min's dmin/m where there is one): multiplying each by α multiplies the block by α (row_scale.py)
     scale_fields: tuple[int, ...] = ()
+    # a block's fp16 scale stored in pieces (IQ1_M: 4 bits at the top of each of its 4 scale words), as
+    # (read: blocks → float32 (rows, blocks), write: (blocks, fp16 (rows, blocks)) in place), and the byte
+    # range holding it: rescaled like a scale field
+    packed_scale: tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, np.ndarray], None]] | None = None
+    packed_scale_bytes: tuple[int, int] = (0, 0)
 
 
 CODECS: dict[str, Codec] = {}

@@ -7,7 +7,7 @@ the GGUF holds, so what validation measures is what llama.cpp runs.
 
 Each type's encoder, byte layout and code grid live in its codec module, which registers it in
 `haloquant.codec.CODECS`: the k-quants in `haloquant.kquants`, IQ4_NL / IQ4_XS in
-`haloquant.iquants`, the lattice i-quants (IQ2_XXS … IQ3_S) in `haloquant.latticequants`, the
+`haloquant.iquants`, the lattice i-quants (IQ1_S … IQ3_S) in `haloquant.latticequants`, the
 legacy block-32 types (Q4_0 … Q8_0) in `haloquant.legacyquants`; this module adds what is common
 to all of them. Decoding goes through `gguf.quants.dequantize`, the reference decoder, or its
 torch port (`haloquant.decoders`: the same values bit for bit, on the CPU or a GPU).

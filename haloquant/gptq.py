@@ -7,7 +7,7 @@ for the classic types, a 256-column super-block for k-quants), that block's scal
 fitted by the format's own encoder on the *current*, error-compensated weights (on the GPU where
 GPTQ runs there, the same bytes: haloquant.arrays) and then fixed; every column of the block is
 rounded onto that grid (codes q ∈ [0, max], value (q − zero)·scale; for IQ4_NL / IQ4_XS the
-nearest of the format's 16 table values times the block scale). The lattice i-quants (IQ2_XXS …
+nearest of the format's 16 table values times the block scale). The lattice i-quants (IQ1_S …
 IQ3_S) round 8 columns at once: ggml fits the block's scales, then each group of 8 takes the grid
 point and signs nearest to its compensated weights, weighted by 1/U_jj² (U the inverse Hessian's
 Cholesky factor: what each column's error costs), and its error is compensated column by column
@@ -93,11 +93,14 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
         grid = torch.from_numpy(lattice.grid).to(device)
         index = torch.zeros(rows, cols // unit, unit // lattice.vector, dtype=torch.int64, device=device)
         signs = torch.zeros(rows, cols // unit, dtype=torch.int32, device=device)
+        offset = torch.zeros(rows, cols // unit, device=device)  # IQ1's kept per-group offsets
     compensated = None if rounded is None else torch.zeros(rows, cols, device=device)
 
     def fit(start: int, w_block: torch.Tensor) -> None:
         b = fmt.encode(w_block.cpu().numpy(), importance[start : start + sb], device=fit_device(device))
         data[:, start // sb * fmt.type_size : (start // sb + 1) * fmt.type_size] = b
+        if lattice is not None and lattice.signed:
+            offset[:, start // unit : (start + sb) // unit] = torch.from_numpy(lattice.read(b, (rows, sb)).offset).to(device)
         s, z, c = _grid(fmt, b, rows, sb)
         scale[:, start : start + sb] = torch.from_numpy(s).to(device)
         zero[:, start : start + sb] = torch.from_numpy(z).to(device)
@@ -123,9 +126,10 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
             w = W1[:, i]
             if lattice is not None:
                 if i % unit == 0:  # a group's grid point and signs, from its compensated weights
-                    sg = scale[:, col : col + unit]
+                    sg = scale[:, col : col + unit] * lattice.code_unit  # the decoder's multiplier of its levels
                     g_index, g_signs, values = lattice.nearest(W1[:, i : i + unit] / torch.where(sg == 0, 1.0, sg), grid,
-                                                               torch.diagonal(Hinv)[col : col + unit] ** -2)
+                                                               torch.diagonal(Hinv)[col : col + unit] ** -2,
+                                                               offset[:, perm[col] // unit])
                     index[:, perm[col] // unit], signs[:, perm[col] // unit] = g_index, g_signs
                     group_deq = values * sg
                 deq = group_deq[:, i % unit]

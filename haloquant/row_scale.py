@@ -22,7 +22,7 @@ ALPHA_RANGE = (0.5, 2.0)  # a correction beyond this is no correction: the row i
 
 
 def rescalable(fmt) -> bool:
-    return fmt.codec is not None and bool(fmt.codec.scale_fields)
+    return fmt.codec is not None and (bool(fmt.codec.scale_fields) or fmt.codec.packed_scale is not None)
 
 
 def scaled_bytes(fmt, data: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -32,6 +32,9 @@ def scaled_bytes(fmt, data: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     for off in fmt.codec.scale_fields:
         field = np.ascontiguousarray(blocks[..., off:off + 2]).view(np.float16)
         blocks[..., off:off + 2] = (field.astype(np.float32) * alpha[:, None, None]).astype(np.float16).view(np.uint8)
+    if fmt.codec.packed_scale is not None:
+        read, write = fmt.codec.packed_scale
+        write(blocks, (read(blocks) * alpha[:, None]).astype(np.float16))
     return blocks.reshape(rows, -1)
 
 

@@ -49,8 +49,8 @@ class CalibrationSpec(Strict):
 
 # llama.cpp tensor types haloquant encodes (each codec module registers its types in haloquant/codec.py; a
 # test keeps the two equal): the spec's vocabulary, kept here so the schemas need no library code
-FORMAT_NAMES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
-                "IQ3_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+FORMAT_NAMES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS",
+                "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                 "F16", "F32")
 FALLBACK_FORMATS = ["IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 

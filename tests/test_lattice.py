@@ -1,4 +1,4 @@
-"""The lattice i-quants (IQ2_XXS … IQ3_S): their fields read and written exactly as gguf's reference
+"""The lattice i-quants (IQ1_S … IQ3_S): their fields read and written exactly as gguf's reference
 decoder sees them, GPTQ's group rounding, and block tuning leaving their codes as they are."""
 
 import numpy as np
@@ -32,22 +32,27 @@ def test_fields_decode_as_gguf_does(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_written_fields_are_what_llama_cpp_decodes(name):
-    """Random grid indices and sign bytes (even parity where the type needs it) written into the
-    encoder's bytes: gguf's decoder gives exactly those grid points, signs and the kept scales."""
+    """Random grid indices and sign bytes (even parity where the type needs it; none for IQ1's signed
+    grid) written into the encoder's bytes: gguf's decoder gives exactly those grid points, signs and
+    the kept scales (and IQ1's kept offsets)."""
     fmt, w = get_format(name), weight(seed=2)
     lay = fmt.lattice
-    data = fmt.encode(w)
+    data = fmt.encode(w, np.ones(w.shape[1], np.float32))
     before = lay.read(data, w.shape)
     rng = np.random.default_rng(3)
     index = rng.integers(0, len(lay.grid), before.index.shape)
-    signs = rng.integers(0, 256, before.signs.shape).astype(np.uint8)
+    signs = None if lay.signed else rng.integers(0, 256, before.signs.shape).astype(np.uint8)
     if lay.parity:
         odd = np.unpackbits(signs[..., None], axis=-1).sum(-1) % 2 == 1
         signs = np.where(odd, signs ^ 0x80, signs).astype(np.uint8)
     new = lay.write(data, w.shape, index, signs)
     after = lay.read(new, w.shape)
     np.testing.assert_array_equal(after.index, index)
-    np.testing.assert_array_equal(after.signs, signs)
+    if lay.signed:
+        assert after.signs is None and set(np.unique(before.offset)) == {-0.125, 0.125}
+        np.testing.assert_array_equal(after.offset, before.offset)
+    else:
+        np.testing.assert_array_equal(after.signs, signs)
     np.testing.assert_array_equal(after.scale, before.scale)
     np.testing.assert_array_equal(after.dequantize(), gq.dequantize(new, fmt.ggml_type).reshape(w.shape))
 
@@ -78,6 +83,23 @@ def test_nearest_is_the_exact_minimum_with_free_signs(name):
     torch.testing.assert_close(err, best, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["IQ1_S", "IQ1_M"])
+def test_nearest_on_a_signed_grid_is_the_exact_minimum_after_the_offset(name):
+    """IQ1: the group's best point of the 2048 signed ones, for x minus the group's kept offset (±1/8),
+    weighted: checked by brute force; the values returned include the offset."""
+    lay = LATTICES[name]
+    grid = torch.from_numpy(lay.grid)
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.standard_normal((300, GROUP)).astype(np.float32))
+    wt = torch.from_numpy(rng.lognormal(0, 1, GROUP).astype(np.float32))
+    offset = torch.from_numpy(np.where(rng.random(300) < 0.5, -0.125, 0.125).astype(np.float32))
+    index, _, values = lay.nearest(x, grid, wt, offset)
+    torch.testing.assert_close(values, grid[index[:, 0]] + offset[:, None])
+    err = ((x - values) ** 2 * wt).sum(-1)
+    best = (((x[:, None, :] - offset[:, None, None] - grid[None]) ** 2) * wt).sum(-1).min(-1).values
+    torch.testing.assert_close(err, best, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_identity_hessian_rounds_no_worse_than_ggml_on_its_scales(name):
     """With H = I GPTQ keeps ggml's block scales and re-chooses every group's point: its plain
@@ -90,23 +112,26 @@ def test_identity_hessian_rounds_no_worse_than_ggml_on_its_scales(name):
     assert err(data) <= err(ref)
 
 
-def test_pipeline_below_q2_k_with_lattice_candidates(tmp_path):
-    """The whole pipeline at 2.4 bits per weight — infeasible with k-quants alone (Q2_K: 2.625) —
-    with lattice candidates and GPTQ: the allocation uses them, the validate gate passes (llama.cpp
-    within 1 % of torch on the same decoded weights, llama.cpp's tokens = the tokenizer's) and
-    onnxruntime agrees with torch."""
+@pytest.mark.parametrize("formats, bpw, needed", [
+    (["Q2_K", "IQ2_XXS", "IQ2_S", "IQ3_S", "Q4_K", "Q8_0"], 2.4, {"IQ2_XXS", "IQ2_S", "IQ3_S"}),
+    (["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"], 1.9, {"IQ1_S", "IQ1_M"}),  # below IQ2_XXS's 2.06
+], ids=["2.4-bpw", "1.9-bpw-iq1"])
+def test_pipeline_below_q2_k_with_lattice_candidates(formats, bpw, needed, tmp_path):
+    """The whole pipeline at 2.4 bits per weight — infeasible with k-quants alone (Q2_K: 2.625) — and
+    at 1.9, below every type but IQ1's, with lattice candidates and GPTQ: the allocation uses them, the
+    validate gate passes (llama.cpp within 1 % of torch on the same decoded weights, llama.cpp's
+    tokens = the tokenizer's) and onnxruntime agrees with torch."""
     import json
 
     from haloquant.tasks.runner import run_all
     from tests.conftest import small_params, write_params
 
-    params = small_params(**{"sensitivity.formats": ["Q2_K", "IQ2_XXS", "IQ2_S", "IQ3_S", "Q4_K", "Q8_0"],
-                             "allocation.budget": {"bits_per_weight": 2.4}, "quantize.method": "gptq",
-                             "validate.gate.max_ppl_ratio": 5.0})
+    params = small_params(**{"sensitivity.formats": formats, "allocation.budget": {"bits_per_weight": bpw},
+                             "quantize.method": "gptq", "validate.gate.max_ppl_ratio": 5.0 if bpw > 2 else 50.0})
     run_all(write_params(tmp_path, params))
     allocation = json.loads((tmp_path / "artifacts" / "allocate" / "allocation.json").read_text())
     used = {t["format"] for t in allocation["tensors"]}
-    assert used & set(LATTICES) and allocation["bits_per_weight"] <= 2.4
+    assert used & needed and allocation["bits_per_weight"] <= bpw
     metrics = json.loads((tmp_path / "artifacts" / "validate" / "metrics.json").read_text())
     assert abs(metrics["llama_cpp_ppl_gap"]) < 0.01, metrics
     assert metrics["onnx_max_abs_logit_error"] < 1e-3, metrics

@@ -41,7 +41,8 @@ def test_scale_fields_scale_the_whole_decoded_block(fmt):
     np.testing.assert_array_equal(scaled, fmt.decode(data, w.shape) * alpha[:, None])
 
 
-@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q4_0", "Q5_1", "IQ4_XS", "IQ3_S"])
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q4_0", "Q5_1", "IQ4_XS", "IQ3_S", "IQ1_S",
+                                  "IQ1_M"])
 def test_correction_lowers_every_rows_output_error_and_touches_only_scales(name):
     fmt = get_format(name)
     w = _weight()
@@ -57,8 +58,11 @@ def test_correction_lowers_every_rows_output_error_and_touches_only_scales(name)
     assert before == pytest.approx(float(e0.sum()), rel=1e-9) and after == pytest.approx(float(e1.sum()), rel=1e-9)
     assert bool((e1 <= e0).all()) and after < 0.999 * before, (before, after)
     changed = (out != data).reshape(w.shape[0], -1, fmt.type_size).any(axis=(0, 1))
-    fields = {o + i for o in fmt.codec.scale_fields for i in (0, 1)}
+    fields = {o + i for o in fmt.codec.scale_fields for i in (0, 1)} | set(range(*fmt.codec.packed_scale_bytes))
     assert set(np.flatnonzero(changed)) <= fields  # codes, sub-scales and signs are as encoded
+    if fmt.codec.packed_scale is not None:  # IQ1_M: only the top 4 bits of each scale word (d's pieces)
+        words = lambda b: b.reshape(w.shape[0], -1, fmt.type_size)[..., 48:56].copy().view(np.uint16)  # noqa: E731
+        assert np.array_equal(words(out) & 0x0FFF, words(data) & 0x0FFF)
 
 
 def test_quantize_with_row_scale_correction(tmp_path):
