@@ -9,6 +9,9 @@ without an imatrix) and fixed bits per weight. Rows at each size:
 - haloquant k-quants: the allocation over k-quants + Q8_0 (and llama.cpp's fallbacks) at the
   preset's tensor bytes, GPTQ — haloquant before the i-quants;
 - + i-quants: the same with IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S among the candidates;
+- + IQ1 (--iq1): the same with IQ1_S and IQ1_M too (and the corrections, with --corrections), measured by a
+  second sensitivity run over IQ1 and the k-quants whose IQ1 entries join the table (kl_calibrated scales
+  every format by its tensor's Q4_K probe, which both runs share);
 - + statistics correction (--corrections): that allocation with quantize's two corrections
   (correct_row_scales, correct_input_scales);
 - + block tuning (--tuning-iters N > 0): that allocation with block-output tuning (and the
@@ -52,6 +55,7 @@ PRESETS = ["IQ2_M", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 BPW = [2.5, 3.0, 3.5]
 KQUANT_CANDIDATES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
+IQ1 = ["IQ1_S", "IQ1_M"]
 AUTOROUND_FORMATS = {"Q2_K": "q2_k_s", "Q3_K_S": "q3_k_s", "Q3_K_M": "q3_k_m", "Q4_K_S": "q4_k_s", "Q4_K_M": "q4_k_m"}
 
 
@@ -66,6 +70,21 @@ def restricted(sens_dir: Path, formats: list[str], out: Path) -> Path:
         keep = {f: c for f, c in t["candidates"].items() if f in formats}
         t["candidates"] = keep or {f: c for f, c in t["candidates"].items() if f not in LATTICE}
     table["formats"] = [f for f in table["formats"] if f in formats]
+    write_json(out / "sensitivity.json", table)
+    return out
+
+
+def with_candidates(sens_dir: Path, extra_dir: Path, formats: list[str], out: Path) -> Path:
+    """A copy of a sensitivity folder whose tensors also hold `formats`' entries from another run's table
+    (same model, calibration, metric and quantizer)."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(sens_dir, out)
+    table, extra = read_json(out / "sensitivity.json"), read_json(extra_dir / "sensitivity.json")
+    for t, e in zip(table["tensors"], extra["tensors"], strict=True):
+        assert t["name"] == e["name"]
+        t["candidates"].update({f: c for f, c in e["candidates"].items() if f in formats})
+    table["formats"] += [f for f in formats if f not in table["formats"]]
     write_json(out / "sensitivity.json", table)
     return out
 
@@ -103,6 +122,7 @@ def main() -> None:
                     help="with --corrections and --tuning-iters: also both on the k-quant row's allocation (block "
                          "tuning moves k-quant codes, not the lattice i-quants')")
     ap.add_argument("--metric", default="kl_calibrated")
+    ap.add_argument("--iq1", action="store_true", help="also a row with IQ1_S/IQ1_M among the candidates")
     ap.add_argument("--autoround", action="store_true", help="also AutoRound's GGUF of each preset it writes")
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-lowbit"))
     ap.add_argument("--only", nargs="*", default=None, help="build only these haloquant rows (e.g. '+ statistics "
@@ -121,6 +141,13 @@ def main() -> None:
     print(f"sensitivity ({args.metric}, GPTQ quantizer, {len(KQUANT_CANDIDATES + LATTICE)} formats): "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     sens_k = restricted(sens, KQUANT_CANDIDATES, args.out / "sensitivity-kquants")
+    if args.iq1:
+        t0 = time.perf_counter()
+        if not (args.out / "sensitivity-iq1-only" / "sensitivity.json").is_file():
+            score_sensitivity(spec, SensitivitySpec(formats=KQUANT_CANDIDATES + IQ1, metric=args.metric),
+                              plain(method="gptq"), calib, args.out / "sensitivity-iq1-only")
+        print(f"sensitivity of IQ1 (and the k-quants): {time.perf_counter() - t0:.0f} s", flush=True)
+        sens_iq1 = with_candidates(sens, args.out / "sensitivity-iq1-only", IQ1, args.out / "sensitivity-iq1")
 
     f16 = args.out / "F16" / "gguf" / "model.gguf"
     if not f16.is_file():
@@ -139,6 +166,9 @@ def main() -> None:
         corrections = {"correct_row_scales": True, "correct_input_scales": True} if args.corrections else {}
         if corrections:
             runs.append(("+ statistics correction", sens, d / "corrected", plain(method="gptq", **corrections)))
+        if args.iq1:
+            runs.append(("+ IQ1", sens_iq1, d / ("iq1-corrected" if corrections else "iq1"),
+                         plain(method="gptq", **corrections)))
         if args.tuning_iters > 0:
             runs.append((f"+ block tuning ({args.tuning_iters} steps)", sens,
                          d / (f"tuned-{args.tuning_iters}" + ("-corrected" if corrections else "")),
