@@ -11,7 +11,8 @@ import numpy as np
 
 from haloquant import HaloquantError
 from haloquant.formats import QuantFormat, get_format
-from haloquant.schemas.artifacts import FormatCost, SensitivityTable
+from haloquant.modelio import quantizable_tensors
+from haloquant.schemas.artifacts import FormatCost, SensitivityTable, TensorSensitivity
 from haloquant.schemas.params import AllocationSpec, SensitivitySpec
 
 Candidates = list[dict[str, FormatCost]]
@@ -64,3 +65,24 @@ def apply_rules(spec: AllocationSpec, table: SensitivityTable) -> Candidates:
 def smallest_bytes(cands: Candidates) -> int:
     """The smallest allocation's bytes: each tensor in its smallest candidate."""
     return sum(min(c.bytes for c in cs.values()) for cs in cands)
+
+
+def sizes_table(skeleton, sensitivity: SensitivitySpec, source_weights: int, overhead: int) -> SensitivityTable:
+    """A sensitivity table of this model's candidate formats with their bytes and no errors: what the
+    allocation's budget and smallest size are computed from, before anything is measured."""
+    infos = quantizable_tensors(skeleton)
+    rows = [TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer, shape=t.shape,
+                              n_weights=t.n_weights, candidates={f.name: FormatCost(bytes=f.storage_bytes(t.shape),
+                                                                                   error=0.0)
+                                                                 for f in candidate_formats(sensitivity, t.shape)})
+            for t in infos]
+    floats = sum(p.numel() * 4 for p in skeleton.parameters() if p.ndim != 2)
+    return SensitivityTable(metric="none", formats=sensitivity.formats, fixed_bytes=floats, tensors=rows,
+                            gguf_overhead_bytes=overhead,
+                            source_weight_ratio=min(1.0, source_weights / sum(t.n_weights for t in infos)))
+
+
+def fits(table: SensitivityTable, allocation: AllocationSpec) -> tuple[bool, float]:
+    """(whether the budget holds the smallest allocation, that allocation's bits per checkpoint weight)."""
+    smallest = smallest_bytes(apply_rules(allocation, table))
+    return budget_bytes(allocation, table) >= smallest, 8 * smallest / table.checkpoint_weights

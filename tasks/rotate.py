@@ -23,47 +23,27 @@ import numpy as np
 
 from haloquant import HaloquantError
 from haloquant.artifacts import read_artifact, sha256_file, write_json
-from haloquant.budget import apply_rules, budget_bytes, candidate_formats, smallest_bytes
+from haloquant.budget import fits, sizes_table
 from haloquant.families import family_of_architecture
 from haloquant.gguf_writer import gguf_add_bos, gguf_overhead_bytes
 from haloquant.kquants import QK_K  # the k-quant and i-quant block: rows of whole blocks take every format
 from haloquant.modelio import check_model_dir, model_name, model_skeleton, quantizable_tensors, read_config
 from haloquant.rotation import check_rotatable, write_rotated
-from haloquant.schemas.artifacts import FormatCost, RotationRecord, SensitivityTable, TensorSensitivity
+from haloquant.schemas.artifacts import RotationRecord
 from haloquant.schemas.params import AllocationSpec, ModelSpec, RotateSpec, SensitivitySpec
 from haloquant.widening import check_widenable, widened_skeleton, widened_width, write_widened
 
 log = logging.getLogger(__name__)
 
 
-def sizes_table(skeleton, sensitivity: SensitivitySpec, source_weights: int, overhead: int) -> SensitivityTable:
-    """A sensitivity table of this model's candidate formats with their bytes and no errors: what the
-    allocation's budget and smallest size are computed from, before anything is measured."""
-    infos = quantizable_tensors(skeleton)
-    rows = [TensorSensitivity(name=t.name, gguf_name=t.gguf_name, kind=t.kind, layer=t.layer, shape=t.shape,
-                              n_weights=t.n_weights, candidates={f.name: FormatCost(bytes=f.storage_bytes(t.shape),
-                                                                                   error=0.0)
-                                                                 for f in candidate_formats(sensitivity, t.shape)})
-            for t in infos]
-    floats = sum(p.numel() * 4 for p in skeleton.parameters() if p.ndim != 2)
-    return SensitivityTable(metric="none", formats=sensitivity.formats, fixed_bytes=floats, tensors=rows,
-                            gguf_overhead_bytes=overhead,
-                            source_weight_ratio=min(1.0, source_weights / sum(t.n_weights for t in infos)))
-
-
-def fits(table: SensitivityTable, allocation: AllocationSpec) -> tuple[bool, float]:
-    """(whether the budget holds the smallest allocation, that allocation's bits per checkpoint weight)."""
-    smallest = smallest_bytes(apply_rules(allocation, table))
-    return budget_bytes(allocation, table) >= smallest, 8 * smallest / table.checkpoint_weights
-
-
 def widening_needed(model_spec: ModelSpec, sensitivity: SensitivitySpec, allocation: AllocationSpec) -> bool:
     """rotate.widen auto: the budget is infeasible at the checkpoint's widths and feasible widened."""
     checkpoint = model_skeleton(model_spec.path)
-    weights = sum(t.n_weights for t in quantizable_tensors(checkpoint))
+    infos = quantizable_tensors(checkpoint)
+    weights = sum(t.n_weights for t in infos)
     overhead = 0
     if allocation.budget.field in ("file_bytes", "file_mb"):  # the same metadata either way (an upper bound)
-        shapes = {t.gguf_name: t.shape for t in quantizable_tensors(checkpoint)}
+        shapes = {t.gguf_name: t.shape for t in infos}
         floats = {n: np.zeros(p.shape, np.float32) for n, p in checkpoint.named_parameters() if p.ndim != 2}
         overhead = gguf_overhead_bytes(Path(model_spec.path), shapes, floats, model_name(model_spec.path),
                                        gguf_add_bos(model_spec))

@@ -155,7 +155,8 @@ def test_widen_auto_widens_exactly_where_the_budget_needs_it(budget, widened, zo
     shapes alone; explicit true/false and a whole width decide without the budget."""
     from haloquant.budget import apply_rules, budget_bytes, smallest_bytes
     from haloquant.schemas.params import AllocationSpec, RotateSpec, SensitivitySpec
-    from haloquant.tasks.rotate import sizes_table, widens
+    from haloquant.budget import sizes_table
+    from haloquant.tasks.rotate import widens
     from haloquant.modelio import model_skeleton
     from haloquant.widening import widened_skeleton
 
