@@ -100,7 +100,8 @@ def gptq_quantize(weight: np.ndarray, fmt: QuantFormat, gram: torch.Tensor, damp
         b = fmt.encode(w_block.cpu().numpy(), importance[start : start + sb], device=fit_device(device))
         data[:, start // sb * fmt.type_size : (start // sb + 1) * fmt.type_size] = b
         if lattice is not None and lattice.signed:
-            offset[:, start // unit : (start + sb) // unit] = torch.from_numpy(lattice.read(b, (rows, sb)).offset).to(device)
+            kept = lattice.read(b, (rows, sb)).offset
+            offset[:, start // unit : (start + sb) // unit] = torch.from_numpy(kept).to(device)
         s, z, c = _grid(fmt, b, rows, sb)
         scale[:, start : start + sb] = torch.from_numpy(s).to(device)
         zero[:, start : start + sb] = torch.from_numpy(z).to(device)

@@ -82,7 +82,8 @@ class LatticeLayout:
                              None if signs is None else signs.reshape(rows, -1), self.grid,
                              None if offset is None else offset.reshape(rows, -1).astype(np.float32))
 
-    def write(self, data: np.ndarray, shape: tuple[int, int], index: np.ndarray, signs: np.ndarray | None) -> np.ndarray:
+    def write(self, data: np.ndarray, shape: tuple[int, int], index: np.ndarray,
+              signs: np.ndarray | None) -> np.ndarray:
         """The bytes with every group's grid indices and signs replaced; scales (and IQ1's offsets) kept."""
         b = np.array(data, dtype=np.uint8).reshape(shape[0], -1, self.type_size)
         nb = b.shape[1]
@@ -265,11 +266,16 @@ def _put_iq1_m_d(b, d: np.ndarray) -> None:
     b[..., 48:56] = sc.view(np.uint8)
 
 
+def _iq1_m_nibbles(b) -> np.ndarray:
+    """(rows, nb, 32) uint8: per group of 8, its index's high 3 bits and (bit 3) its offset's sign."""
+    return np.stack([b[..., 32:48] & 0x0F, b[..., 32:48] >> 4], axis=-1).reshape(*b.shape[:2], 32)
+
+
 def _read_iq1_m(b):
     sc = b[..., 48:56].copy().view(np.uint16)  # (rows, nb, 4): four 3-bit scales and 4 bits of d each
     d = _iq1_m_d(b)[..., None]
     ls = ((sc[..., None] >> np.array([0, 3, 6, 9], dtype=np.uint16)) & 7).reshape(*b.shape[:2], 16)
-    nib = np.stack([b[..., 32:48] & 0x0F, b[..., 32:48] >> 4], axis=-1).reshape(*b.shape[:2], 32)
+    nib = _iq1_m_nibbles(b)
     return (np.repeat(d * (2 * ls + 1).astype(np.float32), 2, axis=-1), _iq1_index(b[..., 0:32], nib & 7)[..., None],
             None, np.where(nib & 8, -_IQ1_DELTA, _IQ1_DELTA))
 
@@ -277,15 +283,16 @@ def _read_iq1_m(b):
 def _write_iq1_m(b, index, signs):
     idx = index.reshape(*b.shape[:2], 32).astype(np.uint16)
     b[..., 0:32] = (idx & 0xFF).astype(np.uint8)
-    nib = (np.stack([b[..., 32:48] & 0x0F, b[..., 32:48] >> 4], axis=-1).reshape(*b.shape[:2], 32) & 8) | \
-        ((idx >> 8) & 7).astype(np.uint8)
+    nib = (_iq1_m_nibbles(b) & 8) | ((idx >> 8) & 7).astype(np.uint8)
     b[..., 32:48] = nib[..., 0::2] | (nib[..., 1::2] << 4)
 
 
 _T = GGMLQuantizationType
-_READERS = {_T.IQ1_S: _read_iq1_s, _T.IQ1_M: _read_iq1_m, _T.IQ2_XXS: _read_iq2_xxs, _T.IQ2_XS: _read_iq2_xs, _T.IQ2_S: _read_iq2_s, _T.IQ3_XXS: _read_iq3_xxs,
+_READERS = {_T.IQ1_S: _read_iq1_s, _T.IQ1_M: _read_iq1_m, _T.IQ2_XXS: _read_iq2_xxs, _T.IQ2_XS: _read_iq2_xs,
+            _T.IQ2_S: _read_iq2_s, _T.IQ3_XXS: _read_iq3_xxs,
             _T.IQ3_S: _read_iq3_s}
-_WRITERS = {_T.IQ1_S: _write_iq1_s, _T.IQ1_M: _write_iq1_m, _T.IQ2_XXS: _write_iq2_xxs, _T.IQ2_XS: _write_iq2_xs, _T.IQ2_S: _write_iq2_s, _T.IQ3_XXS: _write_iq3_xxs,
+_WRITERS = {_T.IQ1_S: _write_iq1_s, _T.IQ1_M: _write_iq1_m, _T.IQ2_XXS: _write_iq2_xxs, _T.IQ2_XS: _write_iq2_xs,
+            _T.IQ2_S: _write_iq2_s, _T.IQ3_XXS: _write_iq3_xxs,
             _T.IQ3_S: _write_iq3_s}
 LATTICES: dict[str, LatticeLayout] = {
     "IQ1_S": LatticeLayout(_T.IQ1_S, 50, 8, False, 32, signed=True, code_unit=8),
