@@ -163,14 +163,20 @@ def widened_config(config: dict, cfg, plan: WideningPlan) -> dict:
                      eps: config[eps] * plan.ratio}
 
 
+def _source_plan(src: str | Path, multiple: int) -> tuple[Path, object, WideningPlan]:
+    """(folder, transformers config, plan) of a folder to widen; a family that cannot be is refused."""
+    src, cfg, arch, fam = read_source(src, "widening")
+    check_widenable(fam, arch)
+    return src, cfg, plan_for(fam, cfg, multiple)
+
+
 def widened_skeleton(src: str | Path, multiple: int = 256):
     """The widened model's modules and parameter shapes, without weights (on the meta device): what
     `write_widened` would write, for sizing it before deciding to."""
     from transformers import AutoModelForCausalLM
 
-    src, cfg, arch, fam = read_source(src, "widening")
-    check_widenable(fam, arch)
-    wide = type(cfg).from_dict(widened_config(cfg.to_dict(), cfg, plan_for(fam, cfg, multiple)))
+    _, cfg, plan = _source_plan(src, multiple)
+    wide = type(cfg).from_dict(widened_config(cfg.to_dict(), cfg, plan))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(wide)
 
@@ -181,10 +187,8 @@ def write_widened(src: str | Path, out: str | Path, multiple: int = 256, dtype: 
     to `out`/widening.json. A width that is a multiple already is refused (nothing to do)."""
     from haloquant.modelio import read_config
 
-    src, cfg, arch, fam = read_source(src, "widening")
+    src, cfg, plan = _source_plan(src, multiple)
     out = Path(out)
-    check_widenable(fam, arch)
-    plan = plan_for(fam, cfg, multiple)
     if plan.D == plan.d:
         raise HaloquantError(f"widening: hidden width {plan.d} is a multiple of {multiple} already")
     config = widened_config(read_config(src), cfg, plan)

@@ -136,7 +136,8 @@ CALIB_OUTS = ("calibrate/stats.safetensors", "calibrate/calibration.json")
 SENS_OUTS = ("sensitivity/sensitivity.json", "sensitivity/embeddings.json")
 STAGES: tuple[Stage, ...] = (
     # rotate.widen auto reads the budget and the candidate formats (is the budget feasible unwidened?)
-    Stage("rotate", ("model", "rotate", "sensitivity", "allocation.budget", "allocation.rules"), ("${model.path}",), ROTATION, _rotate, uncached=(ROTATED_MODEL,)),
+    Stage("rotate", ("model", "rotate", "sensitivity", "allocation.budget", "allocation.rules"), ("${model.path}",),
+          ROTATION, _rotate, uncached=(ROTATED_MODEL,)),
     Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}") + ROTATION, CALIB_OUTS,
           _calibrate),
     Stage("sensitivity", ("model", "sensitivity", "quantize.method", "quantize.gptq", "quantize.importance"),
