@@ -29,7 +29,7 @@ from haloquant.tasks.export_gguf import export_gguf
 from haloquant.tasks.quantize import quantize
 
 from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
-from paired_ppl import paired_changes, scores_of  # noqa: E402
+from paired_ppl import before_after_cells, paired_changes, scores_of  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 STORED = {"gptq": "haloquant GPTQ", "mixed": "haloquant mixed", "rtn": "haloquant RTN"}  # the run's results.json names
@@ -93,11 +93,8 @@ def main() -> None:
           "change (95 %) | quantize s (without / with) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        d, lo, hi = r["ppl_change"]
-        k, klo, khi = r["kl_change"]
-        print(f"| {r['preset']} | {r['label']} | {r['bytes']:,} | {r['ppl_without']:.3f} | {r['ppl_with']:.3f} | "
-              f"{100 * d:+.2f} % ({100 * lo:+.2f} … {100 * hi:+.2f}) | {r['kl_without']:.5f} | {r['kl_with']:.5f} | "
-              f"{100 * k:+.1f} % ({100 * klo:+.1f} … {100 * khi:+.1f}) | {r['quantize_s_without']:.0f} / {r['quantize_s']:.0f} |")
+        print(f"| {r['preset']} | {r['label']} | {r['bytes']:,} | {before_after_cells(r)} | "
+              f"{r['quantize_s_without']:.0f} / {r['quantize_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 
 from common import REPO, plain, setup  # noqa: E402  (bench/ is on sys.path when run as a script)
-from paired_ppl import paired_changes, scores_of  # noqa: E402
+from paired_ppl import before_after_cells, paired_changes, scores_of  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"]
 STORED = "haloquant mixed"  # the run's results.json name of its own allocation's file
@@ -94,11 +94,7 @@ def main() -> None:
           "change (95 %) | calibration KL (start → end) | evaluations, moves kept, tensors changed | refine s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        d, lo, hi = r["ppl_change"]
-        k, klo, khi = r["kl_change"]
-        print(f"| {r['preset']} | {r['bytes_without']:,} / {r['bytes']:,} | {r['ppl_without']:.3f} | "
-              f"{r['ppl_with']:.3f} | {100 * d:+.2f} % ({100 * lo:+.2f} … {100 * hi:+.2f}) | {r['kl_without']:.5f} | "
-              f"{r['kl_with']:.5f} | {100 * k:+.1f} % ({100 * klo:+.1f} … {100 * khi:+.1f}) | "
+        print(f"| {r['preset']} | {r['bytes_without']:,} / {r['bytes']:,} | {before_after_cells(r)} | "
               f"{r['calib_kl'][0]:.5f} → {r['calib_kl'][1]:.5f} | {r['evaluations']}, {r['moves_kept']}, "
               f"{r['tensors_changed']} | {r['refine_s']:.0f} |")
 

@@ -22,6 +22,16 @@ EVAL_TEXT = REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SHARED_A = REPO.parent / "shared" / "models" / "ref-llama-a"
 
 
+def calibrate_tiny(out: Path, n_sequences: int = 8, seq_len: int = 128) -> Path:
+    """ref-llama-tiny's calibration statistics from the real WikiText-2 validation text, written to `out`."""
+    from haloquant.schemas.params import CalibrationSpec, ModelSpec
+    from haloquant.tasks.calibrate import calibrate
+
+    calibrate(ModelSpec(path=TINY, device="cpu", add_bos=True),
+              CalibrationSpec(text=CALIB_TEXT, n_sequences=n_sequences, seq_len=seq_len), out)
+    return out
+
+
 def small_params(sweep: dict | None = None, **overrides) -> dict:
     """A fast spec on the real tiny model: few calibration sequences, few evaluation chunks."""
     p = {

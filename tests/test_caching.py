@@ -62,7 +62,9 @@ def test_dvc_repro_caching(tmp_path):
     params["allocation"]["budget"]["bits_per_weight"] = 4.75
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = sh("dvc repro", proj)
-    assert ran(third) == STAGES[3:]  # the sweep has its own budgets: untouched
+    # rotate re-decides whether to widen (the budget may need it); its record is unchanged, so calibrate
+    # and sensitivity are not re-run. The sweep has its own budgets: untouched
+    assert ran(third) == ["rotate"] + STAGES[3:]
     assert "Stage 'calibrate' didn't change" in third and "Stage 'sensitivity' didn't change" in third
 
     metrics = sh("dvc metrics show --json", proj)
@@ -118,7 +120,8 @@ def test_prefect_flow_caching(tmp_path, monkeypatch):
 
     write_params(tmp_path, small_params(**{"allocation.budget": {"bits_per_weight": 4.75}}))
     after_edit = states()
-    assert [s for s in STAGES if after_edit[s] == "Cached"] == ["rotate", "calibrate", "sensitivity"]
+    assert after_edit["rotate"] == "Completed"  # it re-decides rotate.widen: auto against the new budget
+    assert [s for s in STAGES if after_edit[s] == "Cached"] == ["calibrate", "sensitivity"]
 
     # outputs deleted behind the flow's back are recomputed, not served stale from the cache
     (tmp_path / "artifacts" / "export_gguf" / "model.gguf").unlink()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
 from gguf import quants as gq
 
 from haloquant.decoders import DECODERS, decode_torch

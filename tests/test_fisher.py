@@ -12,7 +12,7 @@ from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.schemas.params import CalibrationSpec, ModelSpec, QuantizeSpec, SensitivitySpec
 from haloquant.tasks.calibrate import calibrate
 from haloquant.tasks.sensitivity import score_sensitivity
-from tests.conftest import CALIB_TEXT, TINY
+from tests.conftest import CALIB_TEXT, calibrate_tiny, TINY
 
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q8_0"]
 
@@ -23,7 +23,7 @@ SPEC = ModelSpec(path=TINY, device="cpu", add_bos=True)
 @pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fisher") / "calibrate"
-    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=8, seq_len=128), out)
+    calibrate_tiny(out, 8, 128)
     return out
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,7 +27,7 @@ def ran(output: str) -> list[str]:
     return [s for s in re.findall(r"Running stage '([\w@./:-]+)'", output) if not s.endswith(":environment")]
 
 
-def make_fleet(folder, models: dict, project=REPO) -> "Path":  # noqa: F821
+def make_fleet(folder, models: dict, project=REPO) -> Path:
     """fleet.yaml in `folder` with one member folder per model: the repository's params.yaml made
     small (every key written, as DVC needs), paths relative as a user writes them."""
     import os
@@ -94,7 +95,8 @@ def test_a_fleet_of_two_models_as_one_flow(tmp_path):
     set_budget(fleet, "qwen", 4.75)
     edited = haloquant_fleet(str(fleet))
     redid = last_run()["redid"]
-    assert sorted(redid) == sorted(f"qwen/{s}" for s in STAGES[3:])
+    assert sorted(redid) == sorted(f"qwen/{s}" for s in ["rotate"] + STAGES[3:])  # rotate re-decides widening
+    assert redid["qwen/rotate"] == "changed: spec allocation.budget"
     assert redid["qwen/allocate"] == "changed: spec allocation"
     assert redid["qwen/scale_fold"] == "changed: input allocate/allocation.json"
     assert all(edited[k]["state"] == "Cached" for k in edited if k not in redid)
@@ -152,7 +154,7 @@ def test_a_fleet_as_one_dvc_repro(tmp_path):
 
     set_budget(fleet, "tiny", 4.75)
     third = ran(sh("dvc repro fleet/dvc.yaml", proj))
-    assert third == [f"fleet/tiny/dvc.yaml:{x}" for x in STAGES[3:]] + ["fleet/dvc.yaml:fleet_report"]
+    assert third == [f"fleet/tiny/dvc.yaml:{x}" for x in ["rotate"] + STAGES[3:]] + ["fleet/dvc.yaml:fleet_report"]
     plots = sh("dvc plots show --json fleet/dvc.yaml", proj)
     assert "cross-model" in plots
 

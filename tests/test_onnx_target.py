@@ -14,17 +14,16 @@ from haloquant.modelio import load_tokenizer
 from haloquant.onnxrt import onnx_check
 from haloquant.quantized import load_quantized_model
 from haloquant.schemas.artifacts import SensitivityTable
-from haloquant.schemas.params import (AllocationSpec, Budget, CalibrationSpec, FoldSpec, GGUFSpec, ModelSpec, ONNXSpec,
-                                      QuantizeSpec, SensitivitySpec)
+from haloquant.schemas.params import (AllocationSpec, Budget, FoldSpec, GGUFSpec, ModelSpec, ONNXSpec, QuantizeSpec,
+                                      SensitivitySpec)
 from haloquant.tasks.allocate import allocate, allocate_bits
-from haloquant.tasks.calibrate import calibrate
 from haloquant.tasks.export_gguf import export_gguf
 from haloquant.tasks.export_onnx import export_onnx
 from haloquant.tasks.quantize import quantize
 from haloquant.tasks.scale_fold import scale_fold
 from haloquant.tasks.sensitivity import score_sensitivity
 from haloquant.textdata import eval_chunks, read_text, tokenize
-from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY
+from tests.conftest import calibrate_tiny, EVAL_TEXT, TINY
 
 SPEC = ModelSpec(path=TINY, device="cpu", add_bos=True)
 
@@ -32,7 +31,7 @@ SPEC = ModelSpec(path=TINY, device="cpu", add_bos=True)
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx_target")
-    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=8, seq_len=128), out / "calibrate")
+    calibrate_tiny(out / "calibrate", 8, 128)
     score_sensitivity(SPEC, SensitivitySpec(formats=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1",
                                                      "Q5_0", "IQ4_NL"], metric="output_error"),
                       QuantizeSpec(), out / "calibrate", out / "sensitivity")

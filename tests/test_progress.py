@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from haloquant import progress
+from haloquant.tasks.runner import run_stage
 from tests.conftest import REPO, small_params, write_params
 
 
@@ -39,6 +40,7 @@ def test_a_stage_ends_with_one_summary_line_on_stderr(tmp_path):
     size and its time; besides it, at most progress lines (a loaded machine can make even this
     stage's one batch slow enough to be reported)."""
     params = write_params(tmp_path, small_params())
+    run_stage("rotate", params)  # calibrate reads the rotate stage's record (which model it quantizes)
     r = subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "stage", "calibrate", "--params", str(params)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr

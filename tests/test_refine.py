@@ -15,11 +15,10 @@ from haloquant.modelio import decoder_layers, load_model, quantizable_tensors
 from haloquant.quantizer import quantize_tensor
 from haloquant.refine import candidate_moves, decoded_values, refine_formats
 from haloquant.schemas.artifacts import AllocationResult, SensitivityTable
-from haloquant.schemas.params import AllocationSpec, CalibrationSpec, ModelSpec, QuantizeSpec, SensitivitySpec
+from haloquant.schemas.params import AllocationSpec, ModelSpec, QuantizeSpec, SensitivitySpec
 from haloquant.tasks.allocate import allocate, apply_rules
-from haloquant.tasks.calibrate import calibrate
 from haloquant.tasks.sensitivity import score_sensitivity
-from tests.conftest import CALIB_TEXT, TINY
+from tests.conftest import calibrate_tiny, TINY
 
 SPEC = ModelSpec(path=TINY, device="cpu", add_bos=True)
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q6_K"]
@@ -28,7 +27,7 @@ FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q6_K"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("refine")
-    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=8, seq_len=64), root / "calibrate")
+    calibrate_tiny(root / "calibrate", 8, 64)
     score_sensitivity(SPEC, SensitivitySpec(formats=FORMATS, metric="output_error"), QuantizeSpec(),
                       root / "calibrate", root / "sensitivity")
     return root

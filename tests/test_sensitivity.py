@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from haloquant.schemas.params import CalibrationSpec, ModelSpec, QuantizeSpec, SensitivitySpec
-from haloquant.tasks.calibrate import calibrate
+from haloquant.schemas.params import ModelSpec, QuantizeSpec, SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
-from tests.conftest import CALIB_TEXT, TINY
+from tests.conftest import calibrate_tiny, TINY
 
 SPEC = ModelSpec(path=TINY, device="cpu", add_bos=True)
 FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0"]
@@ -17,7 +16,7 @@ FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0"]
 @pytest.fixture(scope="module")
 def cal_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("candidate") / "cal"
-    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), out)
+    calibrate_tiny(out, 4, 64)
     return out
 
 
@@ -79,7 +78,7 @@ def test_costs_do_not_depend_on_the_row_chunking(metric, tmp_path, monkeypatch):
 
     import haloquant.arrays
 
-    calibrate(SPEC, CalibrationSpec(text=CALIB_TEXT, n_sequences=4, seq_len=64), tmp_path / "cal")
+    calibrate_tiny(tmp_path / "cal", 4, 64)
     spec = SensitivitySpec(formats=["Q2_K", "Q4_K", "Q4_0"], metric=metric, llama_cpp_candidate=False)
     whole = score_sensitivity(SPEC, spec, QuantizeSpec(), tmp_path / "cal", tmp_path / "whole")
     monkeypatch.setattr(haloquant.arrays, "DEVICE_CHUNK_WEIGHTS", 4096 + 7)
