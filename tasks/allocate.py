@@ -28,6 +28,7 @@ from scipy.sparse import lil_matrix
 from haloquant import HaloquantError
 from haloquant.artifacts import read_artifact, write_json
 from haloquant.budget import Candidates, apply_rules, budget_bytes, smallest_bytes
+from haloquant.formats import FORMATS
 from haloquant.onnx_layout import onnx_weight_bytes
 from haloquant.schemas.artifacts import AllocationResult, LayerEmbeddings, SensitivityTable, TensorChoice
 from haloquant.schemas.params import AllocationSpec, ModelSpec, QuantizeSpec
@@ -150,7 +151,7 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
             f"({min_bytes + table.fixed_bytes} total bytes of tensor data"
             + (f", {min_bytes + table.fixed_bytes + table.gguf_overhead_bytes} as a GGUF file"
                if table.gguf_overhead_bytes else "")
-            + "); raise the budget or add smaller formats"
+            + "); raise the budget" + _smaller_formats_hint(table.formats)
         )
     cap = min(budget, max_bytes)
     onnx = onnx_sizes(table, cands)
@@ -170,6 +171,13 @@ def allocate_bits(spec: AllocationSpec, table: SensitivityTable,
         picks = _fill_greedy(cands, _cheapest(cands), cap)
     return _result(spec, table, cands, onnx, picks, budget, min_bpw, onnx_cap)
 
+
+def _smaller_formats_hint(formats: list[str]) -> str:
+    """The registered block formats below the candidates' smallest, for the infeasible-budget error."""
+    floor = min(FORMATS[f].bits_per_weight for f in formats)
+    smaller = [f"{f.name} ({f.bits_per_weight:.4g} bpw)" for f in FORMATS.values()
+               if f.block_size > 1 and f.bits_per_weight < floor]
+    return f" or add smaller formats to sensitivity.formats: {', '.join(smaller)}" if smaller else ""
 
 def _result(spec: AllocationSpec, table: SensitivityTable, cands: Candidates, onnx: list[dict[str, int]],
             picks: list[str], budget: int, min_bpw: float, onnx_cap: int | None, **extra) -> AllocationResult:

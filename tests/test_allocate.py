@@ -54,8 +54,12 @@ def test_total_bytes_budget_counts_float_tensors():
 
 def test_infeasible_budget_names_smallest():
     table = random_table()
-    with pytest.raises(HaloquantError, match=r"allocation.budget.bits_per_weight: infeasible.*needs 4.5000 bits"):
+    with pytest.raises(HaloquantError, match=r"allocation.budget.bits_per_weight: infeasible.*needs 4.5000 bits") as e:
         allocate_bits(AllocationSpec(budget={"bits_per_weight": 4.0}), table)
+    # and names the registered formats that would go lower: every one under Q4_0's 4.5 bits, none at or above it
+    hint = str(e.value).split("add smaller formats to sensitivity.formats: ")[1]
+    assert hint.startswith("IQ1_S (1.562 bpw), IQ1_M (1.75 bpw), IQ2_XXS (2.062 bpw)") and "IQ4_XS (4.25 bpw)" in hint
+    assert "Q2_K (2.625 bpw)" in hint and "Q4_K" not in hint and "IQ4_NL" not in hint and "Q4_0" not in hint
 
 
 @pytest.mark.parametrize("solver", ["greedy", "lagrangian"])
