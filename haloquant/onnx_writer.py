@@ -173,6 +173,17 @@ def _module_of(node_name: str) -> str:
     return node_name.strip("/").rsplit("/", 1)[0].replace("/", ".")
 
 
+def _initializer_transposes(graph, inits: dict) -> dict[str, str]:
+    """Output → initializer of each 2-D Transpose node over an initializer: how torch's exporter can
+    leave a tied head's weight (MatMul(x, Transpose(embedding))) instead of a folded transposed copy."""
+    out = {}
+    for n in graph.node:
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), [1, 0])
+        if n.op_type == "Transpose" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2 and perm == [1, 0]:
+            out[n.output[0]] = n.input[0]
+    return out
+
+
 WEIGHT_PARTS = (".qweight", ".scales", ".zeros", ".offsets")  # the initializers holding a quantized weight
 
 
@@ -184,6 +195,7 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     qinfo = {q.name: q for q in manifest.quantized}
+    transposes = _initializer_transposes(graph, inits)
     stored: dict[str, str] = {}
     float_weights: set[str] = set()
     new_nodes = []
@@ -195,14 +207,21 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
             if "float32" in stored[module]:
                 float_weights.add(node.input[0])
             continue
-        if node.op_type != "MatMul" or wname not in qinfo or node.input[1] not in inits:
+        if node.op_type != "MatMul" or wname not in qinfo or not (node.input[1] in inits or node.input[1] in transposes):
             new_nodes.append(node)
             continue
-        stored[module] = _rewrite_matmul(node, qinfo[wname], tensors, inits, graph, new_nodes, module)
+        if node.input[1] in inits:  # the transposed weight, folded by the exporter
+            exported, float_name = numpy_helper.to_array(inits[node.input[1]]), node.input[1]
+        else:  # Transpose(weight) in the graph: a tied head exported with accelerate installed
+            float_name = transposes[node.input[1]]
+            exported = numpy_helper.to_array(inits[float_name]).T
+        stored[module] = _rewrite_matmul(node, qinfo[wname], tensors, exported, graph, new_nodes, module)
         if "float32" in stored[module]:
-            float_weights.add(node.input[1])
+            float_weights.add(float_name)
+    used = {i for n in new_nodes for i in n.input} | {o.name for o in graph.output}
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(n for n in new_nodes if not (n.op_type == "Transpose" and n.output[0] in transposes
+                                                    and n.output[0] not in used))  # its MatMul now reads codes
     dedupe_initializers(graph)
     used = {i for n in graph.node for i in n.input}
     keep = [i for i in graph.initializer if i.name in used]
@@ -293,9 +312,10 @@ def _blocks(q, tensors, exported: np.ndarray, module: str, transposed: bool) -> 
     return blocks if blocks is not None and valid_group(blocks.q.shape[-1]) else None
 
 
-def _rewrite_matmul(node, q, tensors, inits, graph, new_nodes, module) -> str:
-    """A linear of a quantized weight as MatMulNBits over its codes; returns how it is stored."""
-    blocks = _blocks(q, tensors, numpy_helper.to_array(inits[node.input[1]]), module, transposed=True)
+def _rewrite_matmul(node, q, tensors, exported: np.ndarray, graph, new_nodes, module) -> str:
+    """A linear of a quantized weight (`exported`: the MatMul's transposed float weight) as MatMulNBits
+    over its codes; returns how it is stored."""
+    blocks = _blocks(q, tensors, exported, module, transposed=True)
     if blocks is None:
         new_nodes.append(node)
         return f"{q.format}: MatMul float32 (no onnxruntime integer kernel for it)"

@@ -98,3 +98,50 @@ def test_int8_accuracy_level_keeps_the_stored_weights_and_stays_close(measured):
     a, b = (onnx_check(d / f / "model.onnx", chunks, quant) for f in ("onnx", "onnx_int8"))
     assert a["max_abs_logit_error"] < 1e-3 < b["max_abs_logit_error"]  # int8 activations: not exact
     assert abs(b["ppl"] / a["ppl"] - 1) < 0.05, (a["ppl"], b["ppl"])
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_K"])
+def test_a_tied_head_read_through_a_transpose_node_is_rewritten_to_codes(fmt):
+    """torch's exporter can leave a tied head as MatMul(x, Transpose(embedding)) instead of a folded
+    transposed copy (it does when accelerate is installed): the head still becomes MatMulNBits over the
+    embedding's codes, the float embedding and its Transpose leave the file, and the logits are the
+    decoded weight's."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from haloquant.formats import get_format
+    from haloquant.onnx_writer import rewrite_linears
+    from haloquant.schemas.artifacts import QuantizedManifest, QuantizedTensor
+
+    vocab, hidden, name = 64, 256, "model.embed_tokens.weight"
+    rng = np.random.default_rng(0)
+    f = get_format(fmt)
+    codes = f.encode(rng.standard_normal((vocab, hidden)).astype(np.float32))
+    decoded = f.decode(codes, (vocab, hidden))
+    graph = helper.make_graph(
+        [helper.make_node("Gather", [name, "ids"], ["embedded"], name="/model/embed_tokens/Gather"),
+         helper.make_node("Transpose", [name], ["head_t"], name="/lm_head/Transpose", perm=[1, 0]),
+         helper.make_node("MatMul", ["x", "head_t"], ["logits"], name="/lm_head/MatMul")],
+        "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5]),
+                 helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, hidden])],
+        [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [1, 5, hidden]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5, vocab])],
+        [numpy_helper.from_array(decoded, name)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    manifest = QuantizedManifest(method="rtn", model="tied", tensors_file="t", n_weights=vocab * hidden,
+                                 quantized=[QuantizedTensor(name=name, gguf_name="token_embd.weight", format=fmt,
+                                                            shape=(vocab, hidden), bytes=codes.nbytes)],
+                                 float_tensors=[], total_bytes=codes.nbytes, bits_per_weight=f.bits_per_weight)
+    stored, _ = rewrite_linears(model, manifest, {name: codes},
+                                {"model.embed_tokens": name, "lm_head": name})
+    assert "MatMulNBits" in stored["lm_head"] and "GatherBlockQuantized" in stored["model.embed_tokens"], stored
+    assert name not in {i.name for i in model.graph.initializer}
+    assert "/lm_head/Transpose" not in {n.name for n in model.graph.node}
+    onnx.checker.check_model(model)
+    ids, x = rng.integers(0, vocab, (1, 5)), rng.standard_normal((1, 5, hidden)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    embedded, logits = session.run(None, {"ids": ids, "x": x})
+    np.testing.assert_allclose(embedded, decoded[ids], atol=1e-5)
+    np.testing.assert_allclose(logits, x @ decoded.T, rtol=1e-4, atol=1e-3)
