@@ -10,8 +10,8 @@ without an imatrix) and fixed bits per weight. Rows at each size:
   preset's tensor bytes, GPTQ — haloquant before the i-quants;
 - + i-quants: the same with IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S among the candidates;
 - + IQ1 (--iq1): the same with IQ1_S and IQ1_M too (and the corrections, with --corrections), measured by a
-  second sensitivity run over IQ1 and the k-quants whose IQ1 entries join the table (kl_calibrated scales
-  every format by its tensor's Q4_K probe, which both runs share);
+  second sensitivity run whose IQ1 entries join the table (over IQ1 alone, or for kl_calibrated, which
+  scales every format by its tensor's Q4_K probe, over IQ1 and the k-quants, so both runs share the probe);
 - + statistics correction (--corrections): that allocation with quantize's two corrections
   (correct_row_scales, correct_input_scales);
 - + block tuning (--tuning-iters N > 0): that allocation with block-output tuning (and the
@@ -144,9 +144,12 @@ def main() -> None:
     if args.iq1:
         t0 = time.perf_counter()
         if not (args.out / "sensitivity-iq1-only" / "sensitivity.json").is_file():
-            score_sensitivity(spec, SensitivitySpec(formats=KQUANT_CANDIDATES + IQ1, metric=args.metric),
+            # kl_calibrated scales each format by its tensor's Q4_K probe, so that run repeats the k-quants;
+            # the other metrics' entries stand alone
+            formats = KQUANT_CANDIDATES + IQ1 if args.metric == "kl_calibrated" else IQ1
+            score_sensitivity(spec, SensitivitySpec(formats=formats, metric=args.metric),
                               plain(method="gptq"), calib, args.out / "sensitivity-iq1-only")
-        print(f"sensitivity of IQ1 (and the k-quants): {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"sensitivity of IQ1: {time.perf_counter() - t0:.0f} s", flush=True)
         sens_iq1 = with_candidates(sens, args.out / "sensitivity-iq1-only", IQ1, args.out / "sensitivity-iq1")
 
     f16 = args.out / "F16" / "gguf" / "model.gguf"
