@@ -207,21 +207,22 @@ def rewrite_linears(model: onnx.ModelProto, manifest: QuantizedManifest, tensors
             if "float32" in stored[module]:
                 float_weights.add(node.input[0])
             continue
-        if node.op_type != "MatMul" or wname not in qinfo or not (node.input[1] in inits or node.input[1] in transposes):
+        weight_input = node.input[1] if node.op_type == "MatMul" else None
+        if wname not in qinfo or not (weight_input in inits or weight_input in transposes):
             new_nodes.append(node)
             continue
-        if node.input[1] in inits:  # the transposed weight, folded by the exporter
-            exported, float_name = numpy_helper.to_array(inits[node.input[1]]), node.input[1]
+        if weight_input in inits:  # the transposed weight, folded by the exporter
+            exported, float_name = numpy_helper.to_array(inits[weight_input]), weight_input
         else:  # Transpose(weight) in the graph: a tied head exported with accelerate installed
-            float_name = transposes[node.input[1]]
+            float_name = transposes[weight_input]
             exported = numpy_helper.to_array(inits[float_name]).T
         stored[module] = _rewrite_matmul(node, qinfo[wname], tensors, exported, graph, new_nodes, module)
         if "float32" in stored[module]:
             float_weights.add(float_name)
-    used = {i for n in new_nodes for i in n.input} | {o.name for o in graph.output}
-    del graph.node[:]
+    still_read = {i for n in new_nodes for i in n.input} | {o.name for o in graph.output}
+    del graph.node[:]  # a Transpose whose MatMul now reads codes goes with its float weight
     graph.node.extend(n for n in new_nodes if not (n.op_type == "Transpose" and n.output[0] in transposes
-                                                    and n.output[0] not in used))  # its MatMul now reads codes
+                                                    and n.output[0] not in still_read))
     dedupe_initializers(graph)
     used = {i for n in graph.node for i in n.input}
     keep = [i for i in graph.initializer if i.name in used]

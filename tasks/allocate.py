@@ -179,6 +179,7 @@ def _smaller_formats_hint(formats: list[str]) -> str:
                if f.block_size > 1 and f.bits_per_weight < floor]
     return f" or add smaller formats to sensitivity.formats: {', '.join(smaller)}" if smaller else ""
 
+
 def _result(spec: AllocationSpec, table: SensitivityTable, cands: Candidates, onnx: list[dict[str, int]],
             picks: list[str], budget: int, min_bpw: float, onnx_cap: int | None, **extra) -> AllocationResult:
     choices = []
