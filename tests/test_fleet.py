@@ -90,8 +90,8 @@ def test_a_fleet_of_two_models_as_one_flow(tmp_path):
     again = haloquant_fleet(str(fleet))
     assert {r["state"] for r in again.values()} == {"Cached"} and last_run()["redid"] == {}
 
-    # one member's budget: that member's allocate and what follows, nothing of the other member, and
-    # not its sweep (the sweep's points have their own budgets)
+    # one member's budget: that member's rotate (its widening decision, which stands) and allocate and what
+    # follows, nothing of the other member, and not its sweep (the sweep's points have their own budgets)
     set_budget(fleet, "qwen", 4.75)
     edited = haloquant_fleet(str(fleet))
     redid = last_run()["redid"]
