@@ -133,7 +133,7 @@ def test_fleet_deployment_has_cron_schedule(tmp_path):
 @pytest.mark.slow
 def test_a_fleet_as_one_dvc_repro(tmp_path):
     """`dvc repro <fleet>/dvc.yaml` runs both members' stages and the fleet report; an edited budget
-    of one member re-runs that member's allocate … validate and the report only."""
+    of one member re-runs that member's rotate (it re-decides widening), allocate … validate and the report only."""
     proj = copy_project(tmp_path / "proj")
     models = {"tiny": proj / "data" / "models" / "ref-llama-tiny", "qwen": make_model(QWEN, proj / "models")}
     fleet = make_fleet(proj / "fleet", models, project=proj)
