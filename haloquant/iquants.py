@@ -49,7 +49,6 @@ def _weights(x, imp, super_size: int):
     or x² without an imatrix."""
     if imp is None:
         return x * x
-    xp = array_namespace(x)
     sb = x.reshape(-1, super_size)
     sigma2 = (scalar(x, 2.0) * sum_last(sb * sb) / scalar(x, super_size))[:, None]
     return (imp.reshape(-1, super_size) * sqrt32(sigma2 + sb * sb)).reshape(x.shape)
