@@ -202,8 +202,8 @@ def local_cluster_environ():
 
 @flow(name="haloquant-sweep", log_prints=True)
 def haloquant_sweep(params_file: str = "params.yaml") -> dict[str, dict]:
-    """rotate, calibrate and sensitivity (cached, shared with the main flow), then every sweep budget and
-    llama.cpp preset as mapped tasks on `orchestration`'s runner, then the Pareto plot."""
+    """plan_widening, rotate, calibrate and sensitivity (cached, shared with the main flow), then every sweep
+    budget and llama.cpp preset as mapped tasks on `orchestration`'s runner, then the Pareto plot."""
     params_path = Path(params_file).resolve()
     results = _run_in_order(params_path, SHARED_STAGES)
     params = load_params(params_path)
@@ -281,6 +281,6 @@ def fleet_stages(fleet_file: str) -> dict[str, dict]:
 
 @flow(name="train-policy", log_prints=True)
 def train_policy_flow(params_file: str = "params.yaml") -> dict[str, dict]:
-    """rotate, calibrate and sensitivity (cached, shared with the main flow), then train_policy: a policy
-    folder under artifacts/train_policy for `allocation.solver: sac`."""
+    """plan_widening, rotate, calibrate and sensitivity (cached, shared with the main flow), then train_policy:
+    a policy folder under artifacts/train_policy for `allocation.solver: sac`."""
     return _run_in_order(Path(params_file).resolve(), SHARED_STAGES + (TRAIN_POLICY,))

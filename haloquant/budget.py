@@ -1,6 +1,6 @@
 """Budget arithmetic: which formats a tensor can take, what an allocation budget is in bytes of
-quantizable tensor data, and the smallest allocation — shared by the allocate stage and by the rotate
-stage's `widen: auto` (is the budget feasible at the checkpoint's widths?), which needs it before
+quantizable tensor data, and the smallest allocation — shared by the allocate stage and by the
+plan_widening stage's `rotate.widen: auto` (is the budget feasible at the checkpoint's widths?), which needs it before
 anything is measured."""
 
 from __future__ import annotations

@@ -119,6 +119,16 @@ class PolicyCard(Artifact):
     final_proxy_regret: float  # cost / MILP optimum − 1 at the evaluation budgets, last curve point
 
 
+class WideningPlan(Artifact):
+    """The plan_widening stage's decision: whether `rotate` widens the stream (rotate.widen)."""
+
+    widen: bool
+    hidden: list[int] | None = None  # [checkpoint's hidden width, widened width] when widening
+    reason: str
+    smallest_bits: float | None = None  # rotate.widen auto: the smallest allocation's bits per checkpoint weight
+    smallest_bits_widened: float | None = None  # … widened
+
+
 class RotationRecord(Artifact):
     enabled: bool
     model: str  # the source model folder's name

@@ -74,11 +74,17 @@ def item_label(item) -> str:
 
 
 ROTATED_MODEL = "rotate/model"  # the rotated copy (an empty folder when rotation is off)
+WIDENING_PLAN = "plan_widening/widening.json"
+
+
+def _plan_widening(p: Params, root: Path):
+    from haloquant.tasks.plan_widening import plan_widening
+    return plan_widening(p.model, p.rotate, p.sensitivity, p.allocation, root / WIDENING_PLAN)
 
 
 def _rotate(p: Params, root: Path):
     from haloquant.tasks.rotate import rotate
-    return rotate(p.model, p.rotate, p.sensitivity, p.allocation, root / ROTATION[0], root / ROTATED_MODEL)
+    return rotate(p.model, p.rotate, root / WIDENING_PLAN, root / ROTATION[0], root / ROTATED_MODEL)
 
 
 def _model(p: Params, root: Path):
@@ -135,8 +141,12 @@ ROTATION = ("rotate/rotation.json",)  # what the stages after `rotate` read of i
 CALIB_OUTS = ("calibrate/stats.safetensors", "calibrate/calibration.json")
 SENS_OUTS = ("sensitivity/sensitivity.json", "sensitivity/embeddings.json")
 STAGES: tuple[Stage, ...] = (
-    # rotate.widen auto reads the budget and the candidate formats (is the budget feasible unwidened?)
-    Stage("rotate", ("model", "rotate", "sensitivity", "allocation.budget", "allocation.rules"), ("${model.path}",),
+    # rotate.widen auto reads the budget and the candidate formats (is the budget feasible unwidened?); the
+    # copy does not, so a budget edit re-runs only this decision unless it changes
+    Stage("plan_widening", ("model", "rotate.widen", "sensitivity", "allocation.budget", "allocation.rules"),
+          ("${model.path}",), (WIDENING_PLAN,),
+          _plan_widening, runtimes=("torch", "converter")),  # a file-size budget: the converter's metadata
+    Stage("rotate", ("model", "rotate.enabled", "rotate.seed", "rotate.heads"), ("${model.path}", WIDENING_PLAN),
           ROTATION, _rotate, uncached=(ROTATED_MODEL,)),
     Stage("calibrate", ("model", "calibration"), ("${model.path}", "${calibration.text}") + ROTATION, CALIB_OUTS,
           _calibrate),
@@ -169,7 +179,7 @@ STAGES: tuple[Stage, ...] = (
 
 # what the budget sweep and the policy training share with the main flow (rotate.widen auto decides on the
 # main budget; a sweep point below the checkpoint's smallest file is infeasible unless it widened)
-SHARED_STAGES = tuple(s for s in STAGES if s.name in ("rotate", "calibrate", "sensitivity"))
+SHARED_STAGES = tuple(s for s in STAGES if s.name in ("plan_widening", "rotate", "calibrate", "sensitivity"))
 
 
 def _train_policy(p: Params, root: Path):

@@ -217,6 +217,29 @@ def dvc_yaml(folder: Path | None = None, header: str | None = None) -> str:
     return header + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
 
 
+def dvc_keys() -> list[str]:
+    """params keys a generated dvc.yaml reads: those it interpolates (`${model.path}`, a sweep's
+    `foreach` list) and those its stages track."""
+    keys = {i[2:-1] for s in ALL_STAGES for i in s.inputs if i.startswith("${")}
+    return sorted(keys | {s.foreach for s in ALL_STAGES if s.foreach} | {k for s in ALL_STAGES for k in s.params})
+
+
+def unwritten_dvc_keys(params_file: Path) -> list[str]:
+    """The keys dvc.yaml reads that `params_file` does not write out: DVC reads them from the file itself,
+    where the schema's defaults do not exist, and refuses the stage (`dvc repro`) when one is missing."""
+    import yaml
+
+    data = yaml.safe_load(Path(params_file).read_text())
+    missing = []
+    for key in dvc_keys():
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            missing.append(key)
+    return missing
+
+
 def describe(name: str, obj, seconds: float, out_bytes: int) -> str:
     """One line a person reads: what the stage wrote, how many bytes, in how long."""
     from haloquant.progress import duration, size
@@ -227,7 +250,8 @@ def describe(name: str, obj, seconds: float, out_bytes: int) -> str:
 
 def check(params_file: Path) -> str:
     """`haloquant check`: the spec, and every input as deep as a run would see it — headers and
-    shapes, every weight finite, the tokenizer, enough calibration and evaluation text."""
+    shapes, every weight finite, the tokenizer, enough calibration and evaluation text; and which
+    keys `dvc repro` would miss in the file."""
     from haloquant.inputs import check_enough_tokens, check_finite
     from haloquant.modelio import load_model, load_tokenizer
     from haloquant.textdata import sequence_bos, tokenize
@@ -245,5 +269,9 @@ def check(params_file: Path) -> str:
     n_val = len(tokenize(tok, read_text(val.text, "validate.text")))
     check_enough_tokens(n_val + (bos is not None), val.ctx, "validate.text", "of one validate.ctx chunk")
     n = sum(p.numel() for p in model.parameters())
-    return (f"{params_file}: ok — {Path(params.model.path).name}, {n / 1e6:.1f} M parameters, all finite; "
+    line = (f"{params_file}: ok — {Path(params.model.path).name}, {n / 1e6:.1f} M parameters, all finite; "
             f"calibration {n_cal:,} tokens, evaluation {n_val:,} tokens")
+    missing = unwritten_dvc_keys(params_file)  # fine for `haloquant run` and the flows, which know the defaults
+    return line + (f"\nnote: dvc repro reads {', '.join(missing)} from this file, which does not write them out "
+                   "(DVC does not know the spec's defaults): copy them from the repository's params.yaml"
+                   if missing else "")

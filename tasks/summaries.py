@@ -6,7 +6,7 @@ from collections import Counter
 
 from haloquant.schemas.artifacts import (AllocationResult, CalibrationReport, ExportReport, FoldResult,
                                          PolicyCard, QuantizedManifest, RotationRecord, SensitivityTable,
-                                         SweepPoint, ValidationReport)
+                                         SweepPoint, ValidationReport, WideningPlan)
 
 
 def _counts(values) -> str:
@@ -14,6 +14,8 @@ def _counts(values) -> str:
 
 
 def summary(obj) -> str:
+    if isinstance(obj, WideningPlan):
+        return (f"widen {obj.hidden[0]} → {obj.hidden[1]}" if obj.widen else "as it is") + f" ({obj.reason})"
     if isinstance(obj, RotationRecord):
         widened = f"widened {obj.widened[0]} → {obj.widened[1]}" if obj.widened else ""
         if not obj.enabled:

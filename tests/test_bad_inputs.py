@@ -224,3 +224,16 @@ def test_invalid_yaml_and_missing_params_file(tmp_path):
     r = cli("stage", "calibrate", "--params", str(tmp_path / "absent.yaml"))
     assert r.returncode == 2 and "absent.yaml: params file not found" in r.stderr
 
+
+
+def test_a_stage_run_before_the_one_it_reads_names_it(tmp_path):
+    """`haloquant stage rotate` before plan_widening has decided (by hand, out of order): exit 2 naming the
+    missing decision and the stage that writes it; rotate writes nothing."""
+    params = write_params(tmp_path, small_params())
+    r = cli("stage", "rotate", "--params", str(params))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "plan_widening/widening.json: missing — the plan_widening stage has not run" in r.stderr, r.stderr
+    assert not (tmp_path / "artifacts" / "rotate").exists()
+    assert cli("stage", "plan_widening", "--params", str(params)).returncode == 0
+    assert cli("stage", "rotate", "--params", str(params)).returncode == 0
+    assert (tmp_path / "artifacts" / "rotate" / "rotation.json").is_file()

@@ -11,7 +11,8 @@ import yaml
 
 from tests.conftest import copy_project, small_params, write_params
 
-STAGES = ["rotate", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf", "export_onnx", "validate"]
+STAGES = ["plan_widening", "rotate", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize", "export_gguf",
+          "export_onnx", "validate"]
 
 
 def sh(cmd, cwd):
@@ -62,10 +63,10 @@ def test_dvc_repro_caching(tmp_path):
     params["allocation"]["budget"]["bits_per_weight"] = 4.75
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = sh("dvc repro", proj)
-    # rotate re-decides whether to widen (the budget may need it); its record is unchanged, so calibrate
-    # and sensitivity are not re-run. The sweep has its own budgets: untouched
-    assert ran(third) == ["rotate"] + STAGES[3:]
-    assert "Stage 'calibrate' didn't change" in third and "Stage 'sensitivity' didn't change" in third
+    # plan_widening re-decides whether to widen (the budget may need it); its decision stands, so rotate,
+    # calibrate and sensitivity are not re-run. The sweep has its own budgets: untouched
+    assert ran(third) == ["plan_widening"] + STAGES[4:]
+    assert all(f"Stage '{s}' didn't change" in third for s in ("rotate", "calibrate", "sensitivity"))
 
     metrics = sh("dvc metrics show --json", proj)
     assert "ppl_quant" in metrics and "llama_cpp_ppl_gap" in metrics
@@ -120,8 +121,8 @@ def test_prefect_flow_caching(tmp_path, monkeypatch):
 
     write_params(tmp_path, small_params(**{"allocation.budget": {"bits_per_weight": 4.75}}))
     after_edit = states()
-    assert after_edit["rotate"] == "Completed"  # it re-decides rotate.widen: auto against the new budget
-    assert [s for s in STAGES if after_edit[s] == "Cached"] == ["calibrate", "sensitivity"]
+    assert after_edit["plan_widening"] == "Completed"  # it re-decides rotate.widen: auto against the new budget
+    assert [s for s in STAGES if after_edit[s] == "Cached"] == ["rotate", "calibrate", "sensitivity"]
 
     # outputs deleted behind the flow's back are recomputed, not served stale from the cache
     (tmp_path / "artifacts" / "export_gguf" / "model.gguf").unlink()
@@ -137,7 +138,8 @@ def test_prefect_sweep_flow_maps_points(tmp_path):
     params_file = write_params(tmp_path, small_params(sweep={"bits_per_weight": [4.75, 5.5], "presets": ["Q4_K_M"],
                                                              "max_chunks": 1}))
     first = {k: v["state"] for k, v in haloquant_sweep(str(params_file)).items()}
-    assert set(first) == {"rotate", "calibrate", "sensitivity", "sweep@4.75", "sweep@5.5", "preset@Q4_K_M", "pareto"}
+    assert set(first) == {"plan_widening", "rotate", "calibrate", "sensitivity", "sweep@4.75", "sweep@5.5",
+                          "preset@Q4_K_M", "pareto"}
     assert set(first.values()) == {"Completed"}
     second = {k: v["state"] for k, v in haloquant_sweep(str(params_file)).items()}
     assert set(second.values()) == {"Cached"}
@@ -162,8 +164,8 @@ def test_train_policy_flow_then_sac_allocation(tmp_path):
 
     params_file = write_params(tmp_path, small_params(**{"train_policy": {"timesteps": 1100, "eval_every": 550}}))
     first = {k: v["state"] for k, v in train_policy_flow(str(params_file)).items()}
-    assert first == {"rotate": "Completed", "calibrate": "Completed", "sensitivity": "Completed",
-                     "train_policy": "Completed"}
+    assert first == {"plan_widening": "Completed", "rotate": "Completed", "calibrate": "Completed",
+                     "sensitivity": "Completed", "train_policy": "Completed"}
     assert (tmp_path / "artifacts" / "train_policy" / "policy.zip").is_file()
     second = {k: v["state"] for k, v in train_policy_flow(str(params_file)).items()}
     assert set(second.values()) == {"Cached"}

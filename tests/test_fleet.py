@@ -90,13 +90,13 @@ def test_a_fleet_of_two_models_as_one_flow(tmp_path):
     again = haloquant_fleet(str(fleet))
     assert {r["state"] for r in again.values()} == {"Cached"} and last_run()["redid"] == {}
 
-    # one member's budget: that member's rotate (its widening decision, which stands) and allocate and what
-    # follows, nothing of the other member, and not its sweep (the sweep's points have their own budgets)
+    # one member's budget: that member's widening decision (which stands: its rotate stays cached) and allocate
+    # and what follows, nothing of the other member, and not its sweep (the sweep's points have their own budgets)
     set_budget(fleet, "qwen", 4.75)
     edited = haloquant_fleet(str(fleet))
     redid = last_run()["redid"]
-    assert sorted(redid) == sorted(f"qwen/{s}" for s in ["rotate"] + STAGES[3:])  # rotate re-decides widening
-    assert redid["qwen/rotate"] == "changed: spec allocation.budget"
+    assert sorted(redid) == sorted(f"qwen/{s}" for s in ["plan_widening"] + STAGES[4:])
+    assert redid["qwen/plan_widening"] == "changed: spec allocation.budget"
     assert redid["qwen/allocate"] == "changed: spec allocation"
     assert redid["qwen/scale_fold"] == "changed: input allocate/allocation.json"
     assert all(edited[k]["state"] == "Cached" for k in edited if k not in redid)
@@ -116,7 +116,8 @@ def test_a_fleet_of_two_models_as_one_flow(tmp_path):
     calibration.write_text(calibration.read_text() + "\n = A new section of calibration text = \n")
     haloquant_fleet(str(fleet))
     redid = last_run()["redid"]
-    assert sorted(redid) == sorted(s for s in member_stages("qwen", MEMBER_SWEEPS["qwen"]) if s != "qwen/rotate")
+    assert sorted(redid) == sorted(s for s in member_stages("qwen", MEMBER_SWEEPS["qwen"])
+                                   if s not in ("qwen/plan_widening", "qwen/rotate"))
     assert redid["qwen/calibrate"] == "changed: input calibration.text"
 
 
@@ -133,7 +134,8 @@ def test_fleet_deployment_has_cron_schedule(tmp_path):
 @pytest.mark.slow
 def test_a_fleet_as_one_dvc_repro(tmp_path):
     """`dvc repro <fleet>/dvc.yaml` runs both members' stages and the fleet report; an edited budget
-    of one member re-runs that member's rotate (it re-decides widening), allocate … validate and the report only."""
+    of one member re-runs that member's plan_widening (it re-decides widening), allocate … validate and the report
+    only."""
     proj = copy_project(tmp_path / "proj")
     models = {"tiny": proj / "data" / "models" / "ref-llama-tiny", "qwen": make_model(QWEN, proj / "models")}
     fleet = make_fleet(proj / "fleet", models, project=proj)
@@ -154,7 +156,7 @@ def test_a_fleet_as_one_dvc_repro(tmp_path):
 
     set_budget(fleet, "tiny", 4.75)
     third = ran(sh("dvc repro fleet/dvc.yaml", proj))
-    assert third == [f"fleet/tiny/dvc.yaml:{x}" for x in ["rotate"] + STAGES[3:]] + ["fleet/dvc.yaml:fleet_report"]
+    assert third == [f"fleet/tiny/dvc.yaml:{x}" for x in ["plan_widening"] + STAGES[4:]] + ["fleet/dvc.yaml:fleet_report"]
     plots = sh("dvc plots show --json fleet/dvc.yaml", proj)
     assert "cross-model" in plots
 

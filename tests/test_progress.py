@@ -38,14 +38,15 @@ def test_rates_and_sizes_read_as_a_person_writes_them():
 def test_a_stage_ends_with_one_summary_line_on_stderr(tmp_path):
     """`haloquant stage calibrate` (what dvc repro calls): the stage's line says what it wrote, its
     size and its time; besides it, at most progress lines (a loaded machine can make even this
-    stage's one batch slow enough to be reported)."""
+    stage's one batch, or its pass over the blocks, slow enough to be reported)."""
     params = write_params(tmp_path, small_params())
-    run_stage("rotate", params)  # calibrate reads the rotate stage's record (which model it quantizes)
+    for stage in ("plan_widening", "rotate"):  # calibrate reads the rotate stage's record (which model it quantizes)
+        run_stage(stage, params)
     r = subprocess.run([sys.executable, "-m", "haloquant.flows.cli", "stage", "calibrate", "--params", str(params)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("calibrate:")]
-    assert all(re.match(r"calibrate: \d+/1 batches \(", ln) for ln in lines[:-1]), r.stderr
+    assert all(re.match(r"calibrate: \d+/\d+ (batches|blocks) \(", ln) for ln in lines[:-1]), r.stderr
     lines = lines[-1:]
     assert "1,024 tokens (8 × 128) through ref-llama-tiny" in lines[0]
     # the size is what the stage really wrote (its statistics and report), in a person's units

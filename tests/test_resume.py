@@ -36,15 +36,15 @@ def _counting_encoder(monkeypatch, stop_at: int | None = None) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     params = write_params(tmp_path_factory.mktemp("resume-reference"), small_params(**{"sensitivity.metric": "kl_fisher"}))
-    for stage in ("rotate", "calibrate", "sensitivity"):
+    for stage in ("plan_widening", "rotate", "calibrate", "sensitivity"):
         run_stage(stage, params)
     return params.parent / "artifacts"
 
 
 def test_an_interrupted_sensitivity_stage_resumes_where_it_stopped(uninterrupted, tmp_path, monkeypatch):
     params = write_params(tmp_path, small_params(**{"sensitivity.metric": "kl_fisher"}))
-    run_stage("rotate", params)
-    run_stage("calibrate", params)
+    for stage in ("plan_widening", "rotate", "calibrate"):
+        run_stage(stage, params)
     with monkeypatch.context() as m:
         first = _counting_encoder(m, stop_at=10)
         with pytest.raises(Interrupt):
@@ -65,8 +65,8 @@ def test_an_interrupted_sensitivity_stage_resumes_where_it_stopped(uninterrupted
 
 def test_a_changed_spec_does_not_take_the_old_journal(tmp_path, monkeypatch):
     params = write_params(tmp_path, small_params(**{"sensitivity.metric": "kl_fisher"}))
-    run_stage("rotate", params)
-    run_stage("calibrate", params)
+    for stage in ("plan_widening", "rotate", "calibrate"):
+        run_stage(stage, params)
     with monkeypatch.context() as m:
         _counting_encoder(m, stop_at=5)
         with pytest.raises(Interrupt):

@@ -26,6 +26,13 @@ def test_check_passes_on_valid_spec(tmp_path):
     r = check(tmp_path, small_params())
     assert r.returncode == 0, r.stderr
     assert "ok" in r.stdout
+    # a short spec is valid (the schema's defaults fill it) but dvc repro would refuse it: check says which keys
+    assert "note: dvc repro reads" in r.stdout and "rotate.widen" in r.stdout and "quantize.method" in r.stdout
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    full["model"], full["calibration"], full["validate"] = (small_params()[k] for k in ("model", "calibration",
+                                                                                        "validate"))
+    r = check(tmp_path, full)
+    assert r.returncode == 0 and "ok" in r.stdout and "note:" not in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("mutate, path, expected", [
@@ -84,13 +91,22 @@ def test_dvc_yaml_is_generated_from_registry():
                        cwd=REPO, check=True)
     assert r.stdout == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `haloquant dvc-yaml > dvc.yaml`"
     stages = yaml.safe_load(r.stdout)["stages"]
-    assert list(stages) == ["environment", "rotate", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize",
+    assert list(stages) == ["environment", "plan_widening", "rotate", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize",
                             "export_gguf", "export_onnx", "validate", "train_policy", "sweep", "preset", "pareto"]
     assert stages["sweep"]["foreach"] == "${sweep.bits_per_weight}"
     assert stages["environment"]["always_changed"] is True
-    # the budget is read by allocate alone: editing it can never re-run calibrate or sensitivity
+    # the allocation section is read by allocate alone: editing the budget can never re-run calibrate or sensitivity
     params_of = {n: s.get("params") or s.get("do", {}).get("params", []) for n, s in stages.items()}
     assert [n for n, p in params_of.items() if "allocation" in p] == ["allocate"]
+    # the budget reaches the model copy only through the widening decision's file (a rotated copy is not rewritten
+    # for a budget edit that decides the same)
+    assert [n for n, p in params_of.items() if "allocation.budget" in p] == ["plan_widening"]
+    assert "artifacts/plan_widening/widening.json" in stages["rotate"]["deps"]
+    assert not any(p.startswith(("allocation", "sensitivity", "rotate.widen")) for p in params_of["rotate"])
+    # dvc repro refuses a stage whose params key is not written in params.yaml: every key is there
+    from haloquant.tasks.runner import unwritten_dvc_keys
+
+    assert unwritten_dvc_keys(REPO / "params.yaml") == []
     # the rotated copy is model-sized: DVC records it without caching it, and the stages after it read its record
     assert stages["rotate"]["outs"] == ["artifacts/rotate/rotation.json", {"artifacts/rotate/model": {"cache": False}}]
     assert all("artifacts/rotate/rotation.json" in s["deps"] for n, s in stages.items()

@@ -132,6 +132,7 @@ def test_the_pipeline_widens_when_the_budget_needs_it_and_budgets_the_checkpoint
         run_all(write_params(tmp_path / "plain", small_params(**spec, **{"rotate.widen": False})))
     results = run_all(write_params(tmp_path / "wide", small_params(**spec)))
     record, allocation = results["rotate"], results["allocate"]
+    assert results["plan_widening"].widen and "met only widened" in results["plan_widening"].reason
     assert record.widened == [448, 512] and not record.enabled and "widening.json" in record.files
     q_types = {c.format for c in allocation.tensors if c.gguf_name.endswith(("attn_q.weight", "ffn_up.weight"))}
     assert q_types <= {"Q2_K", "Q3_K", "Q4_K"}
@@ -156,7 +157,7 @@ def test_widen_auto_widens_exactly_where_the_budget_needs_it(budget, widened, zo
     from haloquant.budget import apply_rules, budget_bytes, smallest_bytes
     from haloquant.schemas.params import AllocationSpec, RotateSpec, SensitivitySpec
     from haloquant.budget import sizes_table
-    from haloquant.tasks.rotate import widens
+    from haloquant.tasks.plan_widening import plan
     from haloquant.modelio import model_skeleton
     from haloquant.widening import widened_skeleton
 
@@ -164,8 +165,11 @@ def test_widen_auto_widens_exactly_where_the_budget_needs_it(budget, widened, zo
     sens = SensitivitySpec(formats=["Q2_K", "Q3_K", "Q4_K", "Q5_0", "Q8_0"])
     alloc = AllocationSpec(budget=budget)
     model = ModelSpec(path=str(src))
-    assert widens(model, RotateSpec(widen="auto"), sens, alloc) is widened
-    assert widens(model, RotateSpec(widen=True), sens, alloc) and not widens(model, RotateSpec(widen=False), sens, alloc)
+    decision = plan(model, RotateSpec(widen="auto"), sens, alloc)
+    assert decision.widen is widened and decision.hidden == ([448, 512] if widened else None), decision
+    assert (decision.smallest_bits > decision.smallest_bits_widened) and "rotate.widen auto" in decision.reason
+    assert plan(model, RotateSpec(widen=True), sens, alloc).widen
+    assert not plan(model, RotateSpec(widen=False), sens, alloc).widen
     # the decision's arithmetic, against the sizes a widened copy really has
     weights = sum(p.numel() for p in load_model(src, "cpu").parameters() if p.ndim == 2)
     wide = sizes_table(widened_skeleton(src), sens, weights, 0)
@@ -176,7 +180,7 @@ def test_widen_auto_widens_exactly_where_the_budget_needs_it(budget, widened, zo
         assert (smallest_bytes(apply_rules(alloc, plain)) > room and smallest_bytes(apply_rules(alloc, wide)) <= room) \
             is widened
     phi3 = make_model(next(c for c in CASES if c.family == "phi3" and c.hidden % 256), zoo)
-    assert not widens(ModelSpec(path=str(phi3)), RotateSpec(widen="auto"), sens, alloc)  # auto never refuses
+    assert not plan(ModelSpec(path=str(phi3)), RotateSpec(widen="auto"), sens, alloc).widen  # auto never refuses
 
 
 def test_widening_a_phi3_model_is_refused_before_anything_is_written(zoo, tmp_path):
