@@ -24,8 +24,8 @@ One sensitivity run (kl_calibrated, GPTQ quantizer) measures every candidate; th
 allocation sees only the k-quants' entries. Every file is scored by llama.cpp (WikiText-2 test,
 ctx 512, --chunks chunks) with KL from the F16 file and a 95 % paired interval against the
 size's reference row (the preset; at a fixed bpw, the k-quant row). Each file's score is cached
-beside it (score.json in its folder) and every built file is kept, so an interrupted run resumes (delete the
---out folder after changing the code).
+beside it (score.json in its folder), every built file is kept and the sensitivity runs are journalled tensor
+by tensor, so an interrupted run resumes (delete the --out folder after changing the code).
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from pathlib import Path
 
 import numpy as np
 from haloquant import HaloquantError
-from haloquant.artifacts import read_json, write_json
+from haloquant.artifacts import read_json, sha256_json, write_json
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
+from haloquant.resume import journal_for
 from haloquant.schemas.params import BlockTuningSpec, SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 from haloquant.widening import source_weight_ratio
@@ -57,6 +58,16 @@ KQUANT_CANDIDATES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
 IQ1 = ["IQ1_S", "IQ1_M"]
 AUTOROUND_FORMATS = {"Q2_K": "q2_k_s", "Q3_K_S": "q3_k_s", "Q3_K_M": "q3_k_m", "Q4_K_S": "q4_k_s", "Q4_K_M": "q4_k_m"}
+
+
+def measure(spec, sens_spec: SensitivitySpec, calib: Path, out: Path) -> None:
+    """The sensitivity table (GPTQ quantizer) into `out`, unless it is there; journalled tensor by tensor beside
+    it (haloquant/resume.py), so a run killed in this step — hours for a 0.5 B model on 2 cores — resumes there."""
+    if (out / "sensitivity.json").is_file():
+        return
+    key = lambda: sha256_json({"model": str(spec.path), "sensitivity": sens_spec.model_dump(mode="json")})  # noqa: E731
+    with journal_for(out.with_name(out.name + ".resume"), key):
+        score_sensitivity(spec, sens_spec, plain(method="gptq"), calib, out)
 
 
 def restricted(sens_dir: Path, formats: list[str], out: Path) -> Path:
@@ -135,20 +146,16 @@ def main() -> None:
 
     sens = args.out / "sensitivity"
     t0 = time.perf_counter()
-    if not (sens / "sensitivity.json").is_file():
-        score_sensitivity(spec, SensitivitySpec(formats=KQUANT_CANDIDATES + LATTICE, metric=args.metric),
-                          plain(method="gptq"), calib, sens)
+    measure(spec, SensitivitySpec(formats=KQUANT_CANDIDATES + LATTICE, metric=args.metric), calib, sens)
     print(f"sensitivity ({args.metric}, GPTQ quantizer, {len(KQUANT_CANDIDATES + LATTICE)} formats): "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     sens_k = restricted(sens, KQUANT_CANDIDATES, args.out / "sensitivity-kquants")
     if args.iq1:
         t0 = time.perf_counter()
-        if not (args.out / "sensitivity-iq1-only" / "sensitivity.json").is_file():
-            # kl_calibrated scales each format by its tensor's Q4_K probe, so that run repeats the k-quants;
-            # the other metrics' entries stand alone
-            formats = KQUANT_CANDIDATES + IQ1 if args.metric == "kl_calibrated" else IQ1
-            score_sensitivity(spec, SensitivitySpec(formats=formats, metric=args.metric),
-                              plain(method="gptq"), calib, args.out / "sensitivity-iq1-only")
+        # kl_calibrated scales each format by its tensor's Q4_K probe, so that run repeats the k-quants;
+        # the other metrics' entries stand alone
+        formats = KQUANT_CANDIDATES + IQ1 if args.metric == "kl_calibrated" else IQ1
+        measure(spec, SensitivitySpec(formats=formats, metric=args.metric), calib, args.out / "sensitivity-iq1-only")
         print(f"sensitivity of IQ1: {time.perf_counter() - t0:.0f} s", flush=True)
         sens_iq1 = with_candidates(sens, args.out / "sensitivity-iq1-only", IQ1, args.out / "sensitivity-iq1")
 
