@@ -39,8 +39,8 @@ print(json.dumps({m: sys.modules[m].__file__ for m in new}))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["plan_widening", "rotate", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize",
-                                   "export_gguf", "validate", "preset@Q4_K_M", "sweep@5.0", "pareto"])
+@pytest.mark.parametrize("stage", ["plan_widening", "rotate", "calibrate", "sensitivity", "allocate", "scale_fold",
+                                   "quantize", "export_gguf", "validate", "preset@Q4_K_M", "sweep@5.0", "pareto"])
 def test_declared_code_covers_every_module_the_stage_runs(stage, pipeline_run, tmp_path):
     """Measured independently of the static import graph: the project modules that running the
     stage really loads (in a fresh process, beyond those the runner itself loads) are all among its

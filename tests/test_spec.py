@@ -91,8 +91,9 @@ def test_dvc_yaml_is_generated_from_registry():
                        cwd=REPO, check=True)
     assert r.stdout == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `haloquant dvc-yaml > dvc.yaml`"
     stages = yaml.safe_load(r.stdout)["stages"]
-    assert list(stages) == ["environment", "plan_widening", "rotate", "calibrate", "sensitivity", "allocate", "scale_fold", "quantize",
-                            "export_gguf", "export_onnx", "validate", "train_policy", "sweep", "preset", "pareto"]
+    assert list(stages) == ["environment", "plan_widening", "rotate", "calibrate", "sensitivity", "allocate",
+                            "scale_fold", "quantize", "export_gguf", "export_onnx", "validate", "train_policy", "sweep",
+                            "preset", "pareto"]
     assert stages["sweep"]["foreach"] == "${sweep.bits_per_weight}"
     assert stages["environment"]["always_changed"] is True
     # the allocation section is read by allocate alone: editing the budget can never re-run calibrate or sensitivity
