@@ -67,13 +67,14 @@ def model_add_bos(model: Path) -> bool | None:
     return True if Path(model).resolve().name.startswith("ref-llama") else None
 
 
-def setup(model: Path, out: Path, add_bos: bool | None = None) -> tuple[ModelSpec, Path, str]:
+def setup(model: Path, out: Path, add_bos: bool | None = None,
+          device: str = "cpu") -> tuple[ModelSpec, Path, str]:
     """(model spec, calibration dir, evaluation text); calibrates into out/calibrate once
     (64 × 256 tokens of WikiText-2 validation, as the default params.yaml). `add_bos`: model.add_bos
-    (default: model_add_bos)."""
+    (default: model_add_bos); `device`: model.device (a lent GPU runs the stages there)."""
     if add_bos is None:
         add_bos = model_add_bos(model)
-    spec = ModelSpec(path=model.resolve(), device="cpu", add_bos=add_bos)
+    spec = ModelSpec(path=model.resolve(), device=device, add_bos=add_bos)
     calib = out / "calibrate"
     if not (calib / "calibration.json").is_file():
         calibrate(spec, CalibrationSpec(text=CALIB_TEXT, n_sequences=64, seq_len=256), calib)

@@ -138,8 +138,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-lowbit"))
     ap.add_argument("--only", nargs="*", default=None, help="build only these haloquant rows (e.g. '+ statistics "
                     "correction'): each row costs a GPTQ build and a scoring")
+    ap.add_argument("--device", default="cpu", help="model.device of every stage (e.g. cuda on the lent GPU)")
     args = ap.parse_args()
-    spec, calib, text = setup(args.model, args.out)
+    spec, calib, text = setup(args.model, args.out, device=args.device)
     infos = quantizable_tensors(load_model(spec.path, "cpu"))
     n_weights = sum(t.n_weights for t in infos)
     checkpoint_weights = n_weights * source_weight_ratio(spec.path)  # < n_weights for a widened copy
