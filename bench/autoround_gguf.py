@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,7 +65,12 @@ run()
 
 
 def ensure_venv(venv: Path) -> Path:
-    """AutoRound's own environment (its dependencies are not haloquant's); returns its python."""
+    """AutoRound's own environment (its dependencies are not haloquant's); returns its python — or
+    $HALOQUANT_AUTOROUND_PYTHON, an interpreter that already imports auto_round (a machine with no package
+    index, e.g. the lent GPU's, where bench/device_low_bit.sh installs its carried wheels)."""
+    given = os.environ.get("HALOQUANT_AUTOROUND_PYTHON")
+    if given:
+        return Path(given)
     py = venv / "bin" / "python"
     if not (venv / ".ready").is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -82,8 +88,9 @@ def calibration_texts(model: Path, n: int = 64, seq_len: int = 256) -> list[str]
 
 
 def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, iters: int = 200,
-                   seq_len: int = 256) -> tuple[Path, float]:
-    """AutoRound's GGUF of `model` in `fmt` (e.g. q3_k_m); cached in `out`. Returns (file, seconds)."""
+                   seq_len: int = 256, device_map: str = "cpu") -> tuple[Path, float]:
+    """AutoRound's GGUF of `model` in `fmt` (e.g. q3_k_m), tuned on `device_map` (its CLI's: cpu, cuda);
+    cached in `out`. Returns (file, seconds)."""
     done = out / "autoround.json"
     if done.is_file():
         d = json.loads(done.read_text())
@@ -98,7 +105,7 @@ def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, 
     subprocess.run([str(py), "-c", _RUN_AUTOROUND, pre, "--model", str(readable_view(model, py, out / "view")),
                     "--format", f"gguf:{fmt}",
                     "--iters", str(iters), "--nsamples", str(len(texts)), "--seqlen", str(seq_len),
-                    "--dataset", str(out / "calibration.json"), "--device_map", "cpu", *bos,
+                    "--dataset", str(out / "calibration.json"), "--device_map", device_map, *bos,
                     "--output_dir", str(out / "model")], check=True)
     seconds = time.perf_counter() - t0
     found = sorted((out / "model").rglob("*.gguf"))
@@ -107,7 +114,8 @@ def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, 
     gguf_file = found[0]
     if bos:  # its converter does not write add_bos_token; llama.cpp then scores without the BOS the model expects
         gguf_file = with_add_bos(found[0], out / "model-bos.gguf")
-    done.write_text(json.dumps({"gguf": str(gguf_file), "seconds": seconds, "format": fmt, "iters": iters}))
+    done.write_text(json.dumps({"gguf": str(gguf_file), "seconds": seconds, "format": fmt, "iters": iters,
+                                "device_map": device_map}))
     return gguf_file, seconds
 
 

@@ -214,7 +214,8 @@ def main() -> None:
             files["llama.cpp+imatrix"] = ref_file
             total = tensor_data_bytes(ref_file)
             if args.autoround and label in AUTOROUND_FORMATS:
-                files["AutoRound"], _ = autoround_gguf(spec.path, AUTOROUND_FORMATS[label], d / "autoround")
+                files["AutoRound"], _ = autoround_gguf(spec.path, AUTOROUND_FORMATS[label], d / "autoround",
+                                                       device_map="cuda" if spec.device.startswith("cuda") else "cpu")
         else:
             total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * checkpoint_weights / 8)
         files.update(variants(label, d, total))
