@@ -28,6 +28,7 @@ from haloquant.pretokenizers import pretokenizer_by_rules
 from haloquant.textdata import calibration_batch, read_text, tokenize
 
 from common import CALIB_TEXT, EVAL_TEXT, model_add_bos  # noqa: E402  (bench/ is on sys.path when run as a script)
+from gguf_retokenize import retokenized  # noqa: E402
 from paired_ppl import CTX, paired_changes  # noqa: E402
 
 AUTOROUND = "auto-round==0.16.1"
@@ -40,7 +41,17 @@ DEFAULT_VENV = Path.home() / ".cache/haloquant/autoround-0.16.1"
 # reads from the tokenizer's rules (haloquant/pretokenizers.py), as haloquant's own export does
 _RUN_AUTOROUND = """
 import sys
+import datasets.fingerprint as fingerprint
 import auto_round.export.export_to_gguf.export as export
+_hash = fingerprint.Hasher.hash
+
+def robust_hash(cls, value):  # datasets 5 cannot dill-pickle pyarrow 26's types on Python 3.12: a random fingerprint
+    try:
+        return _hash(value)
+    except Exception:
+        return fingerprint.generate_random_fingerprint()
+
+fingerprint.Hasher.hash = classmethod(robust_hash)
 pre = sys.argv.pop(1)
 get_conversion = export.get_conversion
 
@@ -88,9 +99,12 @@ def calibration_texts(model: Path, n: int = 64, seq_len: int = 256) -> list[str]
 
 
 def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, iters: int = 200,
-                   seq_len: int = 256, device_map: str = "cpu") -> tuple[Path, float]:
+                   seq_len: int = 256, device_map: str = "cpu", tokenizer_of: Path | None = None) -> tuple[Path, float]:
     """AutoRound's GGUF of `model` in `fmt` (e.g. q3_k_m), tuned on `device_map` (its CLI's: cpu, cuda);
-    cached in `out`. Returns (file, seconds)."""
+    cached in `out`. Returns (file, seconds). `tokenizer_of`: a GGUF of the same model written by llama.cpp's
+    converter (the bench's F16 file), whose tokenizer.* keys replace AutoRound's (bench/gguf_retokenize.py):
+    where sentencepiece reads a tokenizer.model that is not the model's vocabulary (SmolLM2 as fetch_real.py
+    writes it), AutoRound's converter takes it and llama.cpp aborts on the file."""
     done = out / "autoround.json"
     if done.is_file():
         d = json.loads(done.read_text())
@@ -112,7 +126,9 @@ def autoround_gguf(model: Path, fmt: str, out: Path, venv: Path = DEFAULT_VENV, 
     if len(found) != 1:
         raise RuntimeError(f"AutoRound wrote {len(found)} GGUF files under {out / 'model'}")
     gguf_file = found[0]
-    if bos:  # its converter does not write add_bos_token; llama.cpp then scores without the BOS the model expects
+    if tokenizer_of is not None:
+        gguf_file = retokenized(found[0], tokenizer_of, out / "model-retok.gguf")
+    elif bos:  # its converter does not write add_bos_token; llama.cpp then scores without the BOS the model expects
         gguf_file = with_add_bos(found[0], out / "model-bos.gguf")
     done.write_text(json.dumps({"gguf": str(gguf_file), "seconds": seconds, "format": fmt, "iters": iters,
                                 "device_map": device_map}))
@@ -168,7 +184,8 @@ def main() -> None:
     args = ap.parse_args()
     files = {}
     for fmt in args.formats:
-        path, secs = autoround_gguf(args.model.resolve(), fmt, args.out / fmt, args.venv, args.iters)
+        path, secs = autoround_gguf(args.model.resolve(), fmt, args.out / fmt, args.venv, args.iters,
+                                    tokenizer_of=args.f16)
         files[fmt] = (path, secs)
         print(f"{fmt}: {path} {path.stat().st_size:,} bytes, {secs:.0f} s", flush=True)
     if args.against:

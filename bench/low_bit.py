@@ -215,7 +215,8 @@ def main() -> None:
             total = tensor_data_bytes(ref_file)
             if args.autoround and label in AUTOROUND_FORMATS:
                 files["AutoRound"], _ = autoround_gguf(spec.path, AUTOROUND_FORMATS[label], d / "autoround",
-                                                       device_map="cuda" if spec.device.startswith("cuda") else "cpu")
+                                                       device_map="cuda" if spec.device.startswith("cuda") else "cpu",
+                                                       tokenizer_of=f16)
         else:
             total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * checkpoint_weights / 8)
         files.update(variants(label, d, total))
