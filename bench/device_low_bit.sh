@@ -1,8 +1,9 @@
 # bench/low_bit.py on the lent GPU for a real checkpoint too large for one call's carry (issue 16). The model
 # travels as its published GGUF, with any extra wheels (AutoRound's environment), as one tar split over several
-# calls into .xfer/xN/blob.partN (ignored paths stay on the warm machine between calls), and is rebuilt there
-# exactly as ../shared/models/fetch_real.py does here (bench/gguf_to_hf.py, checked against .xfer/meta/sums.json,
-# the local copy's per-tensor sums):
+# calls into .xfer/xN/blob.partN; each call moves what it carried to /tmp/xfer (a carried path that the next call
+# does not carry is gone there, /tmp stays while the machine is warm), and the model is rebuilt exactly as
+# ../shared/models/fetch_real.py does here (bench/gguf_to_hf.py, checked against meta/sums.json, the local copy's
+# per-tensor sums):
 #   STEP=setup (carry .whl .venv/share/haloquant .xfer/meta): installs .whl (bench/device_setup.sh); .xfer/meta/run
 #              may hold folders of a local run of the same model to reuse (calibrate/, sensitivity/);
 #   STEP=part  (carry .xfer/xN): nothing but the transfer;
@@ -12,20 +13,21 @@
 #   STEP=poll: waits up to $WAIT s, returns the small results (tables, score.json files, AutoRound's records,
 #              sensitivity.json, its journal, logs) in $OUT/lowbit.tgz.
 set -u
-RUN=/tmp/lowbit
+RUN=/tmp/lowbit X=/tmp/xfer
+mkdir -p $X && [ -d .xfer ] && cp -r .xfer/. $X/
 if [ "$STEP" = setup ]; then
     source bench/device_setup.sh || exit 1
     python3 -c "import transformers, pydantic, llama_cpp, gguf; print('setup ok', transformers.__version__)"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; exit 0
 fi
-[ "$STEP" = part ] && { du -sh .xfer/*; exit 0; }
+[ "$STEP" = part ] && { du -sh $X/*; exit 0; }
 export PYTHONPATH=/tmp/site:$PWD:$PWD/.venv/share/haloquant/llama.cpp/gguf-py
 export HALOQUANT_LLAMA_CONVERTER=$PWD/.venv/share/haloquant/llama.cpp DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 export HALOQUANT_AUTOROUND_PYTHON=python3 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 if [ "$STEP" = run ]; then
     mkdir -p $RUN /tmp/blob
-    [ -d .xfer/meta/run ] && cp -r .xfer/meta/run/. $RUN/  # folders of a local run to reuse (calibrate, sensitivity)
-    cat $(ls .xfer/x*/blob.part* | sort -V) > /tmp/blob.tar
+    [ -d $X/meta/run ] && cp -r $X/meta/run/. $RUN/  # folders of a local run to reuse (calibrate, sensitivity)
+    cat $(ls $X/x*/blob.part* | sort -V) > /tmp/blob.tar
     echo "$SHA  /tmp/blob.tar" | sha256sum -c - || exit 1
     tar xf /tmp/blob.tar -C /tmp/blob && rm /tmp/blob.tar
     if ls /tmp/blob/wheels/*.whl > /dev/null 2>&1; then
@@ -33,7 +35,7 @@ if [ "$STEP" = run ]; then
             /tmp/blob/wheels/*.whl || exit 1
         rm -rf /tmp/site/gguf  # the carried gguf-py stays the gguf module (bench/device_setup.sh)
     fi
-    python3 bench/gguf_to_hf.py /tmp/blob/model.gguf "$MODEL" --check .xfer/meta/sums.json > $RUN/convert.log 2>&1 \
+    python3 bench/gguf_to_hf.py /tmp/blob/model.gguf "$MODEL" --check $X/meta/sums.json > $RUN/convert.log 2>&1 \
         || { tail -n 20 $RUN/convert.log; exit 1; }
     tail -n 1 $RUN/convert.log
     setsid bash -c "python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log 2>&1; \
