@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--formats", nargs="+", default=["q3_k_m"])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--device-map", default="cpu", help="where AutoRound tunes: cpu, or cuda on the lent GPU")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--out", type=Path, default=Path("/tmp/haloquant-autoround"))
     ap.add_argument("--against", type=Path, default=None, help="a bench/kquant_presets.py --out folder to score beside")
@@ -185,7 +186,7 @@ def main() -> None:
     files = {}
     for fmt in args.formats:
         path, secs = autoround_gguf(args.model.resolve(), fmt, args.out / fmt, args.venv, args.iters,
-                                    tokenizer_of=args.f16)
+                                    device_map=args.device_map, tokenizer_of=args.f16)
         files[fmt] = (path, secs)
         print(f"{fmt}: {path} {path.stat().st_size:,} bytes, {secs:.0f} s", flush=True)
     if args.against:

@@ -10,6 +10,8 @@
 #   STEP=run   (carry the last part): joins the parts (sha256 against $SHA), installs the tar's wheels/, rebuilds
 #              its model.gguf at $MODEL (the path used here, so a sensitivity journal's key matches), starts
 #              low_bit.py --device cuda $ARGS in the background (setsid), then polls like STEP=poll;
+#   STEP=autoround (carry the last part): the same, then AutoRound's GGUF of each of $FORMATS (e.g. "q2_k_s q3_k_s")
+#              on the GPU, in the background; STEP=pieces FIRST=k returns pieces k..k+3 of its files (16 MB each);
 #   STEP=poll: waits up to $WAIT s, returns the small results (tables, score.json files, AutoRound's records,
 #              sensitivity.json, its journal, logs) in $OUT/lowbit.tgz.
 set -u
@@ -24,26 +26,42 @@ fi
 export PYTHONPATH=/tmp/site:$PWD:$PWD/.venv/share/haloquant/llama.cpp/gguf-py
 export HALOQUANT_LLAMA_CONVERTER=$PWD/.venv/share/haloquant/llama.cpp DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 export HALOQUANT_AUTOROUND_PYTHON=python3 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-if [ "$STEP" = run ]; then
+prepare() {  # the model (and any wheels) from the carried parts
     mkdir -p $RUN /tmp/blob
     [ -d $X/meta/run ] && cp -r $X/meta/run/. $RUN/  # folders of a local run to reuse (calibrate, sensitivity)
     cat $(ls $X/x*/blob.part* | sort -V) > /tmp/blob.tar
-    echo "$SHA  /tmp/blob.tar" | sha256sum -c - || exit 1
+    echo "$SHA  /tmp/blob.tar" | sha256sum -c - || return 1
     tar xf /tmp/blob.tar -C /tmp/blob && rm /tmp/blob.tar
     if ls /tmp/blob/wheels/*.whl > /dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            /tmp/blob/wheels/*.whl || exit 1
+            /tmp/blob/wheels/*.whl || return 1
         rm -rf /tmp/site/gguf  # the carried gguf-py stays the gguf module (bench/device_setup.sh)
     fi
     python3 bench/gguf_to_hf.py /tmp/blob/model.gguf "$MODEL" --check $X/meta/sums.json > $RUN/convert.log 2>&1 \
-        || { tail -n 20 $RUN/convert.log; exit 1; }
+        || { tail -n 20 $RUN/convert.log; return 1; }
     tail -n 1 $RUN/convert.log
+}
+if [ "$STEP" = run ]; then
+    prepare || exit 1
     setsid bash -c "python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log 2>&1; \
         touch $RUN/done" < /dev/null > /dev/null 2>&1 &
 fi
+if [ "$STEP" = autoround ]; then  # AutoRound's GGUF alone, for each of $FORMATS; the files come back in 16 MB pieces
+    prepare || exit 1
+    setsid bash -c "python3 bench/autoround_gguf.py --model $MODEL --formats $FORMATS --out $RUN/ar --device-map cuda \
+        > $RUN/autoround.log 2>&1; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
+fi
+if [ "$STEP" = pieces ]; then  # $OUT gets pieces $FIRST.. (at most 4) of every AutoRound file, split once
+    for j in $RUN/ar/*/autoround.json; do
+        f=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['gguf'])" $j); n=$(basename $(dirname $j))
+        [ -e /tmp/pieces/$n.00 ] || { mkdir -p /tmp/pieces; sha256sum $f; split -b 16000000 -d $f /tmp/pieces/$n.; }
+    done
+    ls /tmp/pieces | sort | tail -n +$((FIRST + 1)) | head -4 | while read p; do cp /tmp/pieces/$p $OUT/; done
+    ls -la /tmp/pieces; exit 0
+fi
 end=$((SECONDS + ${WAIT:-500}))
 while [ ! -e $RUN/done ] && [ $SECONDS -lt $end ]; do sleep 10; done
-grep -v "it/s\]$" $RUN/low_bit.log | tail -n 25 | cut -c1-400
+cat $RUN/*.log 2>/dev/null | grep -v "it/s\]$" | grep -v "fallback model" | tail -n 25 | cut -c1-400
 wc -l $RUN/sensitivity.resume/*.jsonl 2>/dev/null
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 (cd $RUN && find . -size -20M \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' -o -name '*.txt' \) \
