@@ -14,6 +14,8 @@
 #              on the GPU, in the background; STEP=pieces FIRST=k returns pieces k..k+3 of its files (16 MB each);
 #   STEP=poll: waits up to $WAIT s, returns the small results (tables, score.json files, AutoRound's records,
 #              sensitivity.json, its journal, logs) in $OUT/lowbit.tgz.
+# Run on 2026-12-07 for SmolLM2-135M's AutoRound rows: setup, part, run and poll as written (the /tmp/xfer move
+# then done by hand); STEP=autoround and STEP=pieces were the same commands typed inline, not yet run as written.
 set -u
 RUN=/tmp/lowbit X=/tmp/xfer
 mkdir -p $X && [ -d .xfer ] && cp -r .xfer/. $X/

@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("gguf", type=Path, nargs="?")
     ap.add_argument("out", type=Path)
     ap.add_argument("--check", type=Path, help="sums.json written by --sums from the reference copy")
-    ap.add_argument("--sums", action="store_true", help="write OUT/../sums.json-style sums of the folder OUT to stdout")
+    ap.add_argument("--sums", action="store_true", help="print the folder OUT's per-tensor sums (JSON, for --check)")
     args = ap.parse_args()
     if args.sums:
         json.dump(tensor_sums(args.out), sys.stdout)
@@ -57,7 +57,8 @@ def main() -> int:
     rebuild(args.gguf, args.out)
     if args.check:
         want, got = json.loads(args.check.read_text()), tensor_sums(args.out)
-        bad = [n for n in want if n not in got or any(abs(a - b) > 1e-9 * max(1.0, abs(a)) for a, b in zip(want[n], got[n]))]
+        bad = [n for n in want
+               if n not in got or any(abs(a - b) > 1e-9 * max(1.0, abs(a)) for a, b in zip(want[n], got[n]))]
         if bad or set(got) != set(want):
             print(f"rebuilt weights differ from the reference copy: {bad[:5]} (+{max(0, len(bad) - 5)}), "
                   f"names {sorted(set(got) ^ set(want))[:5]}")
