@@ -66,6 +66,6 @@ while [ ! -e $RUN/done ] && [ $SECONDS -lt $end ]; do sleep 10; done
 cat $RUN/*.log 2>/dev/null | grep -v "it/s\]$" | grep -v "fallback model" | tail -n 25 | cut -c1-400
 wc -l $RUN/sensitivity.resume/*.jsonl 2>/dev/null
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
-(cd $RUN && find . -size -20M \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' -o -name '*.txt' \) \
-    | tar czf $OUT/lowbit.tgz -T -)
+(cd $RUN && find . -size -20M \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \
+    -o -name '*.txt' \) | tar czf $OUT/lowbit.tgz -T -)
 [ -e $RUN/done ] && echo ALL-DONE || echo STILL-RUNNING
