@@ -9,13 +9,19 @@
 #   STEP=part  (carry .xfer/xN): nothing but the transfer;
 #   STEP=run   (carry the last part): joins the parts (sha256 against $SHA), installs the tar's wheels/, rebuilds
 #              its model.gguf at $MODEL (the path used here, so a sensitivity journal's key matches), starts
-#              low_bit.py --device cuda $ARGS in the background (setsid), then polls like STEP=poll;
+#              low_bit.py --device cuda $ARGS in the background (setsid), then polls like STEP=poll; with
+#              PAIRS="Q2_K:q2_k_s Q3_K_S:q3_k_s" AutoRound tunes those formats side by side on the GPU meanwhile
+#              (into $RUN/ar, which STEP=pieces returns), then a second low_bit.py --autoround scores them;
 #   STEP=autoround (carry the last part): the same, then AutoRound's GGUF of each of $FORMATS (e.g. "q2_k_s q3_k_s")
 #              on the GPU, in the background; STEP=pieces FIRST=k returns pieces k..k+3 of its files (16 MB each);
 #   STEP=poll: waits up to $WAIT s, returns the small results (tables, score.json files, AutoRound's records,
 #              sensitivity.json, its journal, logs) in $OUT/lowbit.tgz.
 # Run on 2026-12-07 for SmolLM2-135M's AutoRound rows: setup, part, run and poll as written (the /tmp/xfer move
 # then done by hand); STEP=autoround and STEP=pieces were the same commands typed inline, not yet run as written.
+# Run on 2026-12-07 (second session) for Qwen2.5-Coder-0.5B: setup, part, run with PAIRS (three formats in
+# ≈ 300 s each, side by side), pieces and poll as written. Scoring there takes ≈ 5 min a file (full-vocabulary KL
+# on the CPU), so the files came back in pieces (7 calls a file) and were scored on the CPU machine; the device's
+# score of the same llama.cpp+imatrix file matched this machine's chunk for chunk.
 set -u
 RUN=/tmp/lowbit X=/tmp/xfer
 mkdir -p $X && [ -d .xfer ] && cp -r .xfer/. $X/
@@ -45,8 +51,22 @@ prepare() {  # the model (and any wheels) from the carried parts
 }
 if [ "$STEP" = run ]; then
     prepare || exit 1
-    setsid bash -c "python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log 2>&1; \
-        touch $RUN/done" < /dev/null > /dev/null 2>&1 &
+    if [ -n "${PAIRS:-}" ]; then  # "Q2_K:q2_k_s Q3_K_S:q3_k_s": AutoRound's files tuned side by side on the GPU while
+        # low_bit.py builds and scores the other rows; a second low_bit.py --autoround then finds them cached
+        cat > $RUN/pairs.sh << EOS
+for p in $PAIRS; do
+    f=\${p#*:}; python3 bench/autoround_gguf.py --model $MODEL --formats \$f --out $RUN/ar --device-map cuda \\
+        > $RUN/ar-\$f.log 2>&1 &
+done
+python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log 2>&1; wait
+for p in $PAIRS; do mkdir -p $RUN/\${p%:*}; ln -sfn $RUN/ar/\${p#*:} $RUN/\${p%:*}/autoround; done
+python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS --autoround > $RUN/low_bit_ar.log 2>&1
+EOS
+        setsid bash -c "bash $RUN/pairs.sh; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
+    else
+        setsid bash -c "python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log \
+            2>&1; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
+    fi
 fi
 if [ "$STEP" = autoround ]; then  # AutoRound's GGUF alone, for each of $FORMATS; the files come back in 16 MB pieces
     prepare || exit 1
