@@ -18,10 +18,11 @@
 #              sensitivity.json, its journal, logs) in $OUT/lowbit.tgz.
 # Run on 2026-12-07 for SmolLM2-135M's AutoRound rows: setup, part, run and poll as written (the /tmp/xfer move
 # then done by hand); STEP=autoround and STEP=pieces were the same commands typed inline, not yet run as written.
-# Run on 2026-12-07 (second session) for Qwen2.5-Coder-0.5B: setup, part, run with PAIRS (three formats in
+# Run on 2026-12-07 (16:44 UTC session) for Qwen2.5-Coder-0.5B: setup, part, run with PAIRS (three formats in
 # ≈ 300 s each, side by side), pieces and poll as written. Scoring there takes ≈ 5 min a file (full-vocabulary KL
-# on the CPU), so the files came back in pieces (7 calls a file) and were scored on the CPU machine; the device's
-# score of the same llama.cpp+imatrix file matched this machine's chunk for chunk.
+# on the CPU), so the files came back in pieces (7 calls a file) and were scored on the CPU machine, and the run was
+# stopped before its second low_bit.py; the device's score of the same llama.cpp+imatrix file matched this
+# machine's chunk for chunk.
 set -u
 RUN=/tmp/lowbit X=/tmp/xfer
 mkdir -p $X && [ -d .xfer ] && cp -r .xfer/. $X/
@@ -49,24 +50,21 @@ prepare() {  # the model (and any wheels) from the carried parts
         || { tail -n 20 $RUN/convert.log; return 1; }
     tail -n 1 $RUN/convert.log
 }
-if [ "$STEP" = run ]; then
+if [ "$STEP" = run ]; then  # with PAIRS ("Q2_K:q2_k_s Q3_K_S:q3_k_s"), AutoRound's files are tuned side by side on the
+    # GPU while low_bit.py builds and scores the other rows; a second low_bit.py --autoround then finds them cached
     prepare || exit 1
-    if [ -n "${PAIRS:-}" ]; then  # "Q2_K:q2_k_s Q3_K_S:q3_k_s": AutoRound's files tuned side by side on the GPU while
-        # low_bit.py builds and scores the other rows; a second low_bit.py --autoround then finds them cached
-        cat > $RUN/pairs.sh << EOS
-for p in $PAIRS; do
+    cat > $RUN/job.sh << EOS
+for p in ${PAIRS:-}; do
     f=\${p#*:}; python3 bench/autoround_gguf.py --model $MODEL --formats \$f --out $RUN/ar --device-map cuda \\
         > $RUN/ar-\$f.log 2>&1 &
 done
 python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log 2>&1; wait
-for p in $PAIRS; do mkdir -p $RUN/\${p%:*}; ln -sfn $RUN/ar/\${p#*:} $RUN/\${p%:*}/autoround; done
-python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS --autoround > $RUN/low_bit_ar.log 2>&1
+if [ -n "${PAIRS:-}" ]; then
+    for p in ${PAIRS:-}; do mkdir -p $RUN/\${p%:*}; ln -sfn $RUN/ar/\${p#*:} $RUN/\${p%:*}/autoround; done
+    python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS --autoround > $RUN/low_bit_ar.log 2>&1
+fi
 EOS
-        setsid bash -c "bash $RUN/pairs.sh; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
-    else
-        setsid bash -c "python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log \
-            2>&1; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
-    fi
+    setsid bash -c "bash $RUN/job.sh; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
 fi
 if [ "$STEP" = autoround ]; then  # AutoRound's GGUF alone, for each of $FORMATS; the files come back in 16 MB pieces
     prepare || exit 1
