@@ -13,7 +13,7 @@
 #              PAIRS="Q2_K:q2_k_s Q3_K_S:q3_k_s" AutoRound tunes those formats side by side on the GPU meanwhile
 #              (into $RUN/ar, which STEP=pieces returns), then a second low_bit.py --autoround scores them;
 #   STEP=autoround (carry the last part): the same, then AutoRound's GGUF of each of $FORMATS (e.g. "q2_k_s q3_k_s")
-#              on the GPU, in the background; STEP=pieces FIRST=k returns pieces k..k+3 of its files (16 MB each);
+#              on the GPU, in the background; STEP=pieces FIRST=k returns pieces k..k+3 of its files (16 MB each), or of $FILES;
 #   STEP=poll: waits up to $WAIT s, returns the small results (tables, score.json files, AutoRound's records,
 #              sensitivity.json, its journal, logs) in $OUT/lowbit.tgz.
 # Run on 2026-12-07 for SmolLM2-135M's AutoRound rows: setup, part, run and poll as written (the /tmp/xfer move
@@ -71,13 +71,15 @@ if [ "$STEP" = autoround ]; then  # AutoRound's GGUF alone, for each of $FORMATS
     setsid bash -c "python3 bench/autoround_gguf.py --model $MODEL --formats $FORMATS --out $RUN/ar --device-map cuda \
         > $RUN/autoround.log 2>&1; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
 fi
-if [ "$STEP" = pieces ]; then  # $OUT gets pieces $FIRST.. (at most 4) of every AutoRound file, split once
-    for j in $RUN/ar/*/autoround.json; do
-        f=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['gguf'])" $j); n=$(basename $(dirname $j))
-        [ -e /tmp/pieces/$n.00 ] || { mkdir -p /tmp/pieces; sha256sum $f; split -b 16000000 -d $f /tmp/pieces/$n.; }
+if [ "$STEP" = pieces ]; then  # $OUT gets pieces $FIRST.. (at most 4) of $FILES (paths under $RUN, globs allowed;
+    # default: every AutoRound file), split once into 16 MB pieces named by the file's folder (a/b → a+b.NN)
+    ar=$(for j in $RUN/ar/*/autoround.json; do python3 -c "import json, os, sys; d = json.load(open(sys.argv[1])); \
+        print(os.path.relpath(d['gguf'], '$RUN'))" $j; done 2>/dev/null)
+    [ -e /tmp/pieces ] || for f in $(cd $RUN && ls -d ${FILES:-$ar}); do
+        mkdir -p /tmp/pieces; (cd $RUN && sha256sum $f); split -b 16000000 -d $RUN/$f /tmp/pieces/$(dirname $f | tr / +).
     done
     ls /tmp/pieces | sort | tail -n +$((FIRST + 1)) | head -4 | while read p; do cp /tmp/pieces/$p $OUT/; done
-    ls -la /tmp/pieces; exit 0
+    ls /tmp/pieces | wc -l; exit 0
 fi
 end=$((SECONDS + ${WAIT:-500}))
 while [ ! -e $RUN/done ] && [ $SECONDS -lt $end ]; do sleep 10; done

@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="build only these haloquant rows (e.g. '+ statistics "
                     "correction'): each row costs a GPTQ build and a scoring")
     ap.add_argument("--device", default="cpu", help="model.device of every stage (e.g. cuda on the lent GPU)")
+    ap.add_argument("--build-only", action="store_true", help="build every file, score none (the lent GPU builds "
+                    "in minutes what its CPU scores in hours; a later run here finds the files and scores them)")
     args = ap.parse_args()
     spec, calib, text = setup(args.model, args.out, device=args.device)
     infos = quantizable_tensors(load_model(spec.path, "cpu"))
@@ -163,8 +165,9 @@ def main() -> None:
     f16 = args.out / "F16" / "gguf" / "model.gguf"
     if not f16.is_file():
         f16, _ = build(spec, infos, {t.gguf_name: "F16" for t in infos}, "rtn", calib, args.out / "F16")
-    ref, f16_logprobs = f16_reference(f16, text, args.chunks, args.out / "f16_logprobs.npy")  # kept for a rerun
-    print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.3f}", flush=True)
+    if not args.build_only:
+        ref, f16_logprobs = f16_reference(f16, text, args.chunks, args.out / "f16_logprobs.npy")  # kept for a rerun
+        print(f"F16: {f16.stat().st_size:,} bytes, ppl {ref['ppl']:.3f}", flush=True)
 
     def scored(path: Path) -> dict:
         return cached_score(path, text, args.chunks, f16_logprobs)
@@ -220,6 +223,9 @@ def main() -> None:
         else:
             total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * checkpoint_weights / 8)
         files.update(variants(label, d, total))
+        if args.build_only:
+            print("\n".join(f"{label} {name}: {p} ({p.stat().st_size:,} bytes)" for name, p in files.items()), flush=True)
+            continue
         scores = {name: scored(p) for name, p in files.items()}
         if not scores:  # every row infeasible at this size (listed below the table)
             continue
@@ -232,6 +238,8 @@ def main() -> None:
             if name not in ("llama.cpp+imatrix", "AutoRound") and "AutoRound" in scores:  # every haloquant row
                 rows[-1]["vs_autoround"] = versus(s, scores["AutoRound"])
             print(json.dumps(rows[-1]), flush=True)
+    if args.build_only:
+        return
     write_json(args.out / "low_bit.json", {"model": str(args.model), "chunks": args.chunks, "f16_ppl": ref["ppl"],
                                            "rows": rows, "infeasible": infeasible})
     lines = [f"{args.model.name}: llama.cpp perplexity, WikiText-2 test, ctx 512, first {args.chunks} chunks; "
