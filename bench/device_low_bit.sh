@@ -11,13 +11,14 @@
 #              its model.gguf at $MODEL (the path used here, so a sensitivity journal's key matches), starts
 #              low_bit.py --device cuda $ARGS in the background (setsid), then polls like STEP=poll; with
 #              PAIRS="Q2_K:q2_k_s Q3_K_S:q3_k_s" AutoRound tunes those formats side by side on the GPU meanwhile
-#              (into $RUN/ar, which STEP=pieces returns), then a second low_bit.py --autoround scores them;
-#   STEP=autoround (carry the last part): the same, then AutoRound's GGUF of each of $FORMATS (e.g. "q2_k_s q3_k_s")
-#              on the GPU, in the background; STEP=pieces FIRST=k returns pieces k..k+3 of its files (16 MB each), or of $FILES;
+#              (into $RUN/ar), then a second low_bit.py --autoround scores them; with PAIRS and no ARGS, AutoRound
+#              alone; with ARGS="... --build-only", files are built, not scored (the CPU machine scores them);
+#   STEP=pieces FIRST=k: pieces k..k+3 (16 MB each) of the built files $FILES (paths under $RUN; default: every
+#              AutoRound file), split once, returned in $OUT — one call moves 64 MB;
 #   STEP=poll: waits up to $WAIT s, returns the small results (tables, score.json files, AutoRound's records,
 #              sensitivity.json, its journal, logs) in $OUT/lowbit.tgz.
 # Run on 2026-12-07 for SmolLM2-135M's AutoRound rows: setup, part, run and poll as written (the /tmp/xfer move
-# then done by hand); STEP=autoround and STEP=pieces were the same commands typed inline, not yet run as written.
+# then done by hand); AutoRound alone and STEP=pieces were the same commands typed inline, not yet run as written.
 # Run on 2026-12-07 (16:44 UTC session) for Qwen2.5-Coder-0.5B: setup, part, run with PAIRS (three formats in
 # ≈ 300 s each, side by side), pieces and poll as written. Scoring there takes ≈ 5 min a file (full-vocabulary KL
 # on the CPU), so the files came back in pieces (7 calls a file) and were scored on the CPU machine, and the run was
@@ -58,18 +59,14 @@ for p in ${PAIRS:-}; do
     f=\${p#*:}; python3 bench/autoround_gguf.py --model $MODEL --formats \$f --out $RUN/ar --device-map cuda \\
         > $RUN/ar-\$f.log 2>&1 &
 done
-python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log 2>&1; wait
-if [ -n "${PAIRS:-}" ]; then
+[ -n "${ARGS:-}" ] && python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS > $RUN/low_bit.log 2>&1
+wait
+if [ -n "${PAIRS:-}" ] && [ -n "${ARGS:-}" ]; then
     for p in ${PAIRS:-}; do mkdir -p $RUN/\${p%:*}; ln -sfn $RUN/ar/\${p#*:} $RUN/\${p%:*}/autoround; done
     python3 bench/low_bit.py --model $MODEL --device cuda --out $RUN $ARGS --autoround > $RUN/low_bit_ar.log 2>&1
 fi
 EOS
     setsid bash -c "bash $RUN/job.sh; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
-fi
-if [ "$STEP" = autoround ]; then  # AutoRound's GGUF alone, for each of $FORMATS; the files come back in 16 MB pieces
-    prepare || exit 1
-    setsid bash -c "python3 bench/autoround_gguf.py --model $MODEL --formats $FORMATS --out $RUN/ar --device-map cuda \
-        > $RUN/autoround.log 2>&1; touch $RUN/done" < /dev/null > /dev/null 2>&1 &
 fi
 if [ "$STEP" = pieces ]; then  # $OUT gets pieces $FIRST.. (at most 4) of $FILES (paths under $RUN, globs allowed;
     # default: every AutoRound file), split once into 16 MB pieces named by the file's folder (a/b → a+b.NN)
