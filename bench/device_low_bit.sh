@@ -23,7 +23,8 @@
 # ≈ 300 s each, side by side), pieces and poll as written. Scoring there takes ≈ 5 min a file (full-vocabulary KL
 # on the CPU), so the files came back in pieces (7 calls a file) and were scored on the CPU machine, and the run was
 # stopped before its second low_bit.py; the device's score of the same llama.cpp+imatrix file matched this
-# machine's chunk for chunk.
+# machine's chunk for chunk. Not yet run on the device: --build-only and STEP=pieces with FILES (written on
+# 2026-12-07, 19:58 UTC, when no machine was lent; the pieces step and the job script dry-run here with a stub python3).
 set -u
 RUN=/tmp/lowbit X=/tmp/xfer
 mkdir -p $X && [ -d .xfer ] && cp -r .xfer/. $X/

@@ -139,8 +139,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="build only these haloquant rows (e.g. '+ statistics "
                     "correction'): each row costs a GPTQ build and a scoring")
     ap.add_argument("--device", default="cpu", help="model.device of every stage (e.g. cuda on the lent GPU)")
-    ap.add_argument("--build-only", action="store_true", help="build every file, score none (the lent GPU builds "
-                    "in minutes what its CPU scores in hours; a later run here finds the files and scores them)")
+    ap.add_argument("--build-only", action="store_true", help="build every file, score none: on the lent GPU, "
+                    "whose files come back in pieces to be scored by a run here that finds them built")
     args = ap.parse_args()
     spec, calib, text = setup(args.model, args.out, device=args.device)
     infos = quantizable_tensors(load_model(spec.path, "cpu"))
