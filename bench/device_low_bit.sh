@@ -74,7 +74,8 @@ if [ "$STEP" = pieces ]; then  # $OUT gets pieces $FIRST.. (at most 4) of $FILES
     ar=$(for j in $RUN/ar/*/autoround.json; do python3 -c "import json, os, sys; d = json.load(open(sys.argv[1])); \
         print(os.path.relpath(d['gguf'], '$RUN'))" $j; done 2>/dev/null)
     [ -e /tmp/pieces ] || for f in $(cd $RUN && ls -d ${FILES:-$ar}); do
-        mkdir -p /tmp/pieces; (cd $RUN && sha256sum $f); split -b 16000000 -d $RUN/$f /tmp/pieces/$(dirname $f | tr / +).
+        mkdir -p /tmp/pieces; (cd $RUN && sha256sum $f)
+        split -b 16000000 -d $RUN/$f /tmp/pieces/$(dirname $f | tr / +).
     done
     ls /tmp/pieces | sort | tail -n +$((FIRST + 1)) | head -4 | while read p; do cp /tmp/pieces/$p $OUT/; done
     ls /tmp/pieces | wc -l; exit 0

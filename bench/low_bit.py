@@ -224,7 +224,8 @@ def main() -> None:
             total = tensor_data_bytes(f16) - 2 * n_weights + int(bpw * checkpoint_weights / 8)
         files.update(variants(label, d, total))
         if args.build_only:
-            print("\n".join(f"{label} {name}: {p} ({p.stat().st_size:,} bytes)" for name, p in files.items()), flush=True)
+            for name, p in files.items():
+                print(f"{label} {name}: {p} ({p.stat().st_size:,} bytes)", flush=True)
             continue
         scores = {name: scored(p) for name, p in files.items()}
         if not scores:  # every row infeasible at this size (listed below the table)
