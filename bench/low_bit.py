@@ -70,17 +70,16 @@ def measure(spec, sens_spec: SensitivitySpec, calib: Path, out: Path) -> None:
         score_sensitivity(spec, sens_spec, plain(method="gptq"), calib, out)
 
 
-def restricted(sens_dir: Path, formats: list[str], out: Path) -> Path:
-    """A copy of a sensitivity folder whose tensors keep only the candidates in `formats`
-    (or llama.cpp's fallbacks where none of those fits)."""
+def without(sens_dir: Path, formats: list[str], out: Path) -> Path:
+    """A copy of a sensitivity folder whose tensors lose their candidates in `formats`: haloquant before them keeps
+    the k-quants, Q8_0 and, on rows that are not whole 256-blocks, llama.cpp's block-32 fallbacks (Q4_0 … IQ4_NL)."""
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(sens_dir, out)
     table = read_json(out / "sensitivity.json")
     for t in table["tensors"]:
-        keep = {f: c for f, c in t["candidates"].items() if f in formats}
-        t["candidates"] = keep or {f: c for f, c in t["candidates"].items() if f not in LATTICE}
-    table["formats"] = [f for f in table["formats"] if f in formats]
+        t["candidates"] = {f: c for f, c in t["candidates"].items() if f not in formats}
+    table["formats"] = [f for f in table["formats"] if f not in formats]
     write_json(out / "sensitivity.json", table)
     return out
 
@@ -152,7 +151,7 @@ def main() -> None:
     measure(spec, SensitivitySpec(formats=KQUANT_CANDIDATES + LATTICE, metric=args.metric), calib, sens)
     print(f"sensitivity ({args.metric}, GPTQ quantizer, {len(KQUANT_CANDIDATES + LATTICE)} formats): "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    sens_k = restricted(sens, KQUANT_CANDIDATES, args.out / "sensitivity-kquants")
+    sens_k = without(sens, LATTICE, args.out / "sensitivity-kquants")
     if args.iq1:
         t0 = time.perf_counter()
         # kl_calibrated scales each format by its tensor's Q4_K probe, so that run repeats the k-quants;
