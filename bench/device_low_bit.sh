@@ -52,8 +52,7 @@ prepare() {  # the model (and any wheels) from the carried parts
         || { tail -n 20 $RUN/convert.log; return 1; }
     tail -n 1 $RUN/convert.log
 }
-if [ "$STEP" = run ]; then  # with PAIRS ("Q2_K:q2_k_s Q3_K_S:q3_k_s"), AutoRound's files are tuned side by side on the
-    # GPU while low_bit.py builds and scores the other rows; a second low_bit.py --autoround then finds them cached
+if [ "$STEP" = run ]; then  # PAIRS, ARGS: see the header
     prepare || exit 1
     cat > $RUN/job.sh << EOS
 for p in ${PAIRS:-}; do
@@ -71,12 +70,14 @@ EOS
 fi
 if [ "$STEP" = pieces ]; then  # $OUT gets pieces $FIRST.. (at most 4) of $FILES (paths under $RUN, globs allowed;
     # default: every AutoRound file), split once into 16 MB pieces named by the file's folder (a/b → a+b.NN)
-    ar=$(for j in $RUN/ar/*/autoround.json; do python3 -c "import json, os, sys; d = json.load(open(sys.argv[1])); \
-        print(os.path.relpath(d['gguf'], '$RUN'))" $j; done 2>/dev/null)
-    [ -e /tmp/pieces ] || for f in $(cd $RUN && ls -d ${FILES:-$ar}); do
-        mkdir -p /tmp/pieces; (cd $RUN && sha256sum $f)
-        split -b 16000000 -d $RUN/$f /tmp/pieces/$(dirname $f | tr / +).
-    done
+    if [ ! -e /tmp/pieces ]; then
+        files=${FILES:-$(for j in $RUN/ar/*/autoround.json; do python3 -c "import json, os, sys; \
+            print(os.path.relpath(json.load(open(sys.argv[1]))['gguf'], '$RUN'))" $j; done)}
+        mkdir -p /tmp/pieces
+        for f in $(cd $RUN && ls -d $files); do
+            (cd $RUN && sha256sum $f); split -b 16000000 -d $RUN/$f /tmp/pieces/$(dirname $f | tr / +).
+        done
+    fi
     ls /tmp/pieces | sort | tail -n +$((FIRST + 1)) | head -4 | while read p; do cp /tmp/pieces/$p $OUT/; done
     ls /tmp/pieces | wc -l; exit 0
 fi
