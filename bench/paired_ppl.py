@@ -12,6 +12,7 @@ Q6_K row of kquant_presets.py) are inside the noise of 100 chunks; this says how
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -28,18 +29,38 @@ TOKENS_PER_CHUNK = len(range(CTX)[scored_slice(CTX)])  # the positions llama-per
 
 def cached_score(path: Path, text: str, chunks: int, reference) -> dict:
     """llama.cpp's perplexity and KL (against `reference` log-probabilities) of one GGUF with its per-chunk
-    values, kept beside it (score.json) so a bench called again reuses it."""
+    values, kept beside it (score.json) so a bench called again reuses it. The cache is keyed by the file's
+    sha256: a file rebuilt at the same path is scored again, and a byte-identical file in a sibling row folder
+    (RUN/size/<row>/gguf/, the same reference; the lattice rows often allocate no i-quant) is scored once.
+    A score.json written before the key existed is taken as it is and given the key."""
     from haloquant.artifacts import read_json, write_json
     from haloquant.llamacpp import llama_cpp_perplexity
 
     cache = path.parent / "score.json"
+    digest = sha256_of(path)
     if cache.is_file() and read_json(cache).get("chunks") == chunks:
-        return read_json(cache)
+        kept = read_json(cache)
+        if kept.setdefault("sha256", digest) == digest:
+            write_json(cache, kept)
+            return kept
+    for other in sorted(path.parent.parent.parent.glob(f"*/{path.parent.name}/score.json")):
+        kept = read_json(other)
+        if other != cache and kept.get("sha256") == digest and kept.get("chunks") == chunks:
+            write_json(cache, {**kept, "same_as": str(other)})
+            return kept
     r = llama_cpp_perplexity(path, text, CTX, chunks, reference=reference)
-    out = {"chunks": chunks, "bytes": path.stat().st_size, "ppl": r["ppl"], "kl": r["kl"],
+    out = {"chunks": chunks, "bytes": path.stat().st_size, "sha256": digest, "ppl": r["ppl"], "kl": r["kl"],
            "chunk_nll": r["chunk_nll"], "chunk_kl": r["chunk_kl"]}
     write_json(cache, out)
     return out
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def paired(x: np.ndarray, y: np.ndarray, tokens_per_chunk: int, n_boot: int = 4000, seed: int = 0):
