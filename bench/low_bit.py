@@ -16,6 +16,9 @@ without an imatrix) and fixed bits per weight. Rows at each size:
   (correct_row_scales, correct_input_scales);
 - + block tuning (--tuning-iters N > 0): that allocation with block-output tuning (and the
   corrections, with --corrections: each row adds one part to the one above);
+- + end-to-end tuning (--end-to-end-iters N > 0): the row above (corrections, block tuning where asked)
+  with quantize.end_to_end's N steps against the float model's next-token distributions (a GPU step:
+  10–20 s a step on 2 CPU cores for a 25 M model);
 - k-quants + statistics correction + block tuning (--kquant-stack): both on the k-quant row's
   allocation, where block tuning can move every decoder tensor's codes;
 - AutoRound (--autoround): AutoRound 0.16.1's GGUF of the same llama.cpp preset (default 200
@@ -42,7 +45,7 @@ from haloquant.artifacts import read_json, sha256_json, write_json
 from haloquant.modelio import load_model, quantizable_tensors
 from haloquant.presets import preset_type_map_dry, tensor_data_bytes
 from haloquant.resume import journal_for
-from haloquant.schemas.params import BlockTuningSpec, SensitivitySpec
+from haloquant.schemas.params import BlockTuningSpec, EndToEndSpec, SensitivitySpec
 from haloquant.tasks.sensitivity import score_sensitivity
 from haloquant.widening import source_weight_ratio
 
@@ -131,6 +134,8 @@ def main() -> None:
     ap.add_argument("--kquant-stack", action="store_true",
                     help="with --corrections and --tuning-iters: also both on the k-quant row's allocation (block "
                          "tuning moves k-quant codes, not the lattice i-quants')")
+    ap.add_argument("--end-to-end-iters", type=int, default=0,
+                    help="> 0: also a row with end-to-end tuning on top of the row above it")
     ap.add_argument("--metric", default="kl_calibrated")
     ap.add_argument("--iq1", action="store_true", help="also a row with IQ1_S/IQ1_M among the candidates")
     ap.add_argument("--autoround", action="store_true", help="also AutoRound's GGUF of each preset it writes")
@@ -187,9 +192,16 @@ def main() -> None:
                          d / (f"tuned-{args.tuning_iters}" + ("-corrected" if corrections else "")),
                          plain(method="gptq", block_tuning=BlockTuningSpec(iters=args.tuning_iters),
                                       **corrections)))
+        stacked = runs[-1]  # the row with every part asked for
+        if args.end_to_end_iters > 0:  # on that row's allocation and parts
+            _, table, below, qspec = stacked
+            qspec = (qspec or plain(method="gptq")).model_copy(update={"end_to_end": EndToEndSpec(
+                iters=args.end_to_end_iters)})
+            runs.append((f"+ end-to-end tuning ({args.end_to_end_iters} steps)", table,
+                         below.with_name(f"{below.name}-e2e-{args.end_to_end_iters}"), qspec))
         if args.kquant_stack and corrections and args.tuning_iters > 0:  # the same parts on the k-quant allocation
             runs.append((f"k-quants + statistics correction + block tuning ({args.tuning_iters} steps)", sens_k,
-                         d / f"kquants-tuned-{args.tuning_iters}-corrected", runs[-1][3]))
+                         d / f"kquants-tuned-{args.tuning_iters}-corrected", stacked[3]))
         for name, table, out, qspec in runs:
             if args.only is not None and name not in args.only:
                 continue
