@@ -17,6 +17,8 @@
 #              AutoRound file), split once, returned in $OUT — one call moves 64 MB;
 #   STEP=poll: waits up to $WAIT s, returns the small results (tables, score.json files, AutoRound's records,
 #              sensitivity.json, its journal, logs) in $OUT/lowbit.tgz.
+# Packing (here): bash bench/device_pack.sh MODEL.gguf [WHEELS] writes the parts and prints SHA; a part must fit one
+# call's carry beside the tracked tree (64 MiB together: 60 MB parts stopped fitting once the tree grew to 16 MB).
 # Run on 2026-12-07 for SmolLM2-135M's AutoRound rows: setup, part, run and poll as written (the /tmp/xfer move
 # then done by hand); AutoRound alone and STEP=pieces were the same commands typed inline, not yet run as written.
 # Run on 2026-12-07 (16:44 UTC session) for Qwen2.5-Coder-0.5B: setup, part, run with PAIRS (three formats in
