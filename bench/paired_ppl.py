@@ -12,7 +12,6 @@ Q6_K row of kquant_presets.py) are inside the noise of 100 chunks; this says how
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -33,16 +32,16 @@ def cached_score(path: Path, text: str, chunks: int, reference) -> dict:
     sha256: a file rebuilt at the same path is scored again, and a byte-identical file in a sibling row folder
     (RUN/size/<row>/gguf/, the same reference; the lattice rows often allocate no i-quant) is scored once.
     A score.json written before the key existed is taken as it is and given the key."""
-    from haloquant.artifacts import read_json, write_json
+    from haloquant.artifacts import read_json, sha256_file, write_json
     from haloquant.llamacpp import llama_cpp_perplexity
 
     cache = path.parent / "score.json"
-    digest = sha256_of(path)
-    if cache.is_file() and read_json(cache).get("chunks") == chunks:
-        kept = read_json(cache)
-        if kept.setdefault("sha256", digest) == digest:
-            write_json(cache, kept)
-            return kept
+    digest = sha256_file(path)
+    kept = read_json(cache) if cache.is_file() else {}
+    if kept.get("chunks") == chunks and kept.get("sha256", digest) == digest:
+        if "sha256" not in kept:
+            write_json(cache, {**kept, "sha256": digest})
+        return kept
     for other in sorted(path.parent.parent.parent.glob(f"*/{path.parent.name}/score.json")):
         kept = read_json(other)
         if other != cache and kept.get("sha256") == digest and kept.get("chunks") == chunks:
@@ -53,14 +52,6 @@ def cached_score(path: Path, text: str, chunks: int, reference) -> dict:
            "chunk_nll": r["chunk_nll"], "chunk_kl": r["chunk_kl"]}
     write_json(cache, out)
     return out
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def paired(x: np.ndarray, y: np.ndarray, tokens_per_chunk: int, n_boot: int = 4000, seed: int = 0):
