@@ -98,7 +98,8 @@ def before_after_cells(row: dict) -> str:
     d, lo, hi = row["ppl_change"]
     k, klo, khi = row["kl_change"]
     return (f"{row['ppl_without']:.3f} | {row['ppl_with']:.3f} | "
-            f"{100 * d:+.2f} % ({100 * lo:+.2f} … {100 * hi:+.2f}) | {row['kl_without']:.5f} | {row['kl_with']:.5f} | "
+            f"{100 * d:+.2f} % ({100 * lo:+.2f} … {100 * hi:+.2f}) | "
+            f"{row['kl_without']:.5f} | {row['kl_with']:.5f} | "
             f"{100 * k:+.1f} % ({100 * klo:+.1f} … {100 * khi:+.1f})")
 
 
